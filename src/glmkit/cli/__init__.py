@@ -1,0 +1,42 @@
+"""The `glmkit` command: one entry point, one module per sub-command, each imported only when run.
+
+Each command module offers `add_args(parser)` and `main(args) -> int`. glmkit's own errors are printed
+as one line on stderr (exit code 1); nothing imports this package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "chat": "interactive streaming chat with a model (default: the packaged default model)",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="glmkit", description="Run, serve and train GLM-family models.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        module = importlib.import_module(f"glmkit.cli.{name}")
+        module.add_args(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    if args.version:
+        from glmkit import __version__
+
+        print(f"glmkit {__version__}")
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from glmkit.errors import GlmkitError
+
+    try:
+        return importlib.import_module(f"glmkit.cli.{args.command}").main(args)
+    except GlmkitError as e:
+        print(f"glmkit {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

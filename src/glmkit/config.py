@@ -1,0 +1,294 @@
+"""ModelConfig: the one typed description of every architecture glmkit runs.
+
+The GLM generations (and Llama) differ by a handful of switches; each is a field here whose
+variants are a closed set of strings. `from_hf_dict` reads a checkpoint's config.json in the THUDM
+remote-code spelling or the transformers-native one (4.x and 5.x). Any key that could change the
+maths and is not understood is an error. No torch here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from glmkit.errors import ConfigError, UnsupportedArchitectureError
+
+NormKind = Literal["rmsnorm", "layernorm"]  # layernorm carries a bias (ChatGLM-6B)
+MlpKind = Literal["swiglu", "gelu_tanh"]  # swiglu: in_proj holds [gate; up]; gelu_tanh: not gated
+ResidualKind = Literal["pre_norm", "deepnorm"]  # deepnorm: x = alpha * LN(x) + f(LN(x)) (ChatGLM-6B)
+ExtraNorms = Literal["none", "sandwich"]  # sandwich: a norm after attention and after MLP (GLM-4-0414)
+RopeLayout = Literal["interleaved", "half_split"]  # pairs (2i, 2i+1) (GLM) or (i, i + d/2) (Llama)
+PositionKind = Literal["1d", "2d"]  # 2d: position + block position on the two halves of a head
+MaskKind = Literal["causal", "prefix"]  # prefix: tokens before <sop> see each other (ChatGLM-6B)
+FreqDtype = Literal["float32", "float16"]  # ChatGLM-6B rounds its rotary frequencies to float16
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm: NormKind = "rmsnorm"
+    norm_eps: float = 1e-5
+    mlp: MlpKind = "swiglu"
+    qkv_bias: bool = False
+    out_bias: bool = False  # attention output projection
+    mlp_bias: bool = False
+    residual: ResidualKind = "pre_norm"
+    residual_alpha: float = 1.0  # only for residual="deepnorm"
+    extra_norms: ExtraNorms = "none"
+    rope_layout: RopeLayout = "half_split"
+    rope_fraction: float = 1.0  # share of each head (or, for 2d, of each half) that rotates
+    rope_theta: float = 10000.0
+    rope_linear_factor: float = 1.0  # positions are divided by this (linear interpolation)
+    rope_freq_dtype: FreqDtype = "float32"
+    positions: PositionKind = "1d"
+    attention_mask: MaskKind = "causal"
+    tie_embeddings: bool = False
+    max_seq_len: int = 2048
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    mask_token_id: int | None = None  # [MASK]
+    gmask_token_id: int | None = None  # [gMASK]
+    sop_token_id: int | None = None  # <sop>: starts the generated (causal) part in prefix mode
+    eop_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            allowed = _literal_values(f.type)
+            if allowed and value not in allowed:
+                raise ConfigError(f"ModelConfig.{f.name} is {value!r}; it must be one of {', '.join(map(repr, allowed))}.")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}.")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
+                              f"num_kv_heads ({self.num_kv_heads}).")
+        if not 0.0 < self.rope_fraction <= 1.0:
+            raise ConfigError(f"ModelConfig.rope_fraction must lie in (0, 1], got {self.rope_fraction}.")
+        if self.rotary_dim % 2:
+            raise ConfigError(f"ModelConfig.rope_fraction {self.rope_fraction} gives an odd rotary size "
+                              f"{self.rotary_dim}; it must be even.")
+        if self.positions == "2d" and self.head_dim % 2:
+            raise ConfigError(f"ModelConfig.head_dim must be even for 2d positions, got {self.head_dim}.")
+        if self.norm_eps <= 0 or self.rope_theta <= 0 or self.rope_linear_factor <= 0:
+            raise ConfigError("ModelConfig.norm_eps, rope_theta and rope_linear_factor must be positive.")
+        if self.attention_mask == "prefix" and self.sop_token_id is None:
+            raise ConfigError("ModelConfig.attention_mask 'prefix' needs sop_token_id (the token that starts "
+                              "the causal part).")
+        if self.positions == "2d" and self.mask_token_id is None and self.gmask_token_id is None:
+            raise ConfigError("ModelConfig.positions '2d' needs mask_token_id or gmask_token_id.")
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+
+    @property
+    def rotary_dim(self) -> int:
+        """Rotated dims per rotary block: the whole head (1d) or each half of it (2d)."""
+        block = self.head_dim // 2 if self.positions == "2d" else self.head_dim
+        return int(round(block * self.rope_fraction))
+
+    @property
+    def qkv_size(self) -> int:
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Inverse of to_dict (glmkit's own spelling); unknown fields are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig field(s) {unknown}; known fields are {sorted(names)}.")
+        return cls(**{**d, "eos_token_ids": tuple(d.get("eos_token_ids", ()))})
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Build from a checkpoint's config.json: THUDM remote-code or transformers-native spelling."""
+        if d.get("quantization_bit"):
+            raise ConfigError(
+                f"this is an official ChatGLM int{d['quantization_bit']} checkpoint (quantization_bit in config.json); "
+                "glmkit does not load those yet. Use the float16 checkpoint and glmkit's own quantize option instead.")
+        if "num_layers" in d and ("padded_vocab_size" in d or "inner_hidden_size" in d or "kv_channels" in d):
+            return _from_thudm(_Keys(d))
+        model_type = d.get("model_type")
+        if model_type in _HF_FAMILIES:
+            return _from_transformers(_Keys(d), model_type)
+        archs = d.get("architectures") or []
+        raise UnsupportedArchitectureError(
+            f"unknown architecture (model_type={model_type!r}, architectures={archs}); glmkit runs ChatGLM-6B/2/3, "
+            f"GLM-4 (THUDM layout), and transformers' {', '.join(sorted(_HF_FAMILIES))} models.")
+
+
+def _literal_values(tp: Any) -> tuple[Any, ...]:
+    tp = _HINTS.get(tp, tp) if isinstance(tp, str) else tp
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
+
+
+_HINTS = {name: obj for name, obj in list(globals().items()) if typing.get_origin(obj) is Literal}
+
+# Keys that never change a model's maths (bookkeeping, training-only, generation defaults).
+_IGNORED = {
+    "_name_or_path", "architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype",
+    "use_cache", "initializer_range", "attention_dropout", "hidden_dropout", "classifier_dropout",
+    "output_attentions", "output_hidden_states", "return_dict", "is_encoder_decoder", "id2label", "label2id",
+    "problem_type", "chunk_size_feed_forward", "pretraining_tp", "tokenizer_class", "use_return_dict",
+    "bias_dropout_fusion", "fp32_residual_connection", "apply_query_key_layer_scaling",
+    "attention_softmax_in_fp32", "gradient_checkpointing", "max_length", "do_sample", "temperature", "top_p",
+    "top_k", "repetition_penalty", "num_beams", "prefix_projection", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+    "tie_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
+    "decoder_start_token_id", "sep_token_id", "unk_token_id", "task_specific_params", "finetuning_task",
+    "_attn_implementation_autoset", "quantization_bit", "num_image_tokens", "image_size", "vision_config",
+    "experts_per_token", "interleaved_qkv", "layer_types", "use_sliding_window", "sliding_window",
+    "max_window_layers", "torchscript", "pruned_heads", "tf_legacy_loss", "use_bfloat16", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "bad_words_ids",
+    "diversity_penalty", "early_stopping", "length_penalty", "min_length", "no_repeat_ngram_size",
+    "num_beam_groups", "num_return_sequences", "encoder_no_repeat_ngram_size", "typical_p", "prefix",
+}
+
+
+class _Keys:
+    """A config dict that records which keys were read, so leftovers can be reported."""
+
+    def __init__(self, d: dict[str, Any]):
+        self.d, self.used = d, set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.used.add(key)
+        return self.d.get(key, default)
+
+    def need(self, key: str) -> Any:
+        self.used.add(key)
+        if self.d.get(key) is None:
+            raise ConfigError(f"config.json has no {key!r}, which this architecture needs.")
+        return self.d[key]
+
+    def expect(self, key: str, allowed: tuple[Any, ...], default: Any) -> Any:
+        value = self.get(key, default)
+        if value not in allowed:
+            raise ConfigError(f"config.json {key}={value!r} is not supported by glmkit "
+                              f"(supported: {', '.join(map(repr, allowed))}).")
+        return value
+
+    def check_leftovers(self) -> None:
+        left = sorted(k for k in self.d if k not in self.used and k not in _IGNORED)
+        if left:
+            raise ConfigError(
+                f"config.json key(s) {left} are not understood by glmkit and may change the model's maths; "
+                "remove them if they do not, or open an issue to have them supported.")
+
+
+def _eos_list(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def _from_thudm(k: _Keys) -> ModelConfig:
+    """THUDM remote-code configs: ChatGLM-6B (v1) and ChatGLM2/3, GLM-4-9B (v2+)."""
+    k.expect("pre_seq_len", (None,), None)  # p-tuning v2 prefixes arrive with the engine issue
+    hidden = int(k.need("hidden_size"))
+    heads = int(k.need("num_attention_heads"))
+    common = dict(hidden_size=hidden, num_layers=int(k.need("num_layers")), num_heads=heads,
+                  norm_eps=float(k.get("layernorm_epsilon", 1e-5)), pad_token_id=k.get("pad_token_id"),
+                  eos_token_ids=_eos_list(k.get("eos_token_id")))
+    if k.get("position_encoding_2d") is not None or "inner_hidden_size" in k.d:  # ChatGLM-6B v1
+        k.expect("position_encoding_2d", (True,), True)
+        cfg = ModelConfig(
+            **common, vocab_size=int(k.need("vocab_size")), intermediate_size=int(k.get("inner_hidden_size", 4 * hidden)),
+            num_kv_heads=heads, head_dim=hidden // heads, norm="layernorm", mlp="gelu_tanh", qkv_bias=True,
+            out_bias=True, mlp_bias=True, residual="deepnorm",
+            residual_alpha=math.sqrt(2 * 28),  # the official code never passes num_layers: alpha is sqrt(56)
+            rope_layout="half_split", rope_freq_dtype="float16", positions="2d", attention_mask="prefix",
+            tie_embeddings=bool(k.get("tie_word_embeddings", True)),
+            max_seq_len=int(k.get("max_sequence_length", 2048)), bos_token_id=k.get("bos_token_id"),
+            mask_token_id=k.get("mask_token_id"), gmask_token_id=k.get("gmask_token_id"),
+            sop_token_id=k.get("bos_token_id"), eop_token_id=k.get("eos_token_id"))
+    else:  # ChatGLM2/3, GLM-4-9B
+        k.expect("apply_residual_connection_post_layernorm", (False,), False)
+        k.expect("post_layer_norm", (True,), True)
+        k.expect("original_rope", (True,), True)
+        mqa = bool(k.get("multi_query_attention", False))
+        bias = bool(k.get("add_bias_linear", False))
+        cfg = ModelConfig(
+            **common, vocab_size=int(k.need("padded_vocab_size")), intermediate_size=int(k.need("ffn_hidden_size")),
+            num_kv_heads=int(k.need("multi_query_group_num")) if mqa else heads,
+            head_dim=int(k.get("kv_channels") or hidden // heads),
+            norm="rmsnorm" if k.get("rmsnorm", True) else "layernorm", mlp="swiglu",
+            qkv_bias=bool(k.get("add_qkv_bias", False)) or bias, out_bias=bias, mlp_bias=bias,
+            rope_layout="interleaved", rope_fraction=0.5,
+            # GLM-4 and ChatGLM3-32k/128k scale the base; (chatglm2-6b-32k interpolated positions instead)
+            rope_theta=10000.0 * float(k.get("rope_ratio", 1.0)),
+            tie_embeddings=bool(k.get("tie_word_embeddings", False)),
+            max_seq_len=int(k.get("seq_length", 2048)))
+    for key in ("bos_token_id", "mask_token_id", "gmask_token_id", "max_sequence_length", "seq_length"):
+        k.get(key)
+    k.check_leftovers()
+    return cfg
+
+
+_HF_FAMILIES = {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+def _rope_parameters(k: _Keys) -> dict[str, Any]:
+    """Merge transformers 5.x `rope_parameters` with 4.x top-level `rope_theta` / `rope_scaling`."""
+    params = dict(k.get("rope_parameters") or {})
+    scaling = k.get("rope_scaling") or {}
+    params.update({key: v for key, v in scaling.items() if key not in params})
+    for key in ("rope_theta", "partial_rotary_factor"):
+        if k.d.get(key) is not None:
+            params.setdefault(key, k.get(key))
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    if rope_type not in ("default", "linear"):
+        raise ConfigError(f"config.json asks for rope_type {rope_type!r}, which glmkit does not support yet "
+                          "(supported: 'default', 'linear').")
+    factor = float(params.pop("factor", 1.0)) if rope_type == "linear" else 1.0
+    out = {"rope_theta": float(params.pop("rope_theta", 10000.0)), "rope_linear_factor": factor}
+    if "partial_rotary_factor" in params:
+        out["rope_fraction"] = float(params.pop("partial_rotary_factor"))
+    params.pop("original_max_position_embeddings", None)
+    if params:
+        raise ConfigError(f"config.json rope settings {sorted(params)} are not understood by glmkit.")
+    return out
+
+
+def _from_transformers(k: _Keys, model_type: str) -> ModelConfig:
+    """transformers-native GlmConfig, Glm4Config and LlamaConfig (4.x and 5.x spellings)."""
+    k.expect("hidden_act", ("silu",), "silu")
+    hidden = int(k.need("hidden_size"))
+    heads = int(k.need("num_attention_heads"))
+    attention_bias = bool(k.get("attention_bias", model_type != "llama"))
+    rope = _rope_parameters(k)
+    glm = model_type in ("glm", "glm4")
+    cfg = ModelConfig(
+        vocab_size=int(k.need("vocab_size")), hidden_size=hidden, intermediate_size=int(k.need("intermediate_size")),
+        num_layers=int(k.need("num_hidden_layers")), num_heads=heads,
+        num_kv_heads=int(k.get("num_key_value_heads") or heads), head_dim=int(k.get("head_dim") or hidden // heads),
+        norm_eps=float(k.get("rms_norm_eps", 1e-6)), qkv_bias=attention_bias,
+        out_bias=attention_bias and not glm, mlp_bias=bool(k.get("mlp_bias", False)),
+        extra_norms="sandwich" if model_type == "glm4" else "none",
+        rope_layout="interleaved" if glm else "half_split",
+        **{"rope_fraction": 0.5 if glm else 1.0, **rope},
+        tie_embeddings=bool(k.get("tie_word_embeddings", False)),
+        max_seq_len=int(k.get("max_position_embeddings", 2048)), bos_token_id=k.get("bos_token_id"),
+        eos_token_ids=_eos_list(k.get("eos_token_id")), pad_token_id=k.get("pad_token_id"))
+    k.check_leftovers()
+    return cfg
+
+
+__all__ = ["ModelConfig"]

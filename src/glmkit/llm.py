@@ -1,0 +1,123 @@
+"""`glmkit.load()` and the LLM object it returns: a loaded model plus its reference forward path.
+
+Builds the model on the meta device, fills it from the loader's tensors with strict accounting
+(every parameter filled, no tensor left over, shapes checked) and moves it to the chosen device and
+dtype. Tokenizers, generation and chat attach here as later parts land; no sampling code lives here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from glmkit import loaders
+from glmkit.config import ModelConfig
+from glmkit.errors import CheckpointError, GlmkitError
+from glmkit.model import Transformer
+from glmkit.positions import prompt_positions
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LLM:
+    def __init__(self, model: Transformer, source: str):
+        self.model = model.eval()
+        self.config: ModelConfig = model.config
+        self.source = source
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed.weight.dtype
+
+    @torch.inference_mode()
+    def logits(self, ids: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor) -> torch.Tensor:
+        """Full forward without a cache, the reference path: ids [T] or [B, T] -> logits [B, T, V] float32."""
+        ids = self._as_batch(ids)
+        positions, prefix_len = prompt_positions(ids, self.config)
+        return self.model(ids, positions, prefix_len=prefix_len).float()
+
+    def _as_batch(self, ids) -> torch.Tensor:
+        t = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids)
+        if t.dim() == 1:
+            t = t[None]
+        if t.dim() != 2 or t.shape[1] == 0 or t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise GlmkitError(f"token ids must be a non-empty list of ints or a [batch, time] integer tensor, "
+                              f"got shape {tuple(t.shape)} of {t.dtype}.")
+        V, T = self.config.vocab_size, t.shape[1]
+        if int(t.min()) < 0 or int(t.max()) >= V:
+            raise GlmkitError(f"token id {int(t.max()) if int(t.max()) >= V else int(t.min())} is outside this "
+                              f"model's vocabulary (0..{V - 1}).")
+        if T > self.config.max_seq_len:
+            raise GlmkitError(f"the input has {T} tokens but this model's context is {self.config.max_seq_len}; "
+                              "shorten the input.")
+        return t.long().to(self.device)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"LLM({self.source!r}, layers={c.num_layers}, hidden={c.hidden_size}, heads={c.num_heads}/"
+                f"{c.num_kv_heads}, vocab={c.vocab_size}, device={self.device}, dtype={self.dtype})")
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise GlmkitError(f"device {device!r} is not supported; use 'cpu' or 'cuda'.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GlmkitError("device 'cuda' was asked for but this torch build sees no CUDA GPU; use device='cpu' "
+                          "or install a CUDA build of torch (see the README).")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if dtype not in _DTYPES:
+        raise GlmkitError(f"dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}.")
+    return _DTYPES[dtype]
+
+
+def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], sources: dict[str, str],
+                device: torch.device, dtype: torch.dtype) -> Transformer:
+    """Meta-device model filled with `assign=True`; every parameter must come from the checkpoint."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = model.state_dict()
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{sources[unexpected[0]]} has no place in this model (it would fill "
+                              f"{unexpected[0]!r}); config.json and the weights disagree.")
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise CheckpointError(f"the checkpoint has no tensor for {missing[0]!r}"
+                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; the download is "
+                              "incomplete or config.json does not match the weights.")
+    for name, param in expected.items():
+        if tuple(tensors[name].shape) != tuple(param.shape):
+            raise CheckpointError(f"{sources[name]} has shape {tuple(tensors[name].shape)} but config.json implies "
+                                  f"{tuple(param.shape)} for {name!r}; config.json and the weights disagree.")
+    state = {name: t.to(device=device, dtype=dtype) for name, t in tensors.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.requires_grad_(False)
+
+
+def load(source: str | Path | None = None, *, device: str | None = None, dtype: str | torch.dtype | None = None,
+         quantize: str | None = None) -> LLM:
+    """Load a checkpoint directory (config.json + *.safetensors / *.bin) and return an LLM."""
+    if source is None:
+        raise GlmkitError("no model given, and the packaged default model (smollm2-135m-instruct) is not "
+                          "available in this version yet; pass a checkpoint directory.")
+    if quantize is not None:
+        raise GlmkitError(f"quantize={quantize!r} is not available in this version yet; load without it.")
+    dev = pick_device(device)
+    config, tensors, sources = loaders.load(source)
+    model = build_model(config, tensors, sources, dev, pick_dtype(dtype, dev))
+    return LLM(model, str(source))

@@ -1,0 +1,194 @@
+"""The one config-driven Transformer for every GLM generation and Llama.
+
+tokens + positions (+ KV cache) -> logits. It samples nothing, tokenizes nothing, reads no files and
+chooses no device: the engine builds positions and owns the cache; loaders fill the weights.
+
+Glossary: B batch, T new tokens, S attended length (cached + new), C hidden size, H query heads,
+K kv heads, D head dim, R rotated dims per rotary block, F ffn size, V vocab.
+Parameter names: embed, layers.N.{attn_norm, attn.qkv, attn.out, attn_post_norm, mlp_norm,
+mlp.in_proj, mlp.out_proj, mlp_post_norm}, norm, lm_head. qkv rows are [Q | K | V]; for SwiGLU the
+in_proj rows are [gate | up].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmkit.config import ModelConfig
+from glmkit.kv_cache import KVCache
+
+
+# ---------------------------------------------------------------------------------------------- rope
+def rope_cos_sin(positions: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (B, T) for 1d or (B, 2, T) for 2d -> cos, sin of shape (B, T, R/2) or (B, 2, T, R/2), float32."""
+    R = config.rotary_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, R, 2, device=positions.device, dtype=torch.float32) / R))
+    if config.rope_freq_dtype == "float16":  # ChatGLM-6B computes its frequencies in float16
+        inv_freq = inv_freq.half().float()
+    angles = (positions.float() / config.rope_linear_factor)[..., None] * inv_freq  # (..., T, R/2)
+    return angles.cos(), angles.sin()
+
+
+def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """GLM layout: pairs (2i, 2i+1) of the first R dims rotate by angle i. x (B, n, T, D), cos (B, 1, T, R/2)."""
+    R = 2 * cos.shape[-1]
+    xr, x_pass = x[..., :R].float(), x[..., R:]
+    x1, x2 = xr[..., 0::2], xr[..., 1::2]  # (B, n, T, R/2) each
+    rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)  # (B, n, T, R)
+    return torch.cat((rotated.to(x.dtype), x_pass), dim=-1)
+
+
+def rope_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama / NeoX layout: dim i pairs with dim i + R/2 of the first R dims. x (B, n, T, D), cos (B, 1, T, R/2)."""
+    R = 2 * cos.shape[-1]
+    xr, x_pass = x[..., :R].float(), x[..., R:]
+    x1, x2 = xr.chunk(2, dim=-1)  # (B, n, T, R/2) each
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (B, n, T, R)
+    return torch.cat((rotated.to(x.dtype), x_pass), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    rotate = rope_interleaved if config.rope_layout == "interleaved" else rope_half_split
+    if config.positions == "1d":
+        return rotate(x, cos[:, None], sin[:, None])
+    # 2d (ChatGLM-6B): first half of each head rotates with the position, second with the block position
+    first, second = x.chunk(2, dim=-1)  # (B, n, T, D/2) each
+    return torch.cat((rotate(first, cos[:, None, 0], sin[:, None, 0]),
+                      rotate(second, cos[:, None, 1], sin[:, None, 1])), dim=-1)
+
+
+def attention_mask(T: int, S: int, start: int, prefix_len: torch.Tensor | None,
+                   device: torch.device) -> torch.Tensor:
+    """Boolean mask, True = may attend: key j is visible to query i iff j <= start + i or j < prefix_len.
+
+    Returns (1, 1, T, S), or (B, 1, T, S) with a per-row prefix_len (B,)."""
+    q = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
+    k = torch.arange(S, device=device)[None, :]  # (1, S)
+    allowed = k <= q  # (T, S)
+    if prefix_len is None:
+        return allowed[None, None]
+    return (allowed[None] | (k[None] < prefix_len.to(device)[:, None, None]))[:, None]  # (B, 1, T, S)
+
+
+# --------------------------------------------------------------------------------------------- layers
+class Norm(nn.Module):
+    """RMSNorm or LayerNorm (with bias), computed in float32 whatever the activation dtype."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.eps = config.norm_eps
+        self.weight = nn.Parameter(torch.ones(config.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(config.hidden_size)) if config.norm == "layernorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        if self.bias is None:
+            y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            return self.weight * y.to(x.dtype)
+        return F.layer_norm(xf, xf.shape[-1:], self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.qkv = nn.Linear(c.hidden_size, c.qkv_size, bias=c.qkv_bias)
+        self.out = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.out_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
+        c = self.config
+        B, T, _ = x.shape
+        H, K, D = c.num_heads, c.num_kv_heads, c.head_dim
+        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        q, k = apply_rope(q, cos, sin, c), apply_rope(k, cos, sin, c)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, start)  # (B, K, S, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=H != K)  # (B, H, T, D)
+        return self.out(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gated = config.mlp == "swiglu"
+        F_ = config.intermediate_size
+        self.in_proj = nn.Linear(config.hidden_size, 2 * F_ if self.gated else F_, bias=config.mlp_bias)
+        self.out_proj = nn.Linear(F_, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.in_proj(x)  # (B, T, 2F) or (B, T, F)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)  # (B, T, F) each
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.out_proj(h)  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm block; `deepnorm` keeps alpha * normalized input as the residual (ChatGLM-6B);
+    `sandwich` adds a norm after each sublayer (GLM-4-0414)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.deepnorm = config.residual == "deepnorm"
+        self.alpha = config.residual_alpha
+        self.attn_norm, self.attn = Norm(config), Attention(config)
+        self.mlp_norm, self.mlp = Norm(config), MLP(config)
+        sandwich = config.extra_norms == "sandwich"
+        self.attn_post_norm = Norm(config) if sandwich else None
+        self.mlp_post_norm = Norm(config) if sandwich else None
+
+    def forward(self, x: torch.Tensor, cos, sin, mask, cache, layer: int, start: int) -> torch.Tensor:
+        h = self.attn_norm(x)
+        a = self.attn(h, cos, sin, mask, cache, layer, start)
+        if self.attn_post_norm is not None:
+            a = self.attn_post_norm(a)
+        x = h * self.alpha + a if self.deepnorm else x + a
+        h = self.mlp_norm(x)
+        m = self.mlp(h)
+        if self.mlp_post_norm is not None:
+            m = self.mlp_post_norm(m)
+        return h * self.alpha + m if self.deepnorm else x + m
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = Norm(config)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+                      start: int = 0, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T), positions (B, T) or (B, 2, T) -> final-normed hidden states (B, T, C).
+
+        With a cache, the new keys land at [start, start + T) and attention spans [0, start + T).
+        prefix_len (B,) makes keys before it visible to every query (ChatGLM-6B's prefix mask)."""
+        B, T = tokens.shape
+        x = self.embed(tokens)  # (B, T, C)
+        cos, sin = rope_cos_sin(positions, self.config)
+        S = start + T if cache is not None else T
+        mask = None
+        if prefix_len is not None or cache is not None:
+            mask = attention_mask(T, S, start if cache is not None else 0, prefix_len, tokens.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i, start)
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+                start: int = 0, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+        """-> logits (B, T, V) in the model's dtype."""
+        h = self.hidden_states(tokens, positions, cache, start, prefix_len)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, weight)  # (B, T, V)

@@ -1,0 +1,40 @@
+"""Position ids (and ChatGLM-6B's prefix length) for a prompt, from the config's position kind.
+
+1d: 0..T-1 for every row. 2d (ChatGLM-6B / the GLM objective): with c the index of the first <sop>
+and m the index of the first [gMASK] (else the first [MASK]), tokens before c get (i, 0) and tokens
+from c on get (m, i - c + 1); tokens before c attend to each other bidirectionally (prefix_len = c).
+No model code, no sampling: the engine and the reference path both call these.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from glmkit.config import ModelConfig
+from glmkit.errors import GlmkitError
+
+
+def prompt_positions(ids: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ids (B, T) -> positions (B, T) or (B, 2, T), and prefix_len (B,) or None for causal models."""
+    B, T = ids.shape
+    if config.positions == "1d":
+        positions = torch.arange(T, device=ids.device).expand(B, T)
+        prefix = None
+        if config.attention_mask == "prefix":
+            prefix = torch.tensor([_first(row, config.sop_token_id, T) for row in ids.tolist()], device=ids.device)
+        return positions, prefix
+    rows, prefix = [], []
+    for row in ids.tolist():
+        c = _first(row, config.sop_token_id, T)
+        m = _first(row[:c], config.gmask_token_id, None)
+        m = _first(row[:c], config.mask_token_id, None) if m is None else m
+        if m is None and c < T:
+            raise GlmkitError("a ChatGLM-6B prompt with <sop> needs a [gMASK] or [MASK] before it; "
+                              "end the prompt with [gMASK] <sop> (the chat format does this).")
+        rows.append([list(range(c)) + [m] * (T - c), [0] * c + list(range(1, T - c + 1))])
+        prefix.append(c)
+    return torch.tensor(rows, device=ids.device), torch.tensor(prefix, device=ids.device)
+
+
+def _first(row: list[int], token: int | None, default):
+    return row.index(token) if token is not None and token in row else default
