@@ -223,6 +223,7 @@ def _from_thudm(k: _Keys) -> ModelConfig:
         k.expect("post_layer_norm", (True,), True)
         k.expect("original_rope", (True,), True)
         mqa = bool(k.get("multi_query_attention", False))
+        k.get("multi_query_group_num")  # read by the official code only when multi_query_attention is true
         bias = bool(k.get("add_bias_linear", False))
         cfg = ModelConfig(
             **common, vocab_size=int(k.need("padded_vocab_size")), intermediate_size=int(k.need("ffn_hidden_size")),
