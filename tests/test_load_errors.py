@@ -1,0 +1,181 @@
+"""Every way a checkpoint can be wrong gets a glmkit error naming the file or tensor and the fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import glmkit
+from glmkit.errors import CheckpointError, ConfigError, GlmkitError, UnsupportedArchitectureError
+from conftest import GLM_CONFIGS, make_hf_model
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    make_hf_model("glm", GLM_CONFIGS["mqa-untied"]).save_pretrained(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def _edit_config(directory: Path, **changes) -> None:
+    raw = json.loads((directory / "config.json").read_text())
+    raw.update(changes)
+    (directory / "config.json").write_text(json.dumps(raw))
+
+
+def _edit_weights(directory: Path, edit) -> None:
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match=r"does not exist.*checkpoint directory"):
+        glmkit.load(tmp_path / "nope")
+
+
+def test_file_instead_of_directory(tmp_path):
+    (tmp_path / "weights.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="is not a directory"):
+        glmkit.load(tmp_path / "weights.txt")
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        glmkit.load(tmp_path)
+
+
+def test_invalid_json_config(checkpoint):
+    (checkpoint / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config.json is not valid JSON"):
+        glmkit.load(checkpoint)
+
+
+def test_unknown_architecture(checkpoint):
+    _edit_config(checkpoint, model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    with pytest.raises(UnsupportedArchitectureError, match=r"model_type='gpt2'.*GPT2LMHeadModel"):
+        glmkit.load(checkpoint)
+
+
+def test_no_weight_files(checkpoint):
+    (checkpoint / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"has no weights"):
+        glmkit.load(checkpoint)
+
+
+def test_missing_tensor(checkpoint):
+    _edit_weights(checkpoint, lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"no tensor for 'layers.1.mlp.out_proj.weight'"):
+        glmkit.load(checkpoint)
+
+
+def test_unexpected_tensor(checkpoint):
+    _edit_weights(checkpoint, lambda t: t.update({"model.layers.0.mystery.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model.layers.0.mystery.weight' in "
+                                              r"model.safetensors"):
+        glmkit.load(checkpoint)
+
+
+def test_tensor_the_config_does_not_want(checkpoint):
+    _edit_weights(checkpoint, lambda t: t.update({"model.layers.0.self_attn.o_proj.bias": torch.zeros(48)}))
+    with pytest.raises(CheckpointError, match=r"o_proj.bias has no place in this model"):
+        glmkit.load(checkpoint)
+
+
+def test_shape_mismatch(checkpoint):
+    _edit_config(checkpoint, intermediate_size=32)
+    with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.gate_up_proj.weight has shape \(80, 48\) but "
+                                              r"config.json implies \(64, 48\)"):
+        glmkit.load(checkpoint)
+
+
+def test_truncated_safetensors(checkpoint):
+    path = checkpoint / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match=r"model.safetensors is truncated or corrupt.*re-download"):
+        glmkit.load(checkpoint)
+
+
+def test_corrupt_safetensors_header(checkpoint):
+    path = checkpoint / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:40] = b"\xff" * 32  # garbage inside the JSON header
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model.safetensors is truncated or corrupt"):
+        glmkit.load(checkpoint)
+
+
+def test_missing_shard_listed_in_index(tmp_path):
+    make_hf_model("glm", GLM_CONFIGS["mqa-untied"]).save_pretrained(tmp_path, max_shard_size="40KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"lists shard\(s\) \['{shard.name}'\].*incomplete"):
+        glmkit.load(tmp_path)
+
+
+def test_bin_with_pickled_code_is_refused(tmp_path, checkpoint):
+    """weights_only=True: a .bin that would run code on unpickling is refused, and the code never runs."""
+    (checkpoint / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    torch.save({"model.embed_tokens.weight": torch.zeros(2), "evil": _Evil(str(marker))},
+               checkpoint / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin cannot be read as a PyTorch weights file"):
+        glmkit.load(checkpoint)
+    assert not marker.exists()
+
+
+class _Evil:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_python_shipped_with_checkpoint_is_never_run(tmp_path, checkpoint):
+    marker = tmp_path / "ran"
+    code = f"open({str(marker)!r}, 'w').write('x')\n"
+    for name in ("modeling_chatglm.py", "configuration_chatglm.py", "tokenization_chatglm.py", "__init__.py"):
+        (checkpoint / name).write_text(code)
+    _edit_config(checkpoint, auto_map={"AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration"})
+    glmkit.load(checkpoint).logits([1, 2, 3])
+    assert not marker.exists()
+
+
+def test_official_quantized_checkpoint_is_refused(checkpoint):
+    _edit_config(checkpoint, quantization_bit=4)
+    with pytest.raises(ConfigError, match=r"official ChatGLM int4 checkpoint"):
+        glmkit.load(checkpoint)
+
+
+def test_unknown_maths_key_is_an_error(checkpoint):
+    _edit_config(checkpoint, attn_logit_softcapping=30.0)
+    with pytest.raises(ConfigError, match=r"\['attn_logit_softcapping'\] are not understood"):
+        glmkit.load(checkpoint)
+
+
+def test_unsupported_rope_scaling_is_an_error(checkpoint):
+    _edit_config(checkpoint, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0})
+    with pytest.raises(ConfigError, match=r"rope_type 'yarn'"):
+        glmkit.load(checkpoint)
+
+
+def test_bad_token_ids_and_overlong_input(checkpoint):
+    llm = glmkit.load(checkpoint)
+    with pytest.raises(GlmkitError, match=r"token id 97 is outside this model's vocabulary \(0..96\)"):
+        llm.logits([1, 97])
+    with pytest.raises(GlmkitError, match=r"has 257 tokens but this model's context is 256"):
+        llm.logits([1] * 257)
+    with pytest.raises(GlmkitError, match=r"non-empty list of ints"):
+        llm.logits([])
+
+
+def test_bad_device_and_dtype(checkpoint):
+    with pytest.raises(GlmkitError, match=r"dtype 'float8' is not supported"):
+        glmkit.load(checkpoint, dtype="float8")
+    with pytest.raises(GlmkitError, match=r"device 'tpu' is not supported"):
+        glmkit.load(checkpoint, device="tpu")
