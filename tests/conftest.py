@@ -39,8 +39,9 @@ def make_hf_model(kind: str, overrides: dict, seed: int = 0, **extra):
     kw.update(overrides)
     kw.update(extra)
     theta = kw.pop("rope_theta")
+    fraction = kw.pop("partial_rotary_factor", None)
     config = cls_config(**kw)
-    _set_rope_theta(config, theta)
+    _set_rope(config, theta, fraction)
     torch.manual_seed(seed)
     model = cls_model(config).eval()
     with torch.no_grad():  # transformers initialises norms to 1 and biases to 0: randomise everything
@@ -49,11 +50,15 @@ def make_hf_model(kind: str, overrides: dict, seed: int = 0, **extra):
     return model
 
 
-def _set_rope_theta(config, theta: float) -> None:
+def _set_rope(config, theta: float, fraction: float | None) -> None:
     if getattr(config, "rope_parameters", None) is not None:  # transformers 5.x
         config.rope_parameters["rope_theta"] = theta
+        if fraction is not None:
+            config.rope_parameters["partial_rotary_factor"] = fraction
     else:  # transformers 4.x
         config.rope_theta = theta
+        if fraction is not None:
+            config.partial_rotary_factor = fraction
 
 
 def write_thudm_glm(hf_model, directory: Path, *, as_bin: bool = False) -> Path:
