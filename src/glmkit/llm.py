@@ -13,19 +13,45 @@ from typing import Sequence
 import torch
 
 from glmkit import loaders
+from glmkit.chat_format import ChatFormat, choose
 from glmkit.config import ModelConfig
 from glmkit.errors import CheckpointError, GlmkitError
 from glmkit.model import Transformer
 from glmkit.positions import prompt_positions
+from glmkit.tokenizer import Tokenizer, load_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class LLM:
-    def __init__(self, model: Transformer, source: str):
+    def __init__(self, model: Transformer, source: str, tokenizer: Tokenizer | None = None,
+                 chat_format: ChatFormat | None = None):
         self.model = model.eval()
         self.config: ModelConfig = model.config
         self.source = source
+        self._tokenizer = tokenizer
+        self.chat_format = chat_format
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            raise GlmkitError(f"{self.source} ships no tokenizer (tokenizer.json, tokenizer.model or ice_text.model); "
+                              "pass token ids instead of text, or add the tokenizer files to the directory.")
+        return self._tokenizer
+
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
+                            add_generation_prompt: bool = True) -> list[int]:
+        """OpenAI-style messages -> prompt token ids in this model's own chat format."""
+        return self.render_chat(messages, tools, add_generation_prompt)[0]
+
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
+                    add_generation_prompt: bool = True) -> tuple[list[int], list[bool]]:
+        """Like apply_chat_template, plus the loss mask (True on the assistant's tokens)."""
+        self.tokenizer  # a clear error first when there is no tokenizer at all
+        if self.chat_format is None:
+            raise GlmkitError(f"{self.source} has no chat format: no chat template in its tokenizer files and no GLM "
+                              "role tokens. Use plain-text generation, or pass chat_format= to glmkit.load().")
+        return self.chat_format.render(messages, tools, add_generation_prompt)
 
     @property
     def device(self) -> torch.device:
@@ -110,8 +136,9 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], sources: 
 
 
 def load(source: str | Path | None = None, *, device: str | None = None, dtype: str | torch.dtype | None = None,
-         quantize: str | None = None) -> LLM:
-    """Load a checkpoint directory (config.json + *.safetensors / *.bin) and return an LLM."""
+         quantize: str | None = None, chat_format: str | None = None) -> LLM:
+    """Load a checkpoint directory (config.json + *.safetensors / *.bin, plus its tokenizer files) and return
+    an LLM. `chat_format` forces a format ('chatglm1', 'chatglm2', 'chatglm3', 'glm4', 'jinja')."""
     if source is None:
         raise GlmkitError("no model given, and the packaged default model (smollm2-135m-instruct) is not "
                           "available in this version yet; pass a checkpoint directory.")
@@ -120,4 +147,6 @@ def load(source: str | Path | None = None, *, device: str | None = None, dtype: 
     dev = pick_device(device)
     config, tensors, sources = loaders.load(source)
     model = build_model(config, tensors, sources, dev, pick_dtype(dtype, dev))
-    return LLM(model, str(source))
+    tokenizer = load_tokenizer(source)
+    fmt = choose(source, tokenizer, config.eos_token_ids, chat_format) if tokenizer is not None else None
+    return LLM(model, str(source), tokenizer, fmt)

@@ -1,0 +1,305 @@
+"""Chat formats: OpenAI-style messages -> (token ids, loss mask), one renderer per GLM generation.
+
+The loss mask is True on tokens the assistant produces (its replies and the token that ends each
+reply), so the same function serves chat, the server and fine-tuning. Each format also knows its
+stop ids and how to read tool calls out of a reply. User text is always encoded as plain text: it
+can never become a role or stop token. Checkpoints with a Jinja template use `chat_template.py`.
+No torch, no model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from glmkit.errors import GlmkitError
+from glmkit.tokenizer import Tokenizer
+from glmkit.tool_calls import arguments_of, format_chatglm3_call, parse_chatglm3, parse_glm4
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def normalize(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Check OpenAI-style messages and flatten list-of-parts content into text."""
+    if not isinstance(messages, list) or not messages:
+        raise GlmkitError("messages must be a non-empty list of {'role': ..., 'content': ...} objects.")
+    out = []
+    for n, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            role = m.get("role") if isinstance(m, dict) else None
+            raise GlmkitError(f"message {n} has role {role!r}; each message needs a role out of {', '.join(ROLES)}.")
+        content = m.get("content")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if content is not None and not isinstance(content, str):
+            raise GlmkitError(f"message {n} content must be text, got {type(content).__name__}.")
+        out.append({**m, "content": content or ""})
+    return out
+
+
+class _Ids:
+    """Token ids with a parallel loss mask."""
+
+    def __init__(self):
+        self.ids: list[int] = []
+        self.mask: list[bool] = []
+
+    def add(self, ids: list[int], train: bool = False) -> None:
+        self.ids += ids
+        self.mask += [train] * len(ids)
+
+
+class ChatFormat:
+    name = "base"
+    stop_ids: frozenset[int] = frozenset()
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+
+    def render(self, messages, tools=None, add_generation_prompt: bool = True) -> tuple[list[int], list[bool]]:
+        raise NotImplementedError
+
+    def parse_reply(self, text: str, tools: list[dict] | None = None) -> dict[str, Any]:
+        """The generated text as an OpenAI assistant message (content, or tool_calls)."""
+        return {"role": "assistant", "content": text.strip()}
+
+
+class _RoundsFormat(ChatFormat):
+    """ChatGLM-6B and ChatGLM2-6B: a text prompt of '[Round N]' blocks of 问 / 答."""
+
+    first_round = 0
+    sep = "\n"
+
+    def _rounds(self, messages) -> tuple[list[tuple[str, str]], str, str | None]:
+        system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+        turns = [m for m in messages if m["role"] != "system"]
+        if any(m["role"] == "tool" or m.get("tool_calls") for m in turns):
+            raise GlmkitError(f"the {self.name} chat format has no tool calls; use a ChatGLM3 or GLM-4 model for tools.")
+        answer = turns.pop()["content"] if turns and turns[-1]["role"] == "assistant" else None
+        pairs, query = [], None
+        for m in turns:
+            if m["role"] == "user":
+                if query is not None:
+                    raise GlmkitError(f"the {self.name} chat format needs user and assistant messages to alternate.")
+                query = m["content"]
+            elif query is None:
+                raise GlmkitError(f"the {self.name} chat format needs user and assistant messages to alternate.")
+            else:
+                pairs.append((query, m["content"]))
+                query = None
+        if query is None:
+            raise GlmkitError(f"the {self.name} chat format needs the conversation to end with a user message "
+                              "(or a user message then the assistant reply to train on).")
+        if system:  # no system role in these generations: fold it into the first query
+            if pairs:
+                pairs[0] = (system + "\n" + pairs[0][0], pairs[0][1])
+            else:
+                query = system + "\n" + query
+        return pairs, query, answer
+
+    def _prompt(self, pairs, query) -> str:
+        s, r = self.sep, self.first_round
+        text = "".join(f"[Round {i + r}]{s}问：{q}{s}答：{a}{s}" for i, (q, a) in enumerate(pairs))
+        return text + f"[Round {len(pairs) + r}]{s}问：{query}{s}答："
+
+
+class ChatGLM1Format(_RoundsFormat):
+    """ChatGLM-6B: prompt text, then [gMASK] <sop>; replies end with <eop>. A first turn is the bare query."""
+
+    name = "chatglm1"
+
+    def __init__(self, tokenizer: Tokenizer):
+        super().__init__(tokenizer)
+        self.stop_ids = frozenset({tokenizer.token_id("<eop>")})
+
+    def render(self, messages, tools=None, add_generation_prompt=True):
+        if tools:
+            raise GlmkitError("the chatglm1 chat format has no tool calls; use a ChatGLM3 or GLM-4 model for tools.")
+        pairs, query, answer = self._rounds(normalize(messages))
+        out = _Ids()
+        out.add(self.tok.encode(self._prompt(pairs, query) if pairs else query))
+        out.add([self.tok.token_id("[gMASK]"), self.tok.token_id("<sop>")])
+        if answer is not None:
+            out.add(self.tok.encode(answer) + [self.tok.token_id("<eop>")], train=True)
+        return out.ids, out.mask
+
+
+class ChatGLM2Format(_RoundsFormat):
+    """ChatGLM2-6B: [gMASK] sop, then rounds from 1 separated by blank lines; replies end with </s>."""
+
+    name = "chatglm2"
+    first_round = 1
+    sep = "\n\n"
+
+    def __init__(self, tokenizer: Tokenizer):
+        super().__init__(tokenizer)
+        self.eos = tokenizer.eos_id
+        self.stop_ids = frozenset({self.eos})
+
+    def render(self, messages, tools=None, add_generation_prompt=True):
+        if tools:
+            raise GlmkitError("the chatglm2 chat format has no tool calls; use a ChatGLM3 or GLM-4 model for tools.")
+        pairs, query, answer = self._rounds(normalize(messages))
+        out = _Ids()
+        out.add([self.tok.token_id("[gMASK]"), self.tok.token_id("sop")])
+        out.add(self.tok.encode(self._prompt(pairs, query)))
+        if answer is not None:
+            out.add(self.tok.encode(answer) + [self.eos], train=True)
+        return out.ids, out.mask
+
+
+class _RoleTokenFormat(ChatFormat):
+    """ChatGLM3 and GLM-4: [gMASK] sop, then per message <|role|> + encode(metadata + '\\n') + encode(content)."""
+
+    sop = "sop"
+    end_id = -1  # appended after a final assistant reply (training); set by each format
+
+    def _tools_system(self, tools: list[dict]) -> str:
+        raise NotImplementedError
+
+    def _tool_call_content(self, call: dict) -> str:
+        raise NotImplementedError
+
+    def render(self, messages, tools=None, add_generation_prompt=True):
+        messages = normalize(messages)
+        if tools:  # as the official servers do: the tools go first, in a system message of their own
+            messages = [{"role": "system", "content": self._tools_system(tools)}] + messages
+        out = _Ids()
+        out.add([self.tok.token_id("[gMASK]"), self.tok.token_id(self.sop)])
+        reply_open = False  # the previous message was the assistant's: the next role token ends its reply
+        for m in messages:
+            assistant = m["role"] == "assistant"
+            pieces = [(call["function"]["name"], self._tool_call_content(call)) for call in m.get("tool_calls") or []]
+            if not pieces or m["content"]:
+                pieces.insert(0, (m.get("metadata", ""), m["content"]))
+            for metadata, content in pieces:
+                if not content and not assistant:
+                    continue  # the official template skips empty messages
+                role = {"tool": "observation"}.get(m["role"], m["role"])
+                out.add([self.tok.token_id(f"<|{role}|>")], train=reply_open)
+                out.add(self.tok.encode(f"{metadata}\n") + self.tok.encode(content), train=assistant)
+                reply_open = assistant
+        if add_generation_prompt and not reply_open:
+            out.add([self.tok.token_id("<|assistant|>")])
+        elif reply_open:
+            out.add([self.end_id], train=True)
+        return out.ids, out.mask
+
+
+class ChatGLM3Format(_RoleTokenFormat):
+    """ChatGLM3-6B: tools as indented JSON after the system text; calls as a ```python tool_call(...)``` block."""
+
+    name = "chatglm3"
+    TOOLS_TEXT = "Answer the following questions as best as you can. You have access to the following tools:"
+
+    def __init__(self, tokenizer: Tokenizer):
+        super().__init__(tokenizer)
+        self.end_id = tokenizer.eos_id
+        self.stop_ids = frozenset({tokenizer.eos_id, tokenizer.token_id("<|user|>"),
+                                   tokenizer.token_id("<|observation|>")})
+
+    def _tools_system(self, tools):
+        functions = [t.get("function", t) for t in tools]
+        return self.TOOLS_TEXT + "\n" + json.dumps(functions, indent=4, ensure_ascii=False)
+
+    def _tool_call_content(self, call):
+        return format_chatglm3_call(arguments_of(call))
+
+    def parse_reply(self, text, tools=None):
+        return parse_chatglm3(text, tools)
+
+
+GLM4_TOOLS_PREAMBLE = ("你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
+                       "你的任务是针对用户的问题和要求提供适当的答复和支持。")
+
+
+class GLM4Format(_RoleTokenFormat):
+    """GLM-4-9B: [gMASK]<sop> once; tools in a system message; calls as 'name\\n{json}'; results as <|observation|>."""
+
+    name = "glm4"
+    sop = "<sop>"
+
+    def __init__(self, tokenizer: Tokenizer):
+        super().__init__(tokenizer)
+        self.end_id = tokenizer.token_id("<|endoftext|>")
+        self.stop_ids = frozenset(tokenizer.token_id(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>"))
+
+    def _tools_system(self, tools):
+        text = GLM4_TOOLS_PREAMBLE + "\n\n# 可用工具"
+        for tool in tools:
+            fn = tool.get("function", tool)
+            text += (f"\n\n## {fn['name']}\n\n{json.dumps(fn, indent=4, ensure_ascii=False)}\n"
+                     "在调用上述函数时，请使用 Json 格式表示调用的参数。")
+        return text
+
+    def _tool_call_content(self, call):
+        return json.dumps(arguments_of(call), ensure_ascii=False)
+
+    def parse_reply(self, text, tools=None):
+        return parse_glm4(text, tools)
+
+
+FORMATS = {f.name: f for f in (ChatGLM1Format, ChatGLM2Format, ChatGLM3Format, GLM4Format)}
+
+
+def template_source(directory: Path, tok_config: dict) -> str | None:
+    """The checkpoint's Jinja chat template: chat_template.jinja, chat_template.json or tokenizer_config.json."""
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    source = tok_config.get("chat_template")
+    if (directory / "chat_template.json").is_file():
+        source = json.loads((directory / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+    if isinstance(source, list):  # named templates: take the default one
+        source = next((t.get("template") for t in source if t.get("name") == "default"), None)
+    return source if isinstance(source, str) and source.strip() else None
+
+
+def special_strings(tok_config: dict) -> dict[str, str]:
+    """bos_token, eos_token, ... as plain strings, as transformers hands them to templates."""
+    out = {}
+    for key in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
+        value = tok_config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+def choose(directory: str | Path, tokenizer: Tokenizer, eos_ids: tuple[int, ...] = (),
+           name: str | None = None) -> ChatFormat | None:
+    """The chat format of a checkpoint, from its tokenizer files; `name` forces one (e.g. 'chatglm2').
+
+    ChatGLM2 and ChatGLM3 share one tokenizer: a ChatGLM SentencePiece vocabulary counts as ChatGLM3
+    when tokenizer_config.json has a chat template or mentions its role tokens, else as ChatGLM2."""
+    from glmkit.chat_template import JinjaFormat
+    from glmkit.tokenizer import ChatGLM1Tokenizer, SentencePieceTokenizer, TiktokenTokenizer, tokenizer_config
+
+    directory = Path(directory)
+    tok_config = tokenizer_config(directory)
+    template = template_source(directory, tok_config)
+
+    def jinja() -> JinjaFormat:
+        strings = special_strings(tok_config)
+        stops = set(eos_ids) | ({tokenizer.special[strings["eos_token"]]}
+                                if strings.get("eos_token") in tokenizer.special else set())
+        return JinjaFormat(tokenizer, template, strings, stops)
+
+    if name is not None:
+        if name == "jinja" and template:
+            return jinja()
+        if name not in FORMATS:
+            raise GlmkitError(f"unknown chat format {name!r}; use one of {', '.join(FORMATS)} or 'jinja'.")
+        return FORMATS[name](tokenizer)
+    if isinstance(tokenizer, ChatGLM1Tokenizer):
+        return ChatGLM1Format(tokenizer)
+    if isinstance(tokenizer, SentencePieceTokenizer) and "[gMASK]" in tokenizer.special:
+        v3 = template is not None or "<|user|>" in json.dumps(tok_config, ensure_ascii=False)
+        return ChatGLM3Format(tokenizer) if v3 else ChatGLM2Format(tokenizer)
+    if isinstance(tokenizer, TiktokenTokenizer):
+        return GLM4Format(tokenizer)
+    if template:
+        return jinja()
+    if all(t in tokenizer.special for t in ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|endoftext|>")):
+        return GLM4Format(tokenizer)
+    return None

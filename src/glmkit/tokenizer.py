@@ -1,0 +1,249 @@
+"""Tokenizers for every GLM generation, chosen from the checkpoint's files (never from its name).
+
+- ChatGLM-6B v1: SentencePiece `ice_text.model` with its text pre-processing (newline, tab, blank runs);
+- ChatGLM2/3: SentencePiece `tokenizer.model` with the special ids appended after its vocabulary;
+- GLM-4: the tiktoken-format `tokenizer.model` (base64 token and rank per line) plus specials from 151329;
+- anything with a `tokenizer.json`, through the `tokenizers` library.
+`encode(text)` never turns text into special tokens unless `allow_special=True`. No torch, no model.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from glmkit.errors import CheckpointError, GlmkitError
+
+
+class Tokenizer(ABC):
+    """`special` maps each special token's text to its id."""
+
+    special: dict[str, int]
+    kind: str
+
+    @abstractmethod
+    def encode(self, text: str, allow_special: bool = False) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, ids: list[int], skip_special: bool = False) -> str: ...
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    def token_id(self, text: str) -> int:
+        """Id of a special token by its text, e.g. '<|user|>'."""
+        if text not in self.special:
+            raise GlmkitError(f"this tokenizer has no special token {text!r}.")
+        return self.special[text]
+
+    def _split_special(self, text: str) -> list[str]:
+        """Split text around special-token texts (longest first), keeping them as separate items."""
+        if not self.special:
+            return [text]
+        pattern = "(" + "|".join(re.escape(s) for s in sorted(self.special, key=len, reverse=True)) + ")"
+        return [part for part in re.split(pattern, text) if part]
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """ChatGLM2/3 (and plain SentencePiece models): specials are ids appended after the SP vocabulary."""
+
+    kind = "sentencepiece"
+    CHATGLM_SPECIALS = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop",
+                        "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
+
+    def __init__(self, path: Path, appended: list[str]):
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        n = self.sp.vocab_size()
+        self.special = {text: n + i for i, text in enumerate(appended)}
+        self._by_id = {i: t for t, i in self.special.items()}
+        self.eos_id, self.bos_id = self.sp.eos_id(), self.sp.bos_id()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.vocab_size() + len(self.special)
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        if not allow_special:
+            return self.sp.encode(text)
+        return [i for part in self._split_special(text)
+                for i in ([self.special[part]] if part in self.special else self.sp.encode(part))]
+
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        text, run = [], []
+        for i in ids:
+            if i in self._by_id:
+                text.append(self.sp.decode(run))
+                run = []
+                if not skip_special:
+                    text.append(self._by_id[i])
+            else:
+                run.append(i)
+        text.append(self.sp.decode(run))
+        return "".join(text)
+
+
+class ChatGLM1Tokenizer(Tokenizer):
+    """ChatGLM-6B's `ice_text.model`: specials live inside the SentencePiece vocabulary, and text is
+    pre-processed (newline -> <n>, tab -> <|tab|>, runs of 2-80 spaces -> <|blank_N|>)."""
+
+    kind = "chatglm1"
+    SPECIALS = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
+
+    def __init__(self, path: Path):
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.special = {t: self.sp.piece_to_id(t) for t in self.SPECIALS if self.sp.piece_to_id(t) != self.sp.unk_id()}
+        self._newline = self.sp.piece_to_id("<n>")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.vocab_size()
+
+    @staticmethod
+    def preprocess(text: str) -> str:
+        text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
+        return re.sub(r" {2,80}", lambda m: f"<|blank_{len(m.group())}|>", text)
+
+    @staticmethod
+    def postprocess(text: str) -> str:
+        text = text.replace("<n>", "\n").replace("<|tab|>", "\t")
+        return re.sub(r"<\|blank_(\d+)\|>", lambda m: " " * int(m.group(1)), text)
+
+    def _encode_piece(self, text: str, first: bool) -> list[int]:
+        if first:
+            return self.sp.encode(self.preprocess(text))
+        # no dummy-prefix space mid-text: the official trick encodes "<n>" + text and drops ["▁", "<n>"]
+        ids = self.sp.encode("<n>" + self.preprocess(text))
+        return ids[ids.index(self._newline) + 1:]
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        ids: list[int] = []
+        for part in self._split_special(text):
+            if part in self.special and allow_special:
+                ids.append(self.special[part])
+            elif part in self.special:  # keep it plain text: encode "[" and "gMASK]" apart so no piece matches
+                ids += self._encode_piece(part[:1], not ids) + self._encode_piece(part[1:], False)
+            else:
+                ids += self._encode_piece(part, not ids)
+        return ids
+
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        if skip_special:
+            ids = [i for i in ids if i not in self.special.values()]
+        return self.postprocess(self.sp.decode(ids))
+
+
+# GLM-4's pre-tokenizer pattern and special tokens (appended in this order after the ranks)
+GLM4_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GLM4_SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                 "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+                 "<|end_of_video|>"]
+
+
+class TiktokenTokenizer(Tokenizer):
+    """GLM-4-9B: byte-level BPE from a tiktoken rank file."""
+
+    kind = "tiktoken"
+
+    def __init__(self, path: Path):
+        import tiktoken
+
+        ranks = {}
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token)] = int(rank)
+                except ValueError:
+                    raise CheckpointError(f"{path}:{n} is not a 'base64 rank' line; the file is corrupt.") from None
+        self.special = {t: len(ranks) + i for i, t in enumerate(GLM4_SPECIALS)}
+        self.enc = tiktoken.Encoding("glm4", pat_str=GLM4_PATTERN, mergeable_ranks=ranks, special_tokens=self.special)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.enc.n_vocab
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        if allow_special:
+            return self.enc.encode(text, allowed_special="all")
+        return self.enc.encode(text, allowed_special=set(), disallowed_special=())
+
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        if skip_special:
+            ids = [i for i in ids if i < self.enc.n_vocab - len(self.special)]
+        return self.enc.decode(ids, errors="replace")
+
+
+class HFTokenizer(Tokenizer):
+    """Any `tokenizer.json` (transformers-native GLM-4, GLM-4-0414, Llama, SmolLM2) via `tokenizers`."""
+
+    kind = "tokenizers"
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as _Tok
+
+        try:
+            self.tok = _Tok.from_file(str(path))
+            self.tok_plain = _Tok.from_file(str(path))  # encodes special-token text as plain text
+        except Exception as e:  # the Rust side raises a plain Exception
+            raise CheckpointError(f"{path} cannot be read as a tokenizer.json ({e}); re-download it.") from None
+        self.tok_plain.encode_special_tokens = True
+        self.special = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        return (self.tok if allow_special else self.tok_plain).encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Plain-text encoding with each token's (start, end) character span in `text`."""
+        enc = self.tok_plain.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special)
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer | None:
+    """Pick the tokenizer from the files present; None if the directory ships no tokenizer."""
+    directory = Path(directory)
+    if (directory / "tokenizer.json").is_file():
+        return HFTokenizer(directory / "tokenizer.json")
+    if (directory / "ice_text.model").is_file():
+        return ChatGLM1Tokenizer(directory / "ice_text.model")
+    model = directory / "tokenizer.model"
+    if model.is_file():
+        head = model.read_bytes()[:256]
+        if re.match(rb"^[A-Za-z0-9+/=]+ \d+\r?\n", head):
+            return TiktokenTokenizer(model)
+        return SentencePieceTokenizer(model, SentencePieceTokenizer.CHATGLM_SPECIALS if _is_chatglm(directory) else [])
+    return None
+
+
+def tokenizer_config(directory: str | Path) -> dict:
+    path = Path(directory) / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it.") from None
+
+
+def _is_chatglm(directory: Path) -> bool:
+    """ChatGLM2/3 configs come from THUDM's remote code (num_layers + padded_vocab_size)."""
+    try:
+        raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return "padded_vocab_size" in raw

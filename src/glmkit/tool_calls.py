@@ -1,0 +1,107 @@
+"""Tool calls in each generation's native text, to and from OpenAI-style `tool_calls`.
+
+ChatGLM3 writes `name\\n```python\\ntool_call(a=1, b="x")\\n```` (parsed with `ast`: literals only, never
+eval); GLM-4 / GLM-4-0414 write `name\\n{json}`. Output that is not a valid call of a known tool stays
+plain content; nothing here raises on model output. No torch, no tokenizer.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import uuid
+from typing import Any
+
+from glmkit.errors import GlmkitError
+
+
+def _call(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+
+
+def tool_names(tools: list[dict] | None) -> set[str]:
+    names = set()
+    for tool in tools or []:
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            names.add(fn["name"])
+    return names
+
+
+def split_metadata(text: str) -> tuple[str, str]:
+    """Replies start with a metadata line (a tool name, or empty): 'name\\nrest' -> ('name', 'rest')."""
+    head, sep, rest = text.partition("\n")
+    return (head.strip(), rest) if sep else ("", text)
+
+
+def parse_glm4(text: str, tools: list[dict] | None) -> dict[str, Any]:
+    """GLM-4: 'name\\n{json arguments}' for a known tool becomes a tool call; anything else is content."""
+    name, rest = split_metadata(text)
+    if name and name in tool_names(tools) and rest.lstrip().startswith("{"):
+        try:
+            arguments = json.loads(rest)
+        except json.JSONDecodeError:
+            arguments = None
+        if isinstance(arguments, dict):
+            return {"role": "assistant", "content": None, "tool_calls": [_call(name, arguments)]}
+    return {"role": "assistant", "content": rest.strip() if not name else text.strip()}
+
+
+def parse_chatglm3(text: str, tools: list[dict] | None) -> dict[str, Any]:
+    """ChatGLM3: 'name\\n```python\\ntool_call(k=literal, ...)\\n```' for a known tool; else content."""
+    name, rest = split_metadata(text)
+    if name and name in tool_names(tools):
+        arguments = _literal_tool_call(rest)
+        if arguments is not None:
+            return {"role": "assistant", "content": None, "tool_calls": [_call(name, arguments)]}
+    return {"role": "assistant", "content": rest.strip() if not name else text.strip()}
+
+
+def _literal_tool_call(code: str) -> dict[str, Any] | None:
+    code = code.strip()
+    if code.startswith("```"):
+        lines = code.split("\n")
+        if len(lines) < 2 or not lines[-1].strip().startswith("```"):
+            return None
+        code = "\n".join(lines[1:-1])
+    try:
+        tree = ast.parse(code.strip(), mode="eval")
+    except SyntaxError:
+        return None
+    call = tree.body
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "tool_call"
+            and not call.args and all(k.arg for k in call.keywords)):
+        return None
+    try:
+        return {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    except (ValueError, SyntaxError, TypeError):
+        return None  # not a literal: never evaluated
+
+
+def format_chatglm3_call(arguments: dict[str, Any]) -> str:
+    """The code block ChatGLM3 emits for a call, from an arguments dict."""
+    args = ", ".join(f"{k}={_py_literal(v)}" for k, v in arguments.items())
+    return f"```python\ntool_call({args})\n```"
+
+
+def _py_literal(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_py_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_py_literal(str(k))}: {_py_literal(v)}" for k, v in value.items()) + "}"
+    return repr(value)  # bool, None, int, float are Python literals as they are
+
+
+def arguments_of(call: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of an OpenAI tool call as a dict (they arrive as a JSON string)."""
+    raw = call.get("function", {}).get("arguments", "{}")
+    if isinstance(raw, dict):
+        return raw
+    try:
+        value = json.loads(raw or "{}")
+    except json.JSONDecodeError:
+        raise GlmkitError(f"tool call arguments must be a JSON object, got {raw!r}.") from None
+    return value if isinstance(value, dict) else {}
