@@ -229,7 +229,9 @@ class GLM4Format(_RoleTokenFormat):
         text = GLM4_TOOLS_PREAMBLE + "\n\n# 可用工具"
         for tool in tools:
             fn = tool.get("function", tool)
-            text += (f"\n\n## {fn['name']}\n\n{json.dumps(fn, indent=4, ensure_ascii=False)}\n"
+            # one newline before '##': the official template's "\n\n" follows a block tag, and Jinja's
+            # trim_blocks (as transformers renders it) eats the first
+            text += (f"\n## {fn['name']}\n\n{json.dumps(fn, indent=4, ensure_ascii=False)}\n"
                      "在调用上述函数时，请使用 Json 格式表示调用的参数。")
         return text
 

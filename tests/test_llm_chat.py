@@ -1,0 +1,50 @@
+"""glmkit.load on checkpoints that ship tokenizer files: .tokenizer and .apply_chat_template, end to end."""
+
+from __future__ import annotations
+
+import pytest
+
+import glmkit
+from conftest import GLM_CONFIGS, LLAMA_CONFIGS, make_hf_model, write_thudm_glm
+from glmkit.errors import GlmkitError
+from test_chat_formats import CONVERSATIONS
+from vocab import CHATML_SPECIALS, SMOLLM2_TEMPLATE, save_hf_tokenizer, train_sentencepiece
+
+
+def test_jinja_checkpoint_matches_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    make_hf_model("llama", LLAMA_CONFIGS["mqa-tied"], vocab_size=500).save_pretrained(tmp_path)
+    save_hf_tokenizer(tmp_path, CHATML_SPECIALS, SMOLLM2_TEMPLATE, eos_token="<|im_end|>")
+    llm = glmkit.load(tmp_path)
+    ref = AutoTokenizer.from_pretrained(tmp_path)
+    for conv in CONVERSATIONS:
+        ids = llm.apply_chat_template(conv)
+        assert ids == ref.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert llm.logits(ids).shape == (1, len(ids), 500)
+    assert llm.chat_format.stop_ids == {ref.convert_tokens_to_ids("<|im_end|>")}
+
+
+def test_thudm_checkpoint_with_chatglm_tokenizer(tmp_path):
+    hf = make_hf_model("glm", GLM_CONFIGS["mqa-untied"], vocab_size=700)
+    write_thudm_glm(hf, tmp_path)
+    train_sentencepiece(tmp_path / "tokenizer.model")
+    llm = glmkit.load(tmp_path, chat_format="chatglm3")
+    ids = llm.apply_chat_template([{"role": "user", "content": "你好"}])
+    tok = llm.tokenizer
+    assert ids[:3] == [tok.token_id("[gMASK]"), tok.token_id("sop"), tok.token_id("<|user|>")]
+    assert max(ids) < llm.config.vocab_size and llm.logits(ids).shape[1] == len(ids)
+
+
+def test_checkpoint_without_tokenizer(tmp_path):
+    make_hf_model("llama", LLAMA_CONFIGS["mqa-tied"]).save_pretrained(tmp_path)
+    llm = glmkit.load(tmp_path)
+    with pytest.raises(GlmkitError, match="ships no tokenizer"):
+        llm.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_unknown_chat_format_is_refused(tmp_path):
+    make_hf_model("llama", LLAMA_CONFIGS["mqa-tied"], vocab_size=500).save_pretrained(tmp_path)
+    save_hf_tokenizer(tmp_path, CHATML_SPECIALS, SMOLLM2_TEMPLATE, eos_token="<|im_end|>")
+    with pytest.raises(GlmkitError, match="unknown chat format 'vicuna'"):
+        glmkit.load(tmp_path, chat_format="vicuna")
