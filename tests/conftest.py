@@ -119,3 +119,11 @@ def random_ids():
         g = torch.Generator().manual_seed(seed)
         return torch.randint(0, vocab, (batch, length), generator=g)
     return make
+
+
+@pytest.fixture(scope="session")
+def vocab_dirs(tmp_path_factory):
+    """Tokenizer directories of every kind, built once per test session (see vocab.py)."""
+    from vocab import build_vocab_dirs
+
+    return build_vocab_dirs(tmp_path_factory.mktemp("vocab"))

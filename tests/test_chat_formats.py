@@ -11,8 +11,6 @@ from glmkit.chat_format import ChatGLM1Format, ChatGLM2Format, ChatGLM3Format, G
 from glmkit.chat_template import JinjaFormat
 from glmkit.errors import GlmkitError
 from glmkit.tokenizer import load_tokenizer
-from vocab import (CHATML_SPECIALS, GLM4_SPECIALS, GLM4_TEMPLATE, SMOLLM2_TEMPLATE, save_hf_tokenizer,
-                   train_sentencepiece, write_chatglm_config, write_tiktoken_ranks)
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "查询天气 (weather lookup)",
@@ -30,17 +28,8 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("formats")
-    (root / "v1").mkdir()
-    train_sentencepiece(root / "v1" / "ice_text.model", chatglm1=True)
-    write_chatglm_config(root / "v3")
-    train_sentencepiece(root / "v3" / "tokenizer.model")
-    (root / "glm4").mkdir()
-    write_tiktoken_ranks(root / "glm4" / "tokenizer.model")
-    save_hf_tokenizer(root / "chatml", CHATML_SPECIALS, SMOLLM2_TEMPLATE, eos_token="<|im_end|>")
-    save_hf_tokenizer(root / "glm4-hf", GLM4_SPECIALS, GLM4_TEMPLATE, eos_token="<|endoftext|>")
-    return root
+def dirs(vocab_dirs):
+    return vocab_dirs["v1"].parent
 
 
 def fmt(dirs, folder, **kw):

@@ -7,28 +7,16 @@ import pytest
 
 from glmkit.tokenizer import (ChatGLM1Tokenizer, HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer,
                               load_tokenizer)
-from vocab import (CHATML_SPECIALS, GLM4_SPECIALS, SMOLLM2_TEMPLATE, save_hf_tokenizer, train_sentencepiece,
-                   write_chatglm_config, write_tiktoken_ranks)
+from vocab import GLM4_SPECIALS
 
 TEXTS = ["你好", "Hello, world!", "中文和English混合 123 😀🎉", "  leading spaces\tand\ttabs\n\nnew lines  ",
          "天安门 in 北京 👍🏽 is a place", "a" * 3 + " " * 85 + "b", "", "emoji only 🎉🎉🎉"]
 
 
-@pytest.fixture(scope="session")
-def tokenizers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tokenizers")
-    v1 = root / "v1"
-    v1.mkdir()
-    train_sentencepiece(v1 / "ice_text.model", chatglm1=True)
-    v3 = root / "v3"
-    write_chatglm_config(v3)
-    train_sentencepiece(v3 / "tokenizer.model")
-    glm4 = root / "glm4"
-    glm4.mkdir()
-    write_tiktoken_ranks(glm4 / "tokenizer.model")
-    hf = save_hf_tokenizer(root / "hf", CHATML_SPECIALS, SMOLLM2_TEMPLATE, eos_token="<|im_end|>")
-    return {name: load_tokenizer(d) for name, d in (("v1", v1), ("v3", v3), ("glm4", glm4), ("hf", hf))} | {
-        "dirs": {"v1": v1, "v3": v3, "glm4": glm4, "hf": hf}}
+@pytest.fixture(scope="module")
+def tokenizers(vocab_dirs):
+    toks = {name: load_tokenizer(vocab_dirs[name]) for name in ("v1", "v3", "glm4", "chatml")}
+    return toks | {"hf": toks["chatml"], "dirs": {"hf": vocab_dirs["chatml"]}}
 
 
 def test_choice_from_files(tokenizers):

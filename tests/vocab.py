@@ -117,3 +117,17 @@ def write_chatglm_config(directory: Path) -> None:
     """A ChatGLM2/3-style config.json next to a tokenizer.model, so the tokenizer knows its family."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps({"num_layers": 1, "padded_vocab_size": 700}))
+
+
+def build_vocab_dirs(root: Path) -> dict[str, Path]:
+    """One directory per tokenizer kind: v1 (ice_text), v3 (ChatGLM2/3 SentencePiece), glm4 (tiktoken),
+    chatml and glm4-hf (tokenizer.json with the SmolLM2 and glm-4-9b-chat templates)."""
+    (root / "v1").mkdir(parents=True)
+    train_sentencepiece(root / "v1" / "ice_text.model", chatglm1=True)
+    write_chatglm_config(root / "v3")
+    train_sentencepiece(root / "v3" / "tokenizer.model")
+    (root / "glm4").mkdir()
+    write_tiktoken_ranks(root / "glm4" / "tokenizer.model")
+    save_hf_tokenizer(root / "chatml", CHATML_SPECIALS, SMOLLM2_TEMPLATE, eos_token="<|im_end|>")
+    save_hf_tokenizer(root / "glm4-hf", GLM4_SPECIALS, GLM4_TEMPLATE, eos_token="<|endoftext|>")
+    return {p.name: p for p in root.iterdir()}
