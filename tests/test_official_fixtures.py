@@ -100,9 +100,10 @@ V2_WEIGHTS = [("embedding.word_embeddings.weight", (5, 32)), ("encoder.layers.0.
 STEPS = [("x1", (1, 3), "y1", (3, 32)), ("x2", (1, 1), "y2", (1, 32)), ("x3", (1, 1), "y3", (1, 32))]
 
 
-def _read_data(path: Path, weights):
+def _read_data(path: Path, weights, prefix_shape=None):
     raw, offset, out = path.read_bytes(), 0, {}
-    for name, shape, dtype in ([(n, s, np.float32) for n, s in weights]
+    for name, shape, dtype in ([("prefix", prefix_shape, np.float16)] * (prefix_shape is not None)
+                               + [(n, s, np.float32) for n, s in weights]
                                + [(n, s, dt) for x, xs, y, ys in STEPS for n, s, dt in
                                   ((x, xs, np.int32), (y, ys, np.float32))]):
         count = int(np.prod(shape))
@@ -112,28 +113,35 @@ def _read_data(path: Path, weights):
     return out
 
 
-@pytest.mark.parametrize("file,keys,rope_ratio,eps", [
-    ("glm_model.data", V1_KEYS, None, 1e-5),
-    ("glm3_model.data", V2_KEYS, None, 1e-5),
-    ("glm4_model.data", V2_KEYS, 500, 1.5625e-07),
+@pytest.mark.parametrize("file,keys,rope_ratio,eps,prefix_shape,atol", [
+    ("glm_model.data", V1_KEYS, None, 1e-5, None, 1e-5),
+    ("glm3_model.data", V2_KEYS, None, 1e-5, None, 1e-5),
+    ("glm4_model.data", V2_KEYS, 500, 1.5625e-07, None, 1e-5),
+    # P-tuning v2: a float16 prefix of 5 past positions; the README's float16 limits are 2e-5 and 2e-4
+    ("glm_ptuning_v2_model.data", V1_KEYS, None, 1e-5, (2, 8, 5, 4), 2e-5),
+    ("glm3_ptuning_v2_model.data", V2_KEYS, None, 1e-5, (2, 2, 5, 4), 2e-4),
 ])
-def test_chatglm_cpp_kv_cache_steps(file, keys, rope_ratio, eps):
+def test_chatglm_cpp_kv_cache_steps(file, keys, rope_ratio, eps, prefix_shape, atol):
     v1 = keys is V1_KEYS
     raw = {**keys, "layernorm_epsilon": eps, **({"rope_ratio": rope_ratio} if rope_ratio else {})}
     config = ModelConfig.from_hf_dict(raw)  # the production config path
-    data = _read_data(FIXTURES / "chatglm-official" / file, V1_WEIGHTS if v1 else V2_WEIGHTS)
+    data = _read_data(FIXTURES / "chatglm-official" / file, V1_WEIGHTS if v1 else V2_WEIGHTS, prefix_shape)
     named = [(f"transformer.{n}", file, (lambda t=data[n]: t)) for n, _ in (V1_WEIGHTS if v1 else V2_WEIGHTS)]
     tensors, sources = map_tensors(THUDM_V1 if v1 else THUDM_V2, named, config)  # the production name table
     model = build_model(config, tensors, sources, torch.device("cpu"), torch.float32)
-    cache = KVCache(config, 1, 8)
+    P = 0 if prefix_shape is None else prefix_shape[2]
+    cache = KVCache(config, 1, P + 8)
+    if P:  # layer 0 key, layer 0 value, layer 1 key, ...: extra past positions every token sees, no rotary
+        cache.k[:, 0, :, :P] = data["prefix"][0::2].float()
+        cache.v[:, 0, :, :P] = data["prefix"][1::2].float()
     if v1:  # positions and prefix from the README: tokens 0 and 1 see each other, token 2 sees all three
         steps = [(torch.tensor([[[0, 1, 1], [0, 0, 1]]]), 0), (torch.tensor([[[1], [2]]]), 3),
                  (torch.tensor([[[1], [3]]]), 4)]
-        prefix_len = torch.tensor([2])
+        prefix_len = torch.tensor([P + 2])
     else:
         steps = [(torch.arange(3)[None], 0), (torch.tensor([[3]]), 3), (torch.tensor([[4]]), 4)]
         prefix_len = None
     with torch.inference_mode():
-        for (x, _, y, _), (positions, start) in zip(STEPS, steps):
-            h = model.hidden_states(data[x].long(), positions, cache, start, prefix_len)
-            torch.testing.assert_close(h[0], data[y], atol=1e-5, rtol=0)
+        for (x, _, y, _), (positions, start) in zip(STEPS, steps):  # real tokens keep their own positions
+            h = model.hidden_states(data[x].long(), positions, cache, P + start, prefix_len)
+            torch.testing.assert_close(h[0], data[y], atol=atol, rtol=0)

@@ -64,6 +64,10 @@ class ChatFormat:
         """The generated text as an OpenAI assistant message (content, or tool_calls)."""
         return {"role": "assistant", "content": text.strip()}
 
+    def wrap_plain(self, ids: list[int]) -> list[int]:
+        """Token ids of plain text -> a prompt as this generation's tokenizer builds one (no chat format)."""
+        return ids
+
 
 class _RoundsFormat(ChatFormat):
     """ChatGLM-6B and ChatGLM2-6B: a text prompt of '[Round N]' blocks of 问 / 答."""
@@ -124,6 +128,9 @@ class ChatGLM1Format(_RoundsFormat):
             out.add(self.tok.encode(answer) + [self.tok.token_id("<eop>")], train=True)
         return out.ids, out.mask
 
+    def wrap_plain(self, ids):
+        return ids + [self.tok.token_id("[gMASK]"), self.tok.token_id("<sop>")]
+
 
 class ChatGLM2Format(_RoundsFormat):
     """ChatGLM2-6B: [gMASK] sop, then rounds from 1 separated by blank lines; replies end with </s>."""
@@ -148,6 +155,9 @@ class ChatGLM2Format(_RoundsFormat):
             out.add(self.tok.encode(answer) + [self.eos], train=True)
         return out.ids, out.mask
 
+    def wrap_plain(self, ids):
+        return [self.tok.token_id("[gMASK]"), self.tok.token_id("sop")] + ids
+
 
 class _RoleTokenFormat(ChatFormat):
     """ChatGLM3 and GLM-4: [gMASK] sop, then per message <|role|> + encode(metadata + '\\n') + encode(content)."""
@@ -157,6 +167,9 @@ class _RoleTokenFormat(ChatFormat):
 
     def _tools_system(self, tools: list[dict]) -> str:
         raise NotImplementedError
+
+    def wrap_plain(self, ids):
+        return [self.tok.token_id("[gMASK]"), self.tok.token_id(self.sop)] + ids
 
     def _tool_call_content(self, call: dict) -> str:
         raise NotImplementedError

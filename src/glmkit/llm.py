@@ -8,13 +8,17 @@ dtype. Tokenizers, generation and chat attach here as later parts land; no sampl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from glmkit import loaders
 from glmkit.chat_format import ChatFormat, choose
 from glmkit.config import ModelConfig
+from glmkit.engine.batch import Engine
+from glmkit.engine.generate import complete, complete_batch, stream as stream_chunks
+from glmkit.engine.sampling import SamplingParams
+from glmkit.engine.sequence import Chunk, Completion
 from glmkit.errors import CheckpointError, GlmkitError
 from glmkit.model import Transformer
 from glmkit.positions import prompt_positions
@@ -31,6 +35,83 @@ class LLM:
         self.source = source
         self._tokenizer = tokenizer
         self.chat_format = chat_format
+        self._engine: Engine | None = None
+
+    @property
+    def engine(self) -> Engine:
+        """The continuous-batching engine (created on first use); stops on the model's and the chat format's ids."""
+        if self._engine is None:
+            stops = set(self.config.eos_token_ids) | set(self.chat_format.stop_ids if self.chat_format else ())
+            decode = None if self._tokenizer is None else (lambda ids: self._tokenizer.decode(ids, skip_special=True))
+            self._engine = Engine(self.model, frozenset(stops), decode)
+        return self._engine
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Plain text -> prompt ids, with the special tokens this generation puts around a prompt
+        (ChatGLM-6B: text + [gMASK] <sop>; ChatGLM2/3, GLM-4: [gMASK] sop + text; others: as the tokenizer adds)."""
+        ids = self.tokenizer.encode_prompt(text)
+        return self.chat_format.wrap_plain(ids) if self.chat_format is not None else ids
+
+    def generate(self, prompt: str | Sequence[int], *, stream: bool = False,
+                 **sampling: Any) -> Completion | Iterator[Chunk]:
+        """Complete text or token ids. Sampling: max_tokens, temperature (0 = greedy), top_p, top_k, min_p,
+        repetition_penalty, presence_penalty, frequency_penalty, stop (strings), stop_token_ids, ignore_eos, seed."""
+        ids = self.encode_prompt(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        params = _params(sampling)
+        return stream_chunks(self.engine, ids, params) if stream else complete(self.engine, ids, params)
+
+    def generate_batch(self, prompts: list[str | Sequence[int]], **sampling: Any) -> list[Completion]:
+        """One Completion per prompt, decoded together through continuous batching."""
+        ids = [self.encode_prompt(p) if isinstance(p, str) else [int(i) for i in p] for p in prompts]
+        return complete_batch(self.engine, ids, [_params(sampling) for _ in ids])
+
+    def chat(self, messages: list[dict], *, tools: list[dict] | None = None, stream: bool = False,
+             truncate: str = "error", **sampling: Any):
+        """Reply to OpenAI-style messages. Returns the assistant message as a dict (role, content,
+        tool_calls when the model called a tool, finish_reason, usage), or with stream=True an iterator
+        of {'delta': text} dicts ending with that message. truncate='drop_oldest' drops the oldest turns
+        of a conversation longer than the context instead of raising."""
+        ids = self._fit(messages, tools, truncate)
+        params = _params(sampling)
+        if stream:
+            return self._chat_stream(ids, tools, params)
+        done = complete(self.engine, ids, params)
+        return self._reply(done.text, tools, done.finish_reason, done.usage)
+
+    def _chat_stream(self, ids, tools, params) -> Iterator[dict]:
+        text, started, last, n = "", False, None, 0
+        for chunk in stream_chunks(self.engine, ids, params):
+            text, last, n = text + chunk.text, chunk, n + len(chunk.token_ids)
+            piece = chunk.text if started else chunk.text.lstrip()
+            started = started or bool(piece)
+            if piece and not tools:  # a reply that may be a tool call is only known at its end
+                yield {"delta": piece}
+        usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+        yield self._reply(text, tools, last.finish_reason if last else "stop", usage)
+
+    def _reply(self, text: str, tools, finish_reason: str, usage: dict) -> dict:
+        message = self.chat_format.parse_reply(text, tools)
+        if message.get("tool_calls"):
+            finish_reason = "tool_calls"
+        return {**message, "finish_reason": finish_reason, "usage": usage}
+
+    def _fit(self, messages: list[dict], tools, truncate: str) -> list[int]:
+        if truncate not in ("error", "drop_oldest"):
+            raise GlmkitError(f"truncate must be 'error' or 'drop_oldest', got {truncate!r}.")
+        messages = list(messages)
+        ctx = self.config.max_seq_len
+        while True:
+            ids = self.apply_chat_template(messages, tools)
+            if len(ids) < ctx:
+                return ids
+            turns = [i for i, m in enumerate(messages) if m.get("role") != "system"]
+            last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+            if truncate == "error" or not turns or turns[0] == last_user:
+                raise GlmkitError(f"the conversation has {len(ids)} tokens but this model's context is {ctx}; "
+                                  "shorten the last message" + ("" if truncate != "error" else
+                                                               " or pass truncate='drop_oldest'") + ".")
+            nxt = next((i for i in turns[1:] if messages[i].get("role") == "user"), last_user)
+            messages = [m for i, m in enumerate(messages) if m.get("role") == "system" or i >= nxt]
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -150,3 +231,10 @@ def load(source: str | Path | None = None, *, device: str | None = None, dtype: 
     tokenizer = load_tokenizer(source)
     fmt = choose(source, tokenizer, config.eos_token_ids, chat_format) if tokenizer is not None else None
     return LLM(model, str(source), tokenizer, fmt)
+
+
+def _params(sampling: dict[str, Any]) -> SamplingParams:
+    try:
+        return SamplingParams(**sampling)
+    except TypeError as e:
+        raise GlmkitError(f"unknown sampling parameter ({e}); see help(glmkit.LLM.generate).") from None

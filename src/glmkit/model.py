@@ -59,17 +59,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, config: Mo
                       rotate(second, cos[:, None, 1], sin[:, None, 1])), dim=-1)
 
 
-def attention_mask(T: int, S: int, start: int, prefix_len: torch.Tensor | None,
+def attention_mask(T: int, S: int, start: int | torch.Tensor, prefix_len: torch.Tensor | None,
                    device: torch.device) -> torch.Tensor:
     """Boolean mask, True = may attend: key j is visible to query i iff j <= start + i or j < prefix_len.
 
-    Returns (1, 1, T, S), or (B, 1, T, S) with a per-row prefix_len (B,)."""
-    q = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
-    k = torch.arange(S, device=device)[None, :]  # (1, S)
-    allowed = k <= q  # (T, S)
-    if prefix_len is None:
-        return allowed[None, None]
-    return (allowed[None] | (k[None] < prefix_len.to(device)[:, None, None]))[:, None]  # (B, 1, T, S)
+    start is an int or one offset per row (B,); prefix_len is None or (B,). Returns (1 or B, 1, T, S)."""
+    start = torch.as_tensor(start, device=device).reshape(-1, 1)  # (1 or B, 1)
+    q = start + torch.arange(T, device=device)  # (1 or B, T)
+    k = torch.arange(S, device=device)  # (S,)
+    allowed = k <= q[..., None]  # (1 or B, T, S)
+    if prefix_len is not None:
+        allowed = allowed | (k < prefix_len.to(device)[:, None, None])  # (B, T, S)
+    return allowed[:, None]  # (1 or B, 1, T, S)
 
 
 # --------------------------------------------------------------------------------------------- layers
@@ -99,7 +100,7 @@ class Attention(nn.Module):
         self.out = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.out_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
+                cache: KVCache | None, layer: int, start: int | torch.Tensor, S: int) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
         H, K, D = c.num_heads, c.num_kv_heads, c.head_dim
@@ -109,7 +110,7 @@ class Attention(nn.Module):
         v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         q, k = apply_rope(q, cos, sin, c), apply_rope(k, cos, sin, c)
         if cache is not None:
-            k, v = cache.update(layer, k, v, start)  # (B, K, S, D)
+            k, v = cache.update(layer, k, v, start, S)  # (B, K, S, D)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=H != K)  # (B, H, T, D)
         return self.out(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, C)
@@ -147,9 +148,9 @@ class Block(nn.Module):
         self.attn_post_norm = Norm(config) if sandwich else None
         self.mlp_post_norm = Norm(config) if sandwich else None
 
-    def forward(self, x: torch.Tensor, cos, sin, mask, cache, layer: int, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos, sin, mask, cache, layer: int, start, S: int) -> torch.Tensor:
         h = self.attn_norm(x)
-        a = self.attn(h, cos, sin, mask, cache, layer, start)
+        a = self.attn(h, cos, sin, mask, cache, layer, start, S)
         if self.attn_post_norm is not None:
             a = self.attn_post_norm(a)
         x = h * self.alpha + a if self.deepnorm else x + a
@@ -170,24 +171,28 @@ class Transformer(nn.Module):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                      start: int = 0, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+                      start: int | torch.Tensor = 0, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T), positions (B, T) or (B, 2, T) -> final-normed hidden states (B, T, C).
 
-        With a cache, the new keys land at [start, start + T) and attention spans [0, start + T).
+        With a cache, row b's new keys land at [start_b, start_b + T) and attention spans [0, start_b + T);
+        start is an int, or a (B,) tensor for one-token steps of rows at different offsets.
         prefix_len (B,) makes keys before it visible to every query (ChatGLM-6B's prefix mask)."""
         B, T = tokens.shape
         x = self.embed(tokens)  # (B, T, C)
         cos, sin = rope_cos_sin(positions, self.config)
-        S = start + T if cache is not None else T
+        if cache is None:
+            start, S = 0, T
+        else:
+            S = (start if isinstance(start, int) else int(start.max())) + T
         mask = None
         if prefix_len is not None or cache is not None:
-            mask = attention_mask(T, S, start if cache is not None else 0, prefix_len, tokens.device)
+            mask = attention_mask(T, S, start, prefix_len, tokens.device)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, start)
+            x = layer(x, cos, sin, mask, cache, i, start, S)
         return self.norm(x)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                start: int = 0, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+                start: int | torch.Tensor = 0, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
         """-> logits (B, T, V) in the model's dtype."""
         h = self.hidden_states(tokens, positions, cache, start, prefix_len)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight

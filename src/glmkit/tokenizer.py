@@ -34,6 +34,10 @@ class Tokenizer(ABC):
     @abstractmethod
     def vocab_size(self) -> int: ...
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Plain text as a prompt: the tokenizer's own special tokens around it (e.g. a Llama BOS), if any."""
+        return self.encode(text)
+
     def token_id(self, text: str) -> int:
         """Id of a special token by its text, e.g. '<|user|>'."""
         if text not in self.special:
@@ -204,6 +208,9 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         return (self.tok if allow_special else self.tok_plain).encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.tok_plain.encode(text, add_special_tokens=True).ids  # the post-processor's BOS, if any
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Plain-text encoding with each token's (start, end) character span in `text`."""

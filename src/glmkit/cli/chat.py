@@ -1,23 +1,84 @@
-"""`glmkit chat [MODEL]`: interactive chat in the terminal.
+"""`glmkit chat [MODEL]`: interactive streaming chat in the terminal.
 
-The chat loop needs a tokenizer, the chat formats and the generation engine; until those land this
-command says so plainly instead of starting a half-working session.
+Commands: /clear (forget the conversation), /system TEXT (set the system prompt), /exit. Ctrl-C stops
+the reply being written without leaving; Ctrl-D leaves. A dim status line shows tokens and tokens/s.
+Follow-up turns reuse the cached conversation (ChatGLM-6B re-reads it: its prefix is bidirectional).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+
+from glmkit.cli.common import add_model_args, add_sampling_args, load_model, sampling
+
+HELP = "commands: /clear  /system TEXT  /exit   (Ctrl-C stops a reply, Ctrl-D leaves)"
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", default=None,
-                        help="checkpoint directory, .gguf file or alias (default: smollm2-135m-instruct)")
+    add_model_args(parser)
+    parser.add_argument("--system", default=None, help="system prompt")
+    add_sampling_args(parser, max_tokens=1024)
 
 
 def main(args: argparse.Namespace) -> int:
-    print("glmkit chat: interactive chat is not available in this version yet: it needs the tokenizers, chat "
-          "formats and generation engine that are still being built. What works today: "
-          "`python -c \"import glmkit; print(glmkit.load('CHECKPOINT_DIR').logits([[1, 2, 3]]))\"`.",
-          file=sys.stderr)
-    return 1
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    llm = load_model(args)
+    if llm.chat_format is None:
+        from glmkit.errors import GlmkitError
+
+        raise GlmkitError(f"{args.model} has no chat format (no chat template, no GLM role tokens); "
+                          "use `glmkit generate` for plain completion.")
+    system = args.system
+    messages: list[dict] = []
+    out, err = sys.stdout, sys.stderr
+    print(f"glmkit chat: {args.model} ({llm.chat_format.name} format). {HELP}", file=err)
+    while True:
+        try:
+            line = input("\n>>> ")
+        except EOFError:
+            print(file=err)
+            return 0
+        except KeyboardInterrupt:
+            print("\n(/exit or Ctrl-D to leave)", file=err)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/clear":
+            messages = []
+            print("(conversation cleared)", file=err)
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system"):].strip() or None
+            messages = []
+            print(f"(system prompt {'set' if system else 'cleared'}; conversation cleared)", file=err)
+            continue
+        if text.startswith("/"):
+            print(HELP, file=err)
+            continue
+        messages.append({"role": "user", "content": line})
+        convo = ([{"role": "system", "content": system}] if system else []) + messages
+        reply, start, final = "", time.perf_counter(), None
+        stream = llm.chat(convo, stream=True, truncate="drop_oldest", **sampling(args))
+        try:
+            for item in stream:
+                if "delta" in item:
+                    reply += item["delta"]
+                    out.write(item["delta"])
+                    out.flush()
+                else:
+                    final = item
+        except KeyboardInterrupt:
+            stream.close()
+            print("\n(stopped)", file=err)
+        seconds = time.perf_counter() - start
+        n = final["usage"]["completion_tokens"] if final else len(llm.tokenizer.encode(reply))
+        messages.append({"role": "assistant", "content": final["content"] if final else reply})
+        print(f"\n\x1b[2m[{n} tokens, {n / max(seconds, 1e-9):.1f} tokens/s]\x1b[0m", file=err)

@@ -1,0 +1,42 @@
+"""Arguments and helpers shared by the CLI commands: which model to load and how to sample."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEFAULT_MODEL_NOTICE = ("no MODEL given, and the packaged default model (smollm2-135m-instruct) is not available in "
+                        "this version yet; pass a checkpoint directory, e.g. `glmkit chat path/to/model`.")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None,
+                        help="checkpoint directory, .gguf file or alias (default: smollm2-135m-instruct)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    parser.add_argument("--chat-format", default=None,
+                        help="force a chat format: chatglm1, chatglm2, chatglm3, glm4 or jinja")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, *, max_tokens: int) -> None:
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def sampling(args: argparse.Namespace) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def load_model(args: argparse.Namespace):
+    import glmkit
+    from glmkit.errors import GlmkitError
+
+    if args.model is None:
+        raise GlmkitError(DEFAULT_MODEL_NOTICE)
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    return glmkit.load(args.model, device=args.device, dtype=args.dtype, chat_format=args.chat_format)

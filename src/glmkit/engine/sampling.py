@@ -1,0 +1,103 @@
+"""Sampling: small pure functions over one row of logits, composed by `make_sampler`.
+
+Penalties (repetition, presence, frequency) look at the ids seen so far; filters (top-k, top-p,
+min-p) set logits to -inf; temperature 0 is greedy; randomness comes only from an explicit
+torch.Generator. NaN/Inf logits are reported, never sampled. Knows nothing about models or text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from glmkit.errors import GlmkitError
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # >1 discourages tokens already seen (CTRL-style, on prompt and output)
+    presence_penalty: float = 0.0  # OpenAI-style, on output tokens
+    frequency_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)  # stop strings: never emitted, may span tokens
+    stop_token_ids: list[int] = field(default_factory=list)  # in addition to the model's own stop ids
+    ignore_eos: bool = False  # keep going past stop ids (benchmarks)
+    seed: int | None = None
+
+    def __post_init__(self):
+        checks = [("max_tokens", self.max_tokens >= 1), ("temperature", self.temperature >= 0),
+                  ("top_p", 0 < self.top_p <= 1), ("top_k", self.top_k >= 0), ("min_p", 0 <= self.min_p <= 1),
+                  ("repetition_penalty", self.repetition_penalty > 0),
+                  ("presence_penalty", -2 <= self.presence_penalty <= 2),
+                  ("frequency_penalty", -2 <= self.frequency_penalty <= 2)]
+        for name, ok in checks:
+            if not ok:
+                raise GlmkitError(f"sampling parameter {name}={getattr(self, name)!r} is out of range.")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in self.stop if s]
+
+
+def apply_penalties(logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int],
+                    p: SamplingParams) -> torch.Tensor:
+    """logits (V,) float32 -> penalized copy."""
+    if p.repetition_penalty != 1.0 and (prompt_ids or output_ids):
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=logits.device)
+        vals = logits[seen]
+        logits = logits.clone()
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and output_ids:
+        ids = torch.tensor(output_ids, device=logits.device)
+        counts = torch.zeros_like(logits).index_add_(0, ids, torch.ones(len(output_ids), device=logits.device))
+        logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.numel():
+        return logits
+    kth = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p (always at least one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    drop = probs.cumsum(-1) - probs >= p  # mass before this token already reaches p
+    return logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the top token's probability."""
+    if min_p <= 0.0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+
+
+def make_sampler(p: SamplingParams) -> Callable[[torch.Tensor, list[int], list[int], torch.Generator | None], int]:
+    """-> sample(logits (V,), prompt ids, output ids, generator) -> token id."""
+
+    def sample(logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int],
+               generator: torch.Generator | None) -> int:
+        logits = logits.float()
+        if not bool(torch.isfinite(logits).all()):
+            raise GlmkitError("the model produced NaN or infinite logits; the weights may be damaged, or float16 "
+                              "overflowed (load with dtype='bfloat16' or 'float32').")
+        logits = apply_penalties(logits, prompt_ids, output_ids, p)
+        if p.temperature == 0:
+            return int(torch.argmax(logits))
+        logits = min_p_filter(top_p_filter(top_k_filter(logits / p.temperature, p.top_k), p.top_p), p.min_p)
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    return sample

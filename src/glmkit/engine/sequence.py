@@ -1,0 +1,123 @@
+"""One request's state in the engine: prompt, sampled ids, streamed text and its stop rules.
+
+Stop ids end a sequence without being emitted; stop strings are found even when they span tokens and
+are never emitted either (text that could still become a stop string is held back); max_tokens ends
+it with finish_reason 'length'. Knows nothing about the model or the cache layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from glmkit.engine.detokenize import StreamingDetokenizer
+from glmkit.engine.sampling import SamplingParams, make_sampler
+
+
+@dataclass
+class Chunk:
+    """A piece of streamed output: new text, the ids it came from, and the finish reason on the last one."""
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]  # generated ids only, without the stop id
+    finish_reason: str  # 'stop', 'length', 'tool_calls' (chat) or 'cancelled'
+    usage: dict[str, int] = field(default_factory=dict)
+
+
+class Sequence:
+    def __init__(self, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int],
+                 decode: Callable[[list[int]], str] | None, device: torch.device | str = "cpu"):
+        self.prompt = list(prompt)
+        self.params = params
+        self.stop_ids = frozenset() if params.ignore_eos else frozenset(stop_ids) | set(params.stop_token_ids)
+        self.sample = make_sampler(params)
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(params.seed)
+        self.output: list[int] = []
+        self.detok = StreamingDetokenizer(decode) if decode is not None else None
+        self.text = ""  # decoded output so far (complete characters only)
+        self.emitted = 0  # characters of self.text already handed out
+        self.finish_reason: str | None = None
+        self.slot: int | None = None
+        self.pending: list[int] = []  # ids accepted since the last chunk
+        self.max_new = params.max_tokens  # lowered by the engine to fit the context
+        self.fed = 0  # ids whose keys are in the cache
+        self.prefilled = 0  # prompt ids the last prefill ran (the rest came from a cached prefix)
+        self.c = self.m = 0  # ChatGLM-6B: index of <sop> and the mask position, for 2d decode positions
+        self.error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prompt + self.output
+
+    def accept(self, token: int) -> Chunk | None:
+        """Take one sampled id; return a chunk of newly safe text (or the final chunk), else None."""
+        if token in self.stop_ids:
+            return self.finish("stop")
+        self.output.append(token)
+        self.pending.append(token)
+        if self.detok is not None:
+            self.text += self.detok.push(token)
+            if self.params.stop and self._cut_at_stop_string():
+                return self.finish("stop", flush=False)
+        if len(self.output) >= self.max_new:
+            return self.finish("length")
+        return self._chunk()
+
+    def _cut_at_stop_string(self) -> bool:
+        window = max(map(len, self.params.stop)) + 16
+        lo = max(0, self.emitted - window)
+        hits = [i for i in (self.text.find(s, lo) for s in self.params.stop) if i >= 0]
+        if not hits:
+            return False
+        self.text = self.text[: min(hits)]
+        return True
+
+    def _safe_end(self) -> int:
+        """End of the text that cannot be the beginning of a stop string."""
+        end = len(self.text)
+        for s in self.params.stop:
+            for k in range(min(len(s) - 1, end), 0, -1):
+                if self.text.endswith(s[:k]):
+                    end = min(end, len(self.text) - k)
+                    break
+        return end
+
+    def _chunk(self) -> Chunk | None:
+        end = self._safe_end()
+        if end <= self.emitted and not self.pending:
+            return None
+        piece, self.emitted = self.text[self.emitted: end], max(self.emitted, end)
+        ids, self.pending = self.pending, []
+        return Chunk(piece, ids)
+
+    def finish(self, reason: str, flush: bool = True) -> Chunk:
+        if flush and self.detok is not None:
+            self.text += self.detok.flush()
+        self.finish_reason = reason
+        piece, self.emitted = self.text[self.emitted:], len(self.text)
+        ids, self.pending = self.pending, []
+        return Chunk(piece, ids, reason)
+
+    def cancel(self) -> None:
+        if not self.done:
+            self.finish_reason = "cancelled"
+
+    def completion(self) -> Completion:
+        n = len(self.output)
+        return Completion(self.text, list(self.output), self.finish_reason or "cancelled",
+                          {"prompt_tokens": len(self.prompt), "completion_tokens": n,
+                           "total_tokens": len(self.prompt) + n})

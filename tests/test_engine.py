@@ -1,0 +1,236 @@
+"""The engine against the reference path and against transformers: cached greedy decoding, batching,
+prefix reuse, the official greedy continuations, sampling and stopping."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import glmkit
+from conftest import GLM_CONFIGS, LLAMA_CONFIGS, make_hf_model
+from test_official_fixtures import CASES
+from glmkit.engine.sampling import SamplingParams, make_sampler, min_p_filter, top_k_filter, top_p_filter
+from glmkit.errors import GlmkitError
+from vocab import CHATML_SPECIALS, SMOLLM2_TEMPLATE, save_hf_tokenizer
+
+RICH = Path(__file__).parent / "fixtures" / "chatglm-official-rich"
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+def naive_greedy(llm, ids: list[int], n: int) -> list[int]:
+    """The reference: recompute full logits without a cache for every new token."""
+    ids = list(ids)
+    for _ in range(n):
+        ids.append(int(llm.logits(ids)[0, -1].argmax()))
+    return ids[-n:]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny random models of every transformers family, saved and loaded through glmkit."""
+    out = {}
+    for kind, cfg in (("glm", GLM_CONFIGS["gqa-tied"]), ("glm4", GLM_CONFIGS["mqa-untied"]),
+                      ("llama", LLAMA_CONFIGS["gqa-bias"])):
+        d = tmp_path_factory.mktemp(kind)
+        hf = make_hf_model(kind, cfg, seed=11)
+        hf.save_pretrained(d)
+        out[kind] = (glmkit.load(d), hf)
+    return out
+
+
+@pytest.mark.parametrize("folder,prefix", CASES)
+def test_official_greedy_continuations(folder, prefix):
+    exp = load_file(RICH / folder / "expected.safetensors")
+    llm = glmkit.load(RICH / folder)
+    done = llm.generate(exp[prefix + "input_ids"][0].tolist(), max_tokens=12, **GREEDY)
+    assert done.token_ids == exp[prefix + "greedy_ids"][0].tolist()
+    assert done.finish_reason == "length"
+
+
+@pytest.mark.parametrize("kind", ["glm", "glm4", "llama"])
+def test_cached_greedy_equals_naive_loop(tiny, random_ids, kind):
+    llm, _ = tiny[kind]
+    ids = random_ids(1, 9, llm.config.vocab_size, seed=3)[0].tolist()
+    assert llm.generate(ids, max_tokens=20, **GREEDY).token_ids == naive_greedy(llm, ids, 20)
+
+
+@pytest.mark.parametrize("folder", ["v1", "v1-mask", "v3", "v3-glm4like"])
+def test_cached_greedy_equals_naive_loop_chatglm(folder):
+    llm = glmkit.load(RICH / folder)
+    exp = load_file(RICH / folder / "expected.safetensors")
+    ids = exp["input_ids"][0].tolist()
+    assert llm.generate(ids, max_tokens=12, **GREEDY).token_ids == naive_greedy(llm, ids, 12)
+
+
+@pytest.mark.parametrize("kind", ["glm", "glm4", "llama"])
+def test_greedy_equals_transformers_generate(tiny, random_ids, kind):
+    llm, hf = tiny[kind]
+    ids = random_ids(1, 7, llm.config.vocab_size, seed=4)
+    want = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16,
+                       eos_token_id=None, pad_token_id=0)[0, 7:].tolist()
+    assert llm.generate(ids[0].tolist(), max_tokens=16, **GREEDY).token_ids == want
+
+
+def test_batch_equals_one_by_one(tiny, random_ids):
+    llm, _ = tiny["glm4"]
+    prompts = [random_ids(1, n, llm.config.vocab_size, seed=n)[0].tolist() for n in (3, 11, 6, 17, 1, 9)]
+    alone = [llm.generate(p, max_tokens=10 + i, **GREEDY).token_ids for i, p in enumerate(prompts)]
+    batched = [c.token_ids for c in llm.generate_batch(prompts, max_tokens=10, **GREEDY)]
+    assert batched == [a[:10] for a in alone]
+    sampled = dict(temperature=0.9, top_p=0.95, seed=7, max_tokens=12)
+    one = [llm.generate(p, **sampled).token_ids for p in prompts]
+    assert [c.token_ids for c in llm.generate_batch(prompts, **sampled)] == one
+
+
+def test_more_prompts_than_slots(tiny, random_ids):
+    llm, _ = tiny["llama"]
+    prompts = [random_ids(1, 4 + i % 5, llm.config.vocab_size, seed=i)[0].tolist() for i in range(20)]
+    out = llm.generate_batch(prompts, max_tokens=5, **GREEDY)
+    assert [c.token_ids for c in out] == [naive_greedy(llm, p, 5) for p in prompts]
+
+
+def test_second_turn_reuses_cache_and_matches_full_prefill(tiny, random_ids):
+    llm, _ = tiny["glm"]
+    turn1 = random_ids(1, 12, llm.config.vocab_size, seed=8)[0].tolist()
+    reply = llm.generate(turn1, max_tokens=8, **GREEDY).token_ids
+    turn2 = turn1 + reply + random_ids(1, 5, llm.config.vocab_size, seed=9)[0].tolist()
+    seq = llm.engine.submit(turn2, SamplingParams(max_tokens=8, **GREEDY))
+    while not seq.done:
+        llm.engine.step()
+    assert seq.prefilled < len(turn2) - 10  # only the new tokens were prefilled
+    assert seq.output == naive_greedy(llm, turn2, 8)
+
+
+def test_cancel_frees_the_slot(tiny, random_ids):
+    llm, _ = tiny["llama"]
+    engine = llm.engine
+    seq = engine.submit(random_ids(1, 5, llm.config.vocab_size)[0].tolist(), SamplingParams(max_tokens=50, **GREEDY))
+    engine.step()
+    assert seq.slot is not None
+    engine.cancel(seq)
+    assert seq.finish_reason == "cancelled" and seq not in engine.slots and not engine.has_work
+
+
+def test_prompt_longer_than_context(tiny):
+    llm, _ = tiny["llama"]
+    with pytest.raises(GlmkitError, match=r"prompt has 300 tokens but this model's context is 256"):
+        llm.generate([1] * 300)
+    done = llm.generate([1] * 250, max_tokens=50, **GREEDY)
+    assert len(done.token_ids) == 6 and done.finish_reason == "length"
+
+
+# --------------------------------------------------------------------------------------- sampling
+def test_filters_on_crafted_logits():
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
+    assert torch.isinf(top_k_filter(logits, 2)).tolist() == [False, False, True, True, True]
+    probs = torch.softmax(logits, -1)  # 0.636, 0.234, 0.086, 0.032, 0.012
+    assert torch.isinf(top_p_filter(logits, 0.8)).tolist() == [False, False, True, True, True]
+    assert torch.isinf(top_p_filter(logits, 0.5)).tolist() == [False, True, True, True, True]
+    assert torch.isinf(min_p_filter(logits, 0.1)).tolist() == (probs < 0.0636).tolist()
+
+
+def test_penalties_on_crafted_logits():
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    greedy_rep = make_sampler(SamplingParams(temperature=0, repetition_penalty=4.0))
+    assert greedy_rep(logits, [0], [], None) == 2  # 2.0/4 = 0.5 < 1.0
+    greedy_freq = make_sampler(SamplingParams(temperature=0, frequency_penalty=0.6))
+    assert greedy_freq(logits, [], [0, 0], None) == 2  # 2.0 - 1.2 = 0.8 < 1.0
+    greedy_pres = make_sampler(SamplingParams(temperature=0, presence_penalty=1.2))
+    assert greedy_pres(logits, [], [0, 0], None) == 2  # presence counts once: 0.8 < 1.0
+    assert make_sampler(SamplingParams(temperature=0))(logits, [0], [0], None) == 0
+
+
+def test_seeded_sampling_is_reproducible(tiny, random_ids):
+    llm, _ = tiny["glm"]
+    ids = random_ids(1, 6, llm.config.vocab_size)[0].tolist()
+    runs = [llm.generate(ids, max_tokens=25, temperature=1.0, seed=s, ignore_eos=True).token_ids for s in (1, 1, 2)]
+    assert runs[0] == runs[1] != runs[2]
+
+
+def test_nan_logits_are_reported_not_sampled():
+    with pytest.raises(GlmkitError, match="NaN or infinite logits"):
+        make_sampler(SamplingParams())(torch.tensor([0.0, float("nan")]), [], [], None)
+
+
+def test_bad_sampling_parameters():
+    with pytest.raises(GlmkitError, match=r"top_p=1.5 is out of range"):
+        SamplingParams(top_p=1.5)
+
+
+# ------------------------------------------------------------------------ stopping and text
+@pytest.fixture(scope="module")
+def chatml_llm(tmp_path_factory):
+    d = tmp_path_factory.mktemp("chatml-llm")
+    make_hf_model("llama", LLAMA_CONFIGS["gqa-bias"], vocab_size=500, seed=2).save_pretrained(d)
+    save_hf_tokenizer(d, CHATML_SPECIALS, SMOLLM2_TEMPLATE, eos_token="<|im_end|>")
+    return glmkit.load(d)
+
+
+def test_stop_string_spanning_tokens(chatml_llm):
+    llm = chatml_llm
+    ids = llm.encode_prompt("你好 hello")
+    full = llm.generate(ids, max_tokens=40, temperature=0, ignore_eos=True, stop_token_ids=[])
+    tok = llm.tokenizer
+    pieces = [tok.decode(full.token_ids[: i + 1]) for i in range(len(full.token_ids))]
+    # a stop string made of the end of one token's text and the start of the next one's
+    k = next(i for i in range(3, len(pieces) - 1)
+             if len(pieces[i]) > len(pieces[i - 1]) and len(pieces[i + 1]) > len(pieces[i]))
+    stop = pieces[k][-1] + pieces[k + 1][len(pieces[k])]
+    cut = full.text.find(stop)
+    done = llm.generate(ids, max_tokens=40, temperature=0, ignore_eos=True, stop=[stop])
+    assert done.finish_reason == "stop" and done.text == full.text[:cut] and stop not in done.text
+    streamed = "".join(c.text for c in llm.generate(ids, max_tokens=40, temperature=0, ignore_eos=True,
+                                                     stop=[stop], stream=True))
+    assert streamed == done.text
+
+
+def test_stop_ids_end_generation(chatml_llm):
+    llm = chatml_llm
+    ids = llm.encode_prompt("hello")
+    full = llm.generate(ids, max_tokens=30, temperature=0, ignore_eos=True)
+    target = full.token_ids[4]
+    done = llm.generate(ids, max_tokens=30, temperature=0, stop_token_ids=[target])
+    assert done.finish_reason == "stop" and done.token_ids == full.token_ids[: full.token_ids.index(target)]
+
+
+def test_stream_pieces_equal_completion(chatml_llm):
+    llm = chatml_llm
+    ids = llm.apply_chat_template([{"role": "user", "content": "中文 😀"}])
+    done = llm.generate(ids, max_tokens=30, temperature=0.8, seed=3, ignore_eos=True)
+    chunks = list(llm.generate(ids, max_tokens=30, temperature=0.8, seed=3, ignore_eos=True, stream=True))
+    assert "".join(c.text for c in chunks) == done.text
+    assert [i for c in chunks for i in c.token_ids] == done.token_ids and chunks[-1].finish_reason == "length"
+
+
+def test_chat_returns_an_openai_message(chatml_llm):
+    reply = chatml_llm.chat([{"role": "user", "content": "hi"}], max_tokens=8, temperature=0)
+    assert reply["role"] == "assistant" and isinstance(reply["content"], str)
+    assert reply["finish_reason"] in ("stop", "length") and reply["usage"]["completion_tokens"] <= 8
+    streamed = list(chatml_llm.chat([{"role": "user", "content": "hi"}], max_tokens=8, temperature=0, stream=True))
+    assert streamed[-1]["content"] == reply["content"]
+
+
+def test_conversation_longer_than_context(chatml_llm):
+    long = [{"role": "user", "content": "hello world " * 30}, {"role": "assistant", "content": "ok " * 30}] * 3
+    messages = long + [{"role": "user", "content": "last question"}]
+    with pytest.raises(GlmkitError, match="but this model's context is 256"):
+        chatml_llm.chat(messages, max_tokens=4)
+    reply = chatml_llm.chat(messages, max_tokens=4, truncate="drop_oldest", temperature=0)
+    assert reply["usage"]["prompt_tokens"] < 256
+
+
+def test_cli_generate_json(chatml_llm):
+    out = subprocess.run([sys.executable, "-m", "glmkit", "generate", chatml_llm.source, "--prompt", "你好",
+                          "--max-tokens", "6", "--temperature", "0", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout)
+    assert record["usage"]["completion_tokens"] == len(record["token_ids"]) <= 6
+    assert record["finish_reason"] in ("stop", "length") and record["prompt_token_ids"]
+    assert record["token_ids"] == chatml_llm.generate(record["prompt_token_ids"], max_tokens=6,
+                                                      temperature=0).token_ids
