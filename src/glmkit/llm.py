@@ -69,7 +69,7 @@ class LLM:
              truncate: str = "error", **sampling: Any):
         """Reply to OpenAI-style messages. Returns the assistant message as a dict (role, content,
         tool_calls when the model called a tool, finish_reason, usage), or with stream=True an iterator
-        of {'delta': text} dicts ending with that message. truncate='drop_oldest' drops the oldest turns
+        of {'delta': text, 'completion_tokens': n so far} dicts ending with that message. truncate='drop_oldest' drops the oldest turns
         of a conversation longer than the context instead of raising."""
         ids = self._fit(messages, tools, truncate)
         params = _params(sampling)
@@ -85,7 +85,7 @@ class LLM:
             piece = chunk.text if started else chunk.text.lstrip()
             started = started or bool(piece)
             if piece and not tools:  # a reply that may be a tool call is only known at its end
-                yield {"delta": piece}
+                yield {"delta": piece, "completion_tokens": n}
         usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
         yield self._reply(text, tools, last.finish_reason if last else "stop", usage)
 

@@ -65,12 +65,12 @@ def main(args: argparse.Namespace) -> int:
             continue
         messages.append({"role": "user", "content": line})
         convo = ([{"role": "system", "content": system}] if system else []) + messages
-        reply, start, final = "", time.perf_counter(), None
+        reply, start, final, n = "", time.perf_counter(), None, 0
         stream = llm.chat(convo, stream=True, truncate="drop_oldest", **sampling(args))
         try:
             for item in stream:
                 if "delta" in item:
-                    reply += item["delta"]
+                    reply, n = reply + item["delta"], item["completion_tokens"]
                     out.write(item["delta"])
                     out.flush()
                 else:
@@ -79,6 +79,6 @@ def main(args: argparse.Namespace) -> int:
             stream.close()
             print("\n(stopped)", file=err)
         seconds = time.perf_counter() - start
-        n = final["usage"]["completion_tokens"] if final else len(llm.tokenizer.encode(reply))
+        n = final["usage"]["completion_tokens"] if final else n
         messages.append({"role": "assistant", "content": final["content"] if final else reply})
         print(f"\n\x1b[2m[{n} tokens, {n / max(seconds, 1e-9):.1f} tokens/s]\x1b[0m", file=err)
