@@ -65,6 +65,6 @@ def test_config_import_loads_no_torch():
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "glmkit", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("glmkit ")
-    chat = subprocess.run([sys.executable, "-m", "glmkit", "chat"], capture_output=True, text=True)
-    assert chat.returncode == 1 and "not available in this version yet" in chat.stderr
-    assert "Traceback" not in chat.stderr
+    bad = subprocess.run([sys.executable, "-m", "glmkit", "generate", "/nonexistent/model", "--prompt", "x"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr

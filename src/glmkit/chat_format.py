@@ -287,12 +287,18 @@ def choose(directory: str | Path, tokenizer: Tokenizer, eos_ids: tuple[int, ...]
 
     ChatGLM2 and ChatGLM3 share one tokenizer: a ChatGLM SentencePiece vocabulary counts as ChatGLM3
     when tokenizer_config.json has a chat template or mentions its role tokens, else as ChatGLM2."""
-    from glmkit.chat_template import JinjaFormat
-    from glmkit.tokenizer import ChatGLM1Tokenizer, SentencePieceTokenizer, TiktokenTokenizer, tokenizer_config
+    from glmkit.tokenizer import tokenizer_config
 
     directory = Path(directory)
     tok_config = tokenizer_config(directory)
-    template = template_source(directory, tok_config)
+    return pick(tokenizer, template_source(directory, tok_config), tok_config, eos_ids, name)
+
+
+def pick(tokenizer: Tokenizer, template: str | None, tok_config: dict, eos_ids: tuple[int, ...] = (),
+         name: str | None = None) -> ChatFormat | None:
+    """The chat format for a tokenizer, its Jinja template (if any) and its tokenizer_config-style settings."""
+    from glmkit.chat_template import JinjaFormat
+    from glmkit.tokenizer import ChatGLM1Tokenizer, SentencePieceTokenizer, TiktokenTokenizer
 
     def jinja() -> JinjaFormat:
         strings = special_strings(tok_config)

