@@ -172,3 +172,88 @@ def test_default_model_knows_paris(default_llm):
     reply = default_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                                             temperature=0, max_tokens=30)
     assert "Paris" in reply["content"]
+
+
+def write_glm_gguf(hf, path, qtype: str, arch: str):
+    """A transformers Glm model as llama.cpp's 'chatglm' arch (fused qkv, as THUDM) or a Glm4 model as 'glm4'."""
+    import gguf
+
+    c, sd = hf.config, {k: v.float().numpy() for k, v in hf.state_dict().items()}
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_dimension_count(int(c.head_dim * c.rope_parameters["partial_rotary_factor"]))
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
+    if not c.tie_word_embeddings:
+        out["output.weight"] = sd["lm_head.weight"]
+    for i in range(c.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        for kind in ("weight", "bias"):
+            qkv = [sd[p + f"self_attn.{x}_proj.{kind}"] for x in "qkv"]
+            if arch == "chatglm":
+                out[b + f"attn_qkv.{kind}"] = np.concatenate(qkv)
+            else:
+                out.update({b + f"attn_{x}.{kind}": t for x, t in zip("qkv", qkv)})
+        out |= {b + "attn_output.weight": sd[p + "self_attn.o_proj.weight"],
+                b + "ffn_up.weight": sd[p + "mlp.gate_up_proj.weight"],
+                b + "ffn_down.weight": sd[p + "mlp.down_proj.weight"],
+                b + "attn_norm.weight": sd[p + "input_layernorm.weight"],
+                b + "ffn_norm.weight": sd[p + "post_attention_layernorm.weight"]}
+        if arch == "glm4":
+            out |= {b + "post_attention_norm.weight": sd[p + "post_self_attn_layernorm.weight"],
+                    b + "post_ffw_norm.weight": sd[p + "post_mlp_layernorm.weight"]}
+    values = {}
+    for name, data in out.items():
+        raw, values[name], t = roundtrip(data, qtype)
+        w.add_tensor(name, raw, raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return values
+
+
+def glm_reference_state(hf, values, arch):
+    """The transformers state dict holding exactly the values the GGUF stores."""
+    c, sd = hf.config, dict(hf.state_dict())
+    sd["model.embed_tokens.weight"] = torch.from_numpy(values["token_embd.weight"])
+    sd["model.norm.weight"] = torch.from_numpy(values["output_norm.weight"])
+    if "output.weight" in values:
+        sd["lm_head.weight"] = torch.from_numpy(values["output.weight"])
+    sizes = [c.num_attention_heads * c.head_dim] + [c.num_key_value_heads * c.head_dim] * 2
+    for i in range(c.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        for kind in ("weight", "bias"):
+            parts = (np.split(values[b + f"attn_qkv.{kind}"], np.cumsum(sizes)[:2]) if arch == "chatglm"
+                     else [values[b + f"attn_{x}.{kind}"] for x in "qkv"])
+            sd |= {p + f"self_attn.{x}_proj.{kind}": torch.from_numpy(np.ascontiguousarray(t))
+                   for x, t in zip("qkv", parts)}
+        pairs = {"self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+                 "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+        if arch == "glm4":
+            pairs |= {"post_self_attn_layernorm": "post_attention_norm", "post_mlp_layernorm": "post_ffw_norm"}
+        sd |= {p + k + ".weight": torch.from_numpy(values[b + v + ".weight"]) for k, v in pairs.items()}
+    return sd
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_1"])
+@pytest.mark.parametrize("kind,arch", [("glm", "chatglm"), ("glm4", "glm4")])
+def test_glm_gguf_matches_transformers(tmp_path, random_ids, qtype, kind, arch):
+    from conftest import GLM_CONFIGS
+
+    hf = make_hf_model(kind, GLM_CONFIGS["gqa-tied" if kind == "glm" else "mqa-untied"], hidden_size=64,
+                       head_dim=16, num_attention_heads=4, intermediate_size=64, seed=31)
+    values = write_glm_gguf(hf, tmp_path / "m.gguf", qtype, arch)
+    hf.load_state_dict(glm_reference_state(hf, values, arch))
+    ids = random_ids(2, 11, hf.config.vocab_size)
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+    llm = glmkit.load(tmp_path / "m.gguf")
+    assert llm.config.extra_norms == ("sandwich" if arch == "glm4" else "none") and llm.config.rotary_dim == 8
+    torch.testing.assert_close(llm.logits(ids), want, atol=1e-5, rtol=0)

@@ -259,7 +259,7 @@ def _is_chatglm(directory: Path) -> bool:
 
 def gguf_tokenizer(reader) -> HFTokenizer:
     """The tokenizer stored in a GGUF file's metadata (BPE with merges, 'gpt2' style), via `tokenizers`."""
-    from tokenizers import AddedToken, Tokenizer as _Tok, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Regex, Tokenizer as _Tok, decoders, models, pre_tokenizers, processors
 
     def field(key, default=None):
         f = reader.fields.get(key)
@@ -274,10 +274,15 @@ def gguf_tokenizer(reader) -> HFTokenizer:
     tok = _Tok(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=bool(field("tokenizer.ggml.add_space_prefix", False)),
                                           use_regex=True)
-    # llama.cpp's pre-tokenizer names: those that split digits one by one before the GPT-2 regex
-    digits = field("tokenizer.ggml.pre") in ("smollm", "deepseek-coder", "starcoder")
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                         if digits else byte_level)
+    pre = field("tokenizer.ggml.pre")  # llama.cpp's name for the pre-tokenizer
+    if pre in ("smollm", "deepseek-coder", "starcoder"):  # digits one by one, then the GPT-2 regex
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in ("chatglm-bpe", "glm4"):  # GLM-4's own split pattern
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(GLM4_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     special = [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == 3]
     user = [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == 4]

@@ -1,5 +1,6 @@
 """Read a GGUF file (llama.cpp's format; parsed by the `gguf` package): metadata -> ModelConfig, tensors
-through a declarative name table, quantized types dequantized to float32.
+through a declarative name table per architecture ('llama'; 'chatglm' for ChatGLM3 / GLM-4-9B; 'glm4'
+for GLM-4-0414), quantized types dequantized to float32.
 
 llama.cpp's converter permuted the q/k rows of llama-architecture models for its interleaved rotary
 layout; we keep those rows as they are and use interleaved rotary, which is the same maths (proven by
@@ -33,6 +34,25 @@ LLAMA = [
     (r"output_norm\.weight", "norm.weight"),
     (r"output\.weight", "lm_head.weight"),
 ]
+CHATGLM = [  # ChatGLM3 / GLM-4-9B as llama.cpp's converter writes them: the THUDM tensors, renamed, unpermuted
+    (r"token_embd\.weight", "embed.weight"),
+    (rf"blk\.{L}\.attn_norm\.weight", r"layers.\1.attn_norm.weight"),
+    (rf"blk\.{L}\.attn_qkv\.(weight|bias)", r"layers.\1.attn.qkv.\2"),
+    (rf"blk\.{L}\.attn_output\.weight", r"layers.\1.attn.out.weight"),
+    (rf"blk\.{L}\.ffn_norm\.weight", r"layers.\1.mlp_norm.weight"),
+    (rf"blk\.{L}\.ffn_up\.weight", r"layers.\1.mlp.in_proj.weight"),  # [gate; up], as dense_h_to_4h
+    (rf"blk\.{L}\.ffn_down\.weight", r"layers.\1.mlp.out_proj.weight"),
+    (r"output_norm\.weight", "norm.weight"),
+    (r"output\.weight", "lm_head.weight"),
+]
+GLM4 = CHATGLM + [  # GLM-4-0414: separate q/k/v and the two extra norms
+    (rf"blk\.{L}\.attn_q\.(weight|bias)", Target(r"layers.\1.attn.qkv.\2", piece=0)),
+    (rf"blk\.{L}\.attn_k\.(weight|bias)", Target(r"layers.\1.attn.qkv.\2", piece=1)),
+    (rf"blk\.{L}\.attn_v\.(weight|bias)", Target(r"layers.\1.attn.qkv.\2", piece=2)),
+    (rf"blk\.{L}\.post_attention_norm\.weight", r"layers.\1.attn_post_norm.weight"),
+    (rf"blk\.{L}\.post_ffw_norm\.weight", r"layers.\1.mlp_post_norm.weight"),
+]
+TABLES = {"llama": LLAMA, "chatglm": CHATGLM, "glm4": GLM4}
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
 
 
@@ -62,32 +82,38 @@ def metadata(reader) -> dict[str, Any]:
     return out
 
 
-def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+def config_from_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> ModelConfig:
+    """shapes: each tensor's torch shape ([out, in] for weights)."""
+    tensor_names = set(shapes)
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise UnsupportedArchitectureError(f"GGUF architecture {arch!r} is not supported yet; glmkit reads 'llama' "
-                                           "GGUF files today (GLM ones come next).")
+    if arch not in TABLES:
+        raise UnsupportedArchitectureError(f"GGUF architecture {arch!r} is not supported; glmkit reads "
+                                           f"{', '.join(map(repr, TABLES))} GGUF files.")
+    glm = arch != "llama"
     a = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
     hidden, heads = int(a("embedding_length")), int(a("attention.head_count"))
     head_dim = int(a("attention.key_length", hidden // heads))
     if a("rope.scaling.type") not in (None, "none", "linear") or "rope_freqs.weight" in tensor_names:
         raise ConfigError(f"this GGUF uses rope scaling {a('rope.scaling.type')!r} or rope frequency factors, "
                           "which glmkit does not support yet.")
-    if int(a("rope.dimension_count", head_dim)) != head_dim:
+    rope_dims = int(a("rope.dimension_count", head_dim))
+    if rope_dims != head_dim and not glm:
         raise ConfigError("this GGUF rotates only part of each head, which glmkit does not support for llama files.")
-    eos = meta.get("tokenizer.ggml.eos_token_id")
+    eos = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     return ModelConfig(
-        vocab_size=int(a("vocab_size", 0) or len(meta.get("tokenizer.ggml.tokens", []))),
+        vocab_size=int(shapes["token_embd.weight"][0]),
         hidden_size=hidden, intermediate_size=int(a("feed_forward_length")), num_layers=int(a("block_count")),
         num_heads=heads, num_kv_heads=int(a("attention.head_count_kv", heads)), head_dim=head_dim,
         norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-5)),
-        qkv_bias="blk.0.attn_q.bias" in tensor_names, out_bias="blk.0.attn_output.bias" in tensor_names,
-        mlp_bias="blk.0.ffn_up.bias" in tensor_names,
-        rope_layout="interleaved",  # the q/k rows were permuted by llama.cpp's converter (see module doc)
-        rope_theta=float(a("rope.freq_base", 10000.0)),
+        qkv_bias=bool({"blk.0.attn_q.bias", "blk.0.attn_qkv.bias"} & tensor_names),
+        out_bias="blk.0.attn_output.bias" in tensor_names, mlp_bias="blk.0.ffn_up.bias" in tensor_names,
+        extra_norms="sandwich" if "blk.0.post_ffw_norm.weight" in tensor_names else "none",
+        rope_layout="interleaved",  # GLM's own layout; for llama files, the converter's permuted q/k rows
+        rope_fraction=rope_dims / head_dim, rope_theta=float(a("rope.freq_base", 10000.0)),
         rope_linear_factor=float(a("rope.scaling.factor", 1.0) or 1.0) if a("rope.scaling.type") == "linear" else 1.0,
         tie_embeddings="output.weight" not in tensor_names, max_seq_len=int(a("context_length", 2048)),
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_ids=() if eos is None else (int(eos),),
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
 
 
@@ -108,7 +134,10 @@ def dequantize(tensor) -> torch.Tensor:
 
 def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
     reader = open_gguf(path)
-    names = {t.name for t in reader.tensors}
-    config = config_from_metadata(metadata(reader), names)
+    shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
+    if "token_embd.weight" not in shapes:
+        raise CheckpointError(f"{path} has no token_embd.weight tensor; it is not a complete model file.")
+    meta = metadata(reader)
+    config = config_from_metadata(meta, shapes)
     named = ((t.name, Path(path).name, (lambda t=t: dequantize(t))) for t in reader.tensors)
-    return (config, *map_tensors(LLAMA, named, config))
+    return (config, *map_tensors(TABLES[meta["general.architecture"]], named, config))
