@@ -257,3 +257,31 @@ def test_glm_gguf_matches_transformers(tmp_path, random_ids, qtype, kind, arch):
     llm = glmkit.load(tmp_path / "m.gguf")
     assert llm.config.extra_norms == ("sandwich" if arch == "glm4" else "none") and llm.config.rotary_dim == 8
     torch.testing.assert_close(llm.logits(ids), want, atol=1e-5, rtol=0)
+
+
+def test_gguf_with_unsupported_tokenizer_loads_without_one(tmp_path, random_ids):
+    import gguf
+
+    hf = make_hf_model("llama", LLAMA_CONFIGS["gqa-bias"], seed=5)
+    write_gguf(hf, tmp_path / "m.gguf", "F32")
+    reader_path = tmp_path / "m.gguf"
+    src = gguf.GGUFReader(str(reader_path))
+    w = gguf.GGUFWriter(str(tmp_path / "sp.gguf"), "llama")
+    for key, field in src.fields.items():
+        if key.startswith("llama.") and not key.endswith("vocab_size"):
+            value = field.contents()
+            w.add_key_value(key, value, field.types[0])
+    w.add_tokenizer_model("llama")  # SentencePiece-style vocabulary: not readable yet
+    for t in src.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.warns(UserWarning, match="tokenizers of type 'llama' are not supported yet"):
+        llm = glmkit.load(tmp_path / "sp.gguf")
+    ids = random_ids(1, 5, hf.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(llm.logits(ids), hf(input_ids=ids).logits, atol=1e-5, rtol=0)
+    with pytest.raises(glmkit.GlmkitError, match="ships no tokenizer"):
+        llm.tokenizer

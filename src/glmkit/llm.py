@@ -243,6 +243,13 @@ def _gguf_tokenizer_and_format(path, config: ModelConfig, name: str | None):
     reader = open_gguf(path)
     if "tokenizer.ggml.model" not in reader.fields:
         return None, None  # weights only: generate from token ids
+    kind = reader.fields["tokenizer.ggml.model"].contents()
+    if kind != "gpt2":
+        import warnings
+
+        warnings.warn(f"{path}: GGUF tokenizers of type {kind!r} are not supported yet; the model loads without a "
+                      "tokenizer (generate from token ids).", stacklevel=3)
+        return None, None
     tokenizer = gguf_tokenizer(reader)
     meta = metadata(reader)
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
