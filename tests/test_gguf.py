@@ -35,21 +35,10 @@ def roundtrip(w: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, object
 
 def write_gguf(hf, path, qtype: str):
     """Write a transformers Llama model as llama.cpp would; return the state dict of the values stored."""
-    import gguf
-
     c, sd = hf.config, {k: v.float().numpy() for k, v in hf.state_dict().items()}
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
+    w = gguf_writer(path, "llama", c, rope_dims=c.head_dim)
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)
-    w.add_rope_dimension_count(c.head_dim)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
@@ -71,11 +60,32 @@ def write_gguf(hf, path, qtype: str):
         raw, values, t = roundtrip(data, qtype)
         w.add_tensor(name, raw, raw_dtype=t)
         stored[key] = torch.from_numpy(converter_permute_inverse(values, heads) if heads else values)
+    finish(w)
+    return stored
+
+
+def gguf_writer(path, arch: str, c, rope_dims: int):
+    """A GGUFWriter with the hyperparameters every architecture's converter writes."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_dimension_count(rope_dims)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    return w
+
+
+def finish(w) -> None:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return stored
 
 
 def converter_permute_inverse(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -176,19 +186,8 @@ def test_default_model_knows_paris(default_llm):
 
 def write_glm_gguf(hf, path, qtype: str, arch: str):
     """A transformers Glm model as llama.cpp's 'chatglm' arch (fused qkv, as THUDM) or a Glm4 model as 'glm4'."""
-    import gguf
-
     c, sd = hf.config, {k: v.float().numpy() for k, v in hf.state_dict().items()}
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_dimension_count(int(c.head_dim * c.rope_parameters["partial_rotary_factor"]))
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w = gguf_writer(path, arch, c, rope_dims=int(c.head_dim * c.rope_parameters["partial_rotary_factor"]))
     out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
     if not c.tie_word_embeddings:
         out["output.weight"] = sd["lm_head.weight"]
@@ -212,10 +211,7 @@ def write_glm_gguf(hf, path, qtype: str, arch: str):
     for name, data in out.items():
         raw, values[name], t = roundtrip(data, qtype)
         w.add_tensor(name, raw, raw_dtype=t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return values
 
 
@@ -274,10 +270,7 @@ def test_gguf_with_unsupported_tokenizer_loads_without_one(tmp_path, random_ids)
     w.add_tokenizer_model("llama")  # SentencePiece-style vocabulary: not readable yet
     for t in src.tensors:
         w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     with pytest.warns(UserWarning, match="tokenizers of type 'llama' are not supported yet"):
         llm = glmkit.load(tmp_path / "sp.gguf")
     ids = random_ids(1, 5, hf.config.vocab_size)

@@ -47,7 +47,8 @@ def test_special_text_never_becomes_special(tokenizers, name):
         ids = tok.encode(f"before {text} after")
         assert not specials & set(ids), f"{text!r} was encoded as a special token"
         assert tok.decode(ids) == f"before {text} after"
-        assert tok.special[text] in tok.encode(f"before {text} after", allow_special=True)
+        if not text.isalnum():  # specials spelled as plain words ('sop') are never parsed from text
+            assert tok.special[text] in tok.encode(f"before {text} after", allow_special=True)
 
 
 def test_chatglm_specials_follow_the_sentencepiece_vocabulary(tokenizers):
@@ -85,3 +86,9 @@ def test_corrupt_rank_file(tmp_path):
     (tmp_path / "tokenizer.model").write_text("YQ== 0\nnot a rank line\n")
     with pytest.raises(CheckpointError, match=r"tokenizer.model:2 is not a 'base64 rank' line"):
         load_tokenizer(tmp_path)
+
+
+def test_plain_word_specials_are_not_parsed_from_text(tokenizers):
+    tok = tokenizers["v3"]  # ChatGLM2/3 name two specials 'sop' and 'eop'
+    ids = tok.encode("Aesop and the sop eop <|user|>", allow_special=True)
+    assert tok.special["sop"] not in ids and tok.special["eop"] not in ids and tok.special["<|user|>"] in ids

@@ -45,11 +45,13 @@ class Tokenizer(ABC):
         return self.special[text]
 
     def _split_special(self, text: str) -> list[str]:
-        """Split text around special-token texts (longest first), keeping them as separate items."""
-        if not self.special:
+        """Split text around special-token texts (longest first), keeping them as separate items.
+
+        Specials spelled as plain words (ChatGLM2/3's 'sop', 'eop') are never matched inside text."""
+        marked = sorted((s for s in self.special if not s.isalnum()), key=len, reverse=True)
+        if not marked:
             return [text]
-        pattern = "(" + "|".join(re.escape(s) for s in sorted(self.special, key=len, reverse=True)) + ")"
-        return [part for part in re.split(pattern, text) if part]
+        return [part for part in re.split("(" + "|".join(map(re.escape, marked)) + ")", text) if part]
 
 
 class SentencePieceTokenizer(Tokenizer):
