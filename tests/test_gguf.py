@@ -267,14 +267,48 @@ def test_gguf_with_unsupported_tokenizer_loads_without_one(tmp_path, random_ids)
         if key.startswith("llama.") and not key.endswith("vocab_size"):
             value = field.contents()
             w.add_key_value(key, value, field.types[0])
-    w.add_tokenizer_model("llama")  # SentencePiece-style vocabulary: not readable yet
+    w.add_tokenizer_model("rwkv")  # a vocabulary type glmkit does not read
     for t in src.tensors:
         w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
     finish(w)
-    with pytest.warns(UserWarning, match="tokenizers of type 'llama' are not supported yet"):
+    with pytest.warns(UserWarning, match="tokenizers of type 'rwkv' are not supported yet"):
         llm = glmkit.load(tmp_path / "sp.gguf")
     ids = random_ids(1, 5, hf.config.vocab_size)
     with torch.no_grad():
         torch.testing.assert_close(llm.logits(ids), hf(input_ids=ids).logits, atol=1e-5, rtol=0)
     with pytest.raises(glmkit.GlmkitError, match="ships no tokenizer"):
         llm.tokenizer
+
+
+def test_chatglm3_gguf_sentencepiece_vocabulary(tmp_path, vocab_dirs):
+    """A ChatGLM3-style GGUF vocabulary, written as llama.cpp's converter writes one from a SentencePiece
+    model, rebuilds a tokenizer that encodes exactly like the original."""
+    import gguf
+    import sentencepiece
+
+    from glmkit.tokenizer import SentencePieceTokenizer, gguf_tokenizer, load_tokenizer
+
+    original = load_tokenizer(vocab_dirs["v3"])
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(vocab_dirs["v3"] / "tokenizer.model"))
+    n = sp.vocab_size()
+    tokens = ["<unk>", "<bos>", "<eos>"] + [sp.id_to_piece(i) for i in range(3, n)]
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
+    scores = [sp.get_score(i) for i in range(n)]
+    specials = SentencePieceTokenizer.CHATGLM_SPECIALS
+    tokens += specials + [f"[PAD{i}]" for i in range(n + len(specials), 700)]
+    types += [3] * len(specials) + [5] * (700 - n - len(specials))
+    scores += [0.0] * (700 - n)
+    w = gguf.GGUFWriter(str(tmp_path / "vocab.gguf"), "chatglm")
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("chatglm-spm")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_eos_token_id(2)
+    finish(w)
+    rebuilt = gguf_tokenizer(gguf.GGUFReader(str(tmp_path / "vocab.gguf")))
+    assert rebuilt.special == original.special
+    for text in ["你好", "中文和English混合 123 😀🎉", "  spaced\tout\n\nlines  ", "Aesop [gMASK] <|user|>"]:
+        assert rebuilt.encode(text) == original.encode(text)
+        assert rebuilt.encode(text, allow_special=True) == original.encode(text, allow_special=True)
+        assert rebuilt.decode(rebuilt.encode(text)) == text

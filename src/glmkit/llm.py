@@ -244,7 +244,7 @@ def _gguf_tokenizer_and_format(path, config: ModelConfig, name: str | None):
     if "tokenizer.ggml.model" not in reader.fields:
         return None, None  # weights only: generate from token ids
     kind = reader.fields["tokenizer.ggml.model"].contents()
-    if kind != "gpt2":
+    if kind not in ("gpt2", "llama"):
         import warnings
 
         warnings.warn(f"{path}: GGUF tokenizers of type {kind!r} are not supported yet; the model loads without a "

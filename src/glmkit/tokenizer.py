@@ -61,10 +61,11 @@ class SentencePieceTokenizer(Tokenizer):
     CHATGLM_SPECIALS = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop",
                         "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
 
-    def __init__(self, path: Path, appended: list[str]):
+    def __init__(self, path: Path | None, appended: list[str], *, model_proto: bytes | None = None):
         import sentencepiece
 
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.sp = (sentencepiece.SentencePieceProcessor(model_proto=model_proto) if model_proto is not None
+                   else sentencepiece.SentencePieceProcessor(model_file=str(path)))
         n = self.sp.vocab_size()
         self.special = {text: n + i for i, text in enumerate(appended)}
         self._by_id = {i: t for t, i in self.special.items()}
@@ -259,8 +260,9 @@ def _is_chatglm(directory: Path) -> bool:
     return "padded_vocab_size" in raw
 
 
-def gguf_tokenizer(reader) -> HFTokenizer:
-    """The tokenizer stored in a GGUF file's metadata (BPE with merges, 'gpt2' style), via `tokenizers`."""
+def gguf_tokenizer(reader) -> Tokenizer:
+    """The tokenizer stored in a GGUF file's metadata: BPE with merges ('gpt2', via `tokenizers`) or a
+    SentencePiece vocabulary ('llama'; ChatGLM3's with its specials appended), rebuilt as a SentencePiece model."""
     from tokenizers import AddedToken, Regex, Tokenizer as _Tok, decoders, models, pre_tokenizers, processors
 
     def field(key, default=None):
@@ -268,9 +270,11 @@ def gguf_tokenizer(reader) -> HFTokenizer:
         return default if f is None else f.contents()
 
     kind = field("tokenizer.ggml.model")
+    if kind == "llama":
+        return _gguf_sentencepiece(field)
     if kind != "gpt2":
         raise CheckpointError(f"this GGUF's tokenizer is of type {kind!r}; glmkit reads 'gpt2' (BPE with merges) "
-                              "GGUF tokenizers today.")
+                              "and 'llama' (SentencePiece) GGUF tokenizers.")
     tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type", [])
     merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges", [])]
     tok = _Tok(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))
@@ -295,3 +299,35 @@ def gguf_tokenizer(reader) -> HFTokenizer:
         tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A",
                                                           special_tokens=[(tokens[bos], int(bos))])
     return HFTokenizer(json_text=tok.to_str())
+
+
+def _gguf_sentencepiece(field) -> SentencePieceTokenizer:
+    """Rebuild a SentencePiece BPE model from GGUF pieces, scores and types (llama.cpp's 'llama' vocabulary).
+
+    ChatGLM3 files (pre-tokenizer 'chatglm-spm') list the SentencePiece pieces, then [MASK] ... <|observation|>,
+    then padding: the pieces become the model and the rest the appended specials, as in ChatGLM's tokenizer."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    tokens, scores = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.scores")
+    types = field("tokenizer.ggml.token_type")
+    chatglm = field("tokenizer.ggml.pre") == "chatglm-spm" and "[MASK]" in tokens
+    n = tokens.index("[MASK]") if chatglm else len(tokens)
+    kinds = {1: pb.ModelProto.SentencePiece.NORMAL, 2: pb.ModelProto.SentencePiece.UNKNOWN,
+             3: pb.ModelProto.SentencePiece.CONTROL, 4: pb.ModelProto.SentencePiece.USER_DEFINED,
+             5: pb.ModelProto.SentencePiece.UNUSED, 6: pb.ModelProto.SentencePiece.BYTE}
+    proto = pb.ModelProto()
+    proto.trainer_spec.model_type = pb.TrainerSpec.BPE
+    proto.trainer_spec.vocab_size = n
+    proto.trainer_spec.byte_fallback = 6 in types[:n]
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.add_dummy_prefix = bool(field("tokenizer.ggml.add_space_prefix", True))
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    proto.normalizer_spec.escape_whitespaces = True
+    for i in range(n):
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = tokens[i], float(scores[i]), kinds.get(int(types[i]), kinds[1])
+    for key, name in (("unknown", "unk_id"), ("bos", "bos_id"), ("eos", "eos_id")):
+        value = field(f"tokenizer.ggml.{key}_token_id")
+        setattr(proto.trainer_spec, name, -1 if value is None or value >= n else int(value))
+    appended = list(tokens[n: n + len(SentencePieceTokenizer.CHATGLM_SPECIALS)]) if chatglm else []
+    return SentencePieceTokenizer(None, appended, model_proto=proto.SerializeToString())
