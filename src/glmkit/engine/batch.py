@@ -63,6 +63,10 @@ class Engine:
         self._release(seq)
 
     @property
+    def running(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    @property
     def has_work(self) -> bool:
         return bool(self.waiting) or any(s is not None for s in self.slots)
 
@@ -155,6 +159,11 @@ class Engine:
         except GlmkitError as e:  # NaN / Inf logits: end this sequence only, with the reason
             seq.error = str(e)
             return seq.finish("error")
+        if seq.params.logprobs is not None:  # under the model's own distribution, before sampling filters
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            top = torch.topk(lp, seq.params.logprobs) if seq.params.logprobs else None
+            alternatives = {} if top is None else dict(zip(top.indices.tolist(), top.values.tolist()))
+            seq.logprobs.append((float(lp[token]), alternatives))
         return seq.accept(token)
 
     @staticmethod

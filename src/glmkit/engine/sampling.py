@@ -29,6 +29,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # in addition to the model's own stop ids
     ignore_eos: bool = False  # keep going past stop ids (benchmarks)
     seed: int | None = None
+    logprobs: int | None = None  # record each sampled token's log-probability and this many top alternatives
 
     def __post_init__(self):
         checks = [("max_tokens", self.max_tokens >= 1), ("temperature", self.temperature >= 0),
@@ -36,6 +37,7 @@ class SamplingParams:
                   ("repetition_penalty", self.repetition_penalty > 0),
                   ("presence_penalty", -2 <= self.presence_penalty <= 2),
                   ("frequency_penalty", -2 <= self.frequency_penalty <= 2)]
+        checks.append(("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20))
         for name, ok in checks:
             if not ok:
                 raise GlmkitError(f"sampling parameter {name}={getattr(self, name)!r} is out of range.")

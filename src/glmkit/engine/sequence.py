@@ -54,6 +54,7 @@ class Sequence:
         self.prefilled = 0  # prompt ids the last prefill ran (the rest came from a cached prefix)
         self.c = self.m = 0  # ChatGLM-6B: index of <sop> and the mask position, for 2d decode positions
         self.error: str | None = None
+        self.logprobs: list[tuple[float, dict[int, float]]] = []  # per output id: (its logprob, top alternatives)
 
     @property
     def done(self) -> bool:

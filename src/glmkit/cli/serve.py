@@ -1,0 +1,50 @@
+"""`glmkit serve [MODEL]`: the OpenAI-compatible HTTP API and the web chat page, on 127.0.0.1 by default.
+
+--api-key (repeatable) or --api-key-file require 'Authorization: Bearer KEY' on every route but /health
+and the page itself; --cors-origin opens CORS to a browser origin; --max-batch sequences decode
+together and --max-queue more may wait (beyond that: 503 with Retry-After).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from glmkit.cli.common import add_model_args, load_model
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable)")
+    parser.add_argument("--api-key-file", help="a file with one accepted API key per line")
+    parser.add_argument("--cors-origin", action="append", default=[], help="allowed browser origin (repeatable)")
+    parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait (default 64)")
+    parser.add_argument("--model-name", default=None, help="the name clients use (default: the MODEL argument)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="per-request limit in seconds")
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from glmkit.errors import GlmkitError
+    from glmkit.server.app import create_app
+
+    keys = list(args.api_key)
+    if args.api_key_file:
+        try:
+            keys += [k.strip() for k in Path(args.api_key_file).read_text().splitlines() if k.strip()]
+        except OSError as e:
+            raise GlmkitError(f"cannot read the API key file {args.api_key_file} ({e.strerror}).") from None
+    llm = load_model(args)
+    name = args.model_name or str(args.model)
+    app = create_app(llm, model_name=name, api_keys=keys, cors_origins=args.cors_origin, max_batch=args.max_batch,
+                     max_queue=args.max_queue, request_timeout=args.timeout)
+    url = f"http://{args.host}:{args.port}"
+    print(f"glmkit serve: {name} at {url}/v1 (OpenAI API; model name {name!r}), chat page at {url}/"
+          + (" — API key required" if keys else ""), file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,326 @@
+"""glmkit serve against the official `openai` client, raw HTTP and a real headless Chromium, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+import glmkit
+from conftest import LLAMA_CONFIGS, make_hf_model
+from vocab import GLM4_SPECIALS, build_tokenizer_json
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"type": "string"}}}}}]
+
+
+class LiveServer:
+    """uvicorn serving a glmkit app on a free loopback port, in a background thread."""
+
+    def __init__(self, llm, **kw):
+        import uvicorn
+
+        from glmkit.server.app import create_app
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.app = create_app(llm, model_name="tiny", **kw)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, key="k1"):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def chatml_dir(tmp_path_factory, vocab_dirs):
+    d = tmp_path_factory.mktemp("served")
+    make_hf_model("llama", LLAMA_CONFIGS["gqa-bias"], vocab_size=500, seed=2,
+                  max_position_embeddings=512).save_pretrained(d)
+    for f in vocab_dirs["chatml"].iterdir():
+        shutil.copy(f, d / f.name)
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(chatml_dir):
+    live = LiveServer(glmkit.load(chatml_dir), api_keys=["k1", "k2"], max_batch=4, max_queue=32)
+    yield live
+    live.close()
+
+
+def headers(key="k1"):
+    return {"Authorization": f"Bearer {key}"}
+
+
+# ------------------------------------------------------------------------------ openai client
+def test_chat_plain_and_streamed(server):
+    client = server.client()
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "你好 hello"}]
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    assert plain.choices[0].message.role == "assistant" and plain.usage.completion_tokens <= 12
+    assert plain.usage.prompt_tokens == len(glmkit.load(server.app.state.llm.source).apply_chat_template(messages))
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    events = list(stream)
+    text = "".join(e.choices[0].delta.content or "" for e in events if e.choices)
+    assert text == plain.choices[0].message.content
+    assert events[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert [e.choices[0].finish_reason for e in events if e.choices and e.choices[0].finish_reason] == [
+        plain.choices[0].finish_reason]
+
+
+def test_completions_echo_logprobs_on_token_ids(server):
+    llm = server.app.state.llm
+    ids = [5, 17, 230, 41, 99, 7]
+    out = server.client().completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=2)
+    lp = out.choices[0].logprobs
+    ref = torch.log_softmax(llm.logits(ids)[0].double(), dim=-1)
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(float(ref[i - 1, ids[i]]), abs=1e-5)
+        assert max(lp.top_logprobs[i].values()) == pytest.approx(float(ref[i - 1].max()), abs=1e-5)
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 0
+    batch = server.client().completions.create(model="tiny", prompt=[ids, ids[:3]], max_tokens=4, temperature=0,
+                                               extra_body={"ignore_eos": True})
+    assert [c.index for c in batch.choices] == [0, 1] and batch.usage.completion_tokens == 8
+
+
+def test_models_tokenize_detokenize(server):
+    assert server.client().models.list().data[0].id == "tiny"
+    t = httpx.post(server.url + "/tokenize", json={"prompt": "你好 world"}, headers=headers()).json()
+    assert t["count"] == len(t["tokens"]) and t["max_model_len"] == 512
+    d = httpx.post(server.url + "/detokenize", json={"tokens": t["tokens"]}, headers=headers()).json()
+    assert d["prompt"] == "你好 world"
+    info = httpx.get(server.url + "/tokenizer_info", headers=headers()).json()
+    assert info["eos_token"] == "<|im_end|>" and info["model_max_length"] == 512
+
+
+# ----------------------------------------------------------------------------------- bad input
+BAD = [
+    ("invalid JSON", dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "not valid JSON"),
+    ("schema", dict(json={"model": "tiny", "messages": "hello"}), 400, "messages"),
+    ("no messages", dict(json={"model": "tiny", "messages": []}), 400, "messages"),
+    ("unknown model", dict(json={"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}), 404, "gpt-9"),
+    ("negative max_tokens", dict(json={"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}), 400,
+     "max_tokens"),
+    ("huge max_tokens", dict(json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 10 ** 9}), 400,
+     "exceeds the model's context of 512"),
+    ("too long", dict(json={"messages": [{"role": "user", "content": "hello " * 600}]}), 400,
+     r"the prompt has \d+ tokens but the model's context is 512"),
+    ("bad role", dict(json={"messages": [{"role": "robot", "content": "x"}]}), 400, "role 'robot'"),
+    ("too large", dict(content=b"x" * (5 << 20), headers={"content-type": "application/json"}), 413, "limit"),
+]
+
+
+@pytest.mark.parametrize("name,request_kw,status,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_then_good_request(server, name, request_kw, status, message):
+    import re
+
+    r = httpx.post(server.url + "/v1/chat/completions", headers={**headers(), **request_kw.pop("headers", {})},
+                   **request_kw)
+    assert r.status_code == status, r.text
+    assert re.search(message, r.json()["error"]["message"]) and r.json()["error"]["type"]
+    ok = server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=3)
+    assert ok.choices[0].message.role == "assistant"
+
+
+def test_busy_server_answers_503_with_retry_after(chatml_dir):
+    live = LiveServer(glmkit.load(chatml_dir), max_batch=1, max_queue=0)
+    try:
+        with httpx.Client(base_url=live.url, timeout=30) as http:
+            body = {"prompt": "hello", "max_tokens": 400, "stream": True, "ignore_eos": True}
+            with http.stream("POST", "/v1/completions", json=body) as first:
+                next(first.iter_lines())  # the first request holds the only slot
+                second = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+                assert second.status_code == 503 and second.headers["retry-after"] == "1"
+            worker, deadline = live.app.state.worker, time.time() + 5
+            while worker.admitted:  # the client left: its cancel reaches the engine between two steps
+                assert time.time() < deadline, "the disconnected client kept its slot"
+                time.sleep(0.02)
+            after = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})  # the slot came back
+            assert after.status_code == 200, after.text
+    finally:
+        live.close()
+
+
+# ----------------------------------------------------------------------------------- concurrency
+def stream_tokens(server, n: int) -> int:
+    events = server.client().completions.create(model="tiny", prompt="the quick brown fox", max_tokens=n,
+                                                stream=True, temperature=0.8, extra_body={"ignore_eos": True},
+                                                stream_options={"include_usage": True})
+    return [e.usage.completion_tokens for e in events if e.usage][-1]
+
+
+def test_concurrent_streams_and_disconnects(server):
+    engine = server.app.state.worker.engine
+    with ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(lambda _: stream_tokens(server, 20), range(16))) == [20] * 16
+    with httpx.Client(base_url=server.url, headers=headers(), timeout=30) as http:
+        for _ in range(3):  # clients that leave mid-stream
+            body = {"prompt": "hello", "max_tokens": 300, "stream": True, "ignore_eos": True}
+            with http.stream("POST", "/v1/completions", json=body) as r:
+                next(r.iter_lines())
+    deadline = time.time() + 10
+    while engine.running or engine.waiting:
+        assert time.time() < deadline, "a disconnected client kept its slot"
+        time.sleep(0.05)
+    with ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(lambda _: stream_tokens(server, 8), range(16))) == [8] * 16
+    metrics = httpx.get(server.url + "/metrics", headers=headers()).text
+    assert "glmkit_time_to_first_token_seconds_count" in metrics and "glmkit_running_sequences 0.0" in metrics
+
+
+# ------------------------------------------------------------------------------------------ auth
+@pytest.mark.parametrize("method,path", [("GET", "/v1/models"), ("POST", "/v1/chat/completions"),
+                                         ("POST", "/v1/completions"), ("POST", "/tokenize"), ("POST", "/detokenize"),
+                                         ("GET", "/tokenizer_info"), ("GET", "/metrics")])
+def test_auth_on_every_route(server, method, path):
+    for h in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k1"}):
+        r = httpx.request(method, server.url + path, headers=h, json={})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.request(method, server.url + path, headers=headers("k2"), json={}).status_code != 401
+
+
+# ----------------------------------------------------------------------------- GLM-4 tool calls
+def bigram_model(directory, tok, chain: list[int], default: int, **special_tokens):
+    """A deterministic test model: with attention and MLP outputs at zero and one-hot embeddings, the next
+    token depends only on the current one: chain[i] -> chain[i + 1], anything else -> default."""
+    from transformers import PreTrainedTokenizerFast
+
+    V = tok.get_vocab_size()
+    assert len(set(chain)) == len(chain), "a chain must not repeat a token"
+    hf = make_hf_model("llama", dict(num_attention_heads=1, num_key_value_heads=1, head_dim=8, rope_theta=1e4),
+                       vocab_size=V, hidden_size=V, intermediate_size=8, num_hidden_layers=1, seed=0,
+                       max_position_embeddings=4096)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.zero_()
+        hf.model.embed_tokens.weight.copy_(torch.eye(V))
+        for norm in (hf.model.norm, hf.model.layers[0].input_layernorm, hf.model.layers[0].post_attention_layernorm):
+            norm.weight.fill_(1.0)
+        head = torch.zeros(V, V)
+        head[default, :] = 1.0
+        for a, b in zip(chain, chain[1:]):
+            head[:, a] = 0.0
+            head[b, a] = 2.0
+        hf.lm_head.weight.copy_(head)
+    hf.save_pretrained(directory)
+    PreTrainedTokenizerFast(tokenizer_object=tok, **special_tokens).save_pretrained(directory)
+    return directory
+
+
+def bigram_glm4_model(directory):
+    """GLM-4 chat format (GLM-4 specials, no template): after <|assistant|> it writes a tool call."""
+    tok = build_tokenizer_json(GLM4_SPECIALS)
+    tok.add_tokens(["get_weather", '{"city": "北京"}'])  # so the call spells with distinct tokens
+    call = tok.encode('get_weather\n{"city": "北京"}').ids
+    chain = [tok.token_to_id("<|assistant|>")] + call + [tok.token_to_id("<|observation|>")]
+    return bigram_model(directory, tok, chain, tok.token_to_id("<|endoftext|>"), eos_token="<|endoftext|>")
+
+
+def test_glm4_tool_call_round_trip(tmp_path):
+    llm = glmkit.load(bigram_glm4_model(tmp_path))
+    assert llm.chat_format.name == "glm4"
+    live = LiveServer(llm)
+    try:
+        client = live.client()
+        messages = [{"role": "user", "content": "北京天气怎么样？"}]
+        reply = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, temperature=0)
+        call = reply.choices[0].message.tool_calls[0]
+        assert reply.choices[0].finish_reason == "tool_calls" and reply.choices[0].message.content is None
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "北京"}
+        stream = list(client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, temperature=0,
+                                                     stream=True))
+        deltas = [d for e in stream for d in (e.choices[0].delta.tool_calls or [])]
+        assert deltas[0].function.name == "get_weather" and json.loads(deltas[0].function.arguments) == {"city": "北京"}
+        assert stream[-1].choices[0].finish_reason == "tool_calls"
+        history = messages + [reply.choices[0].message.model_dump(exclude_none=True),
+                              {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
+        again = client.chat.completions.create(model="tiny", messages=history, tools=TOOLS, temperature=0)
+        rendered = llm.tokenizer.decode(llm.apply_chat_template(history, TOOLS))
+        assert '<|assistant|>get_weather\n{"city": "北京"}<|observation|>\n{"temperature": 21}' in rendered
+        assert again.choices[0].finish_reason == "tool_calls"
+        plain = client.chat.completions.create(model="tiny", messages=messages, temperature=0)  # no tools offered
+        assert plain.choices[0].message.tool_calls is None and "get_weather" in plain.choices[0].message.content
+    finally:
+        live.close()
+
+
+# -------------------------------------------------------------------------------- the web page
+def test_web_page_in_headless_chromium(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from vocab import CHATML_SPECIALS, SMOLLM2_TEMPLATE
+
+    browser_path = shutil.which("chromium")
+    assert browser_path, "Debian's chromium is needed for this test (scripts/setup --test installs it)"
+    tok = build_tokenizer_json(CHATML_SPECIALS)
+    loop_token = next(i for i in range(tok.get_vocab_size())  # a model that repeats one word until stopped
+                      if (w := tok.decode([i])).startswith(" ") and w[1:].isalpha() and len(w) > 2)
+    twice = tok.decode([loop_token]) * 2
+    bigram_model(tmp_path, tok, [loop_token], loop_token, eos_token="<|im_end|>")
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path)
+    hf_tok.chat_template = SMOLLM2_TEMPLATE
+    hf_tok.save_pretrained(tmp_path)
+    live = LiveServer(glmkit.load(tmp_path), api_keys=["page-key"])
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=browser_path, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--no-first-run", "--disable-sync"])
+            page = browser.new_page()
+            page.goto(live.url + "/")
+            page.fill("#key", "page-key")
+            page.dispatch_event("#key", "change")
+            page.fill("#system", "你是一个助手")
+            page.fill("#input", "你好，请介绍一下你自己")
+            page.press("#input", "Enter")
+            assert "你好" in page.inner_text(".msg.user")
+            # the reply streams in: its text grows while the Stop button is shown
+            page.wait_for_function(f"document.querySelector('.msg.assistant .body').textContent.includes({twice.strip()!r})",
+                                   timeout=20000)
+            first = len(page.inner_text(".msg.assistant .body"))
+            page.wait_for_function(f"document.querySelector('.msg.assistant .body').textContent.length > {first}",
+                                   timeout=20000)
+            assert page.is_visible("#stop") and not page.is_visible("#send")
+            page.click("#stop")
+            page.wait_for_function("document.getElementById('status').textContent === 'stopped'", timeout=10000)
+            assert page.is_visible("#send")
+            stored = page.evaluate("JSON.parse(localStorage.getItem('glmkit.chats'))")
+            assert stored[0]["system"] == "你是一个助手" and [m["role"] for m in stored[0]["messages"]] == [
+                "user", "assistant"]
+            page.reload()  # conversations survive a reload
+            assert "你好" in page.inner_text(".msg.user") and twice.strip() in page.inner_text(".msg.assistant")
+            browser.close()
+        deadline = time.time() + 5
+        while live.app.state.worker.admitted:  # stopping in the browser freed the slot on the server
+            assert time.time() < deadline
+            time.sleep(0.05)
+    finally:
+        live.close()
