@@ -238,7 +238,7 @@ def glm_reference_state(hf, values, arch):
     return sd
 
 
-@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_1"])
+@pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("kind,arch", [("glm", "chatglm"), ("glm4", "glm4")])
 def test_glm_gguf_matches_transformers(tmp_path, random_ids, qtype, kind, arch):
     from conftest import GLM_CONFIGS
@@ -312,3 +312,25 @@ def test_chatglm3_gguf_sentencepiece_vocabulary(tmp_path, vocab_dirs):
         assert rebuilt.encode(text) == original.encode(text)
         assert rebuilt.encode(text, allow_special=True) == original.encode(text, allow_special=True)
         assert rebuilt.decode(rebuilt.encode(text)) == text
+
+
+def test_unsupported_tensor_type_names_tensor_and_type(tmp_path):
+    import gguf
+
+    hf = make_hf_model("llama", LLAMA_CONFIGS["mqa-tied"], hidden_size=96, intermediate_size=256, seed=3)
+    write_gguf(hf, tmp_path / "ok.gguf", "F32")
+    src = gguf.GGUFReader(str(tmp_path / "ok.gguf"))
+    w = gguf.GGUFWriter(str(tmp_path / "iq.gguf"), "llama")
+    for key, field in src.fields.items():
+        if key.startswith("llama."):
+            w.add_key_value(key, field.contents(), field.types[0])
+    for t in src.tensors:
+        if t.name == "blk.0.ffn_down.weight":  # stored as an i-quant glmkit cannot read
+            rows, cols = (int(n) for n in reversed(t.shape))
+            w.add_tensor(t.name, np.zeros((rows, cols // 256 * 66), dtype=np.uint8),
+                         raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS)
+        else:
+            w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    finish(w)
+    with pytest.raises(CheckpointError, match=r"'blk.0.ffn_down.weight' has GGUF type IQ2_XXS"):
+        glmkit.load(tmp_path / "iq.gguf")
