@@ -299,7 +299,11 @@ def create_app(llm, *, model_name: str, api_keys: list[str] | None = None, cors_
         if body.messages is not None:
             ids = llm.apply_chat_template(body.messages)
         elif body.prompt is not None:
-            ids = llm.encode_prompt(body.prompt) if body.add_special_tokens else llm.tokenizer.encode(body.prompt)
+            # a raw tokenizer endpoint, like HF's and vLLM's: special-token text is parsed (lm-evaluation-harness
+            # finds the EOS id this way); chat messages stay protected by their renderers
+            ids = llm.tokenizer.encode(body.prompt, allow_special=True)
+            if body.add_special_tokens and llm.chat_format is not None:
+                ids = llm.chat_format.wrap_plain(ids)
         else:
             raise ApiError(400, "give 'prompt' (text) or 'messages'.")
         return {"tokens": ids, "count": len(ids), "max_model_len": ctx}
