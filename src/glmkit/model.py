@@ -195,5 +195,6 @@ class Transformer(nn.Module):
                 start: int | torch.Tensor = 0, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
         """-> logits (B, T, V) in the model's dtype."""
         h = self.hidden_states(tokens, positions, cache, start, prefix_len)
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight)  # (B, T, V)
+        if self.lm_head is None:  # tied embeddings
+            return F.linear(h, self.embed.weight)  # (B, T, V)
+        return self.lm_head(h)  # (B, T, V)

@@ -1,0 +1,111 @@
+"""Weight-only int8 / int4 linear layers, and swapping them in for nn.Linear.
+
+Int8Linear: symmetric per-output-channel int8. Int4Linear: asymmetric group-wise int4 in torch's
+tinygemm layout, w = (q - 8) * scale + zero per group of `group_size` input columns (GGUF Q4_0 / Q4_1
+blocks map onto it exactly). On CPU with bfloat16 activations they call torch's packed kernels
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`); anywhere else they dequantize and matmul, the
+portable (and float32-exact) path. Nothing here loads files or knows about the engine.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmkit.errors import GlmkitError
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("q", q.to(torch.int8).contiguous())  # (N, K)
+        self.register_buffer("scales", scales.float().contiguous())  # (N,)
+        self.register_buffer("scales_bf16", self.scales.to(torch.bfloat16))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
+        scales = (w.float().abs().amax(dim=1) / 127).clamp(min=1e-12)  # (N,)
+        q = torch.round(w.float() / scales[:, None]).clamp(-127, 127)
+        return cls(q, scales, bias)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scales[:, None]  # (N, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.q, self.scales_bf16)
+            y = y.view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantize().to(x.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None):
+        """q (N, K) ints 0..15; scales and zeros (N, K / group_size)."""
+        super().__init__()
+        N, K = q.shape
+        self.check(N, K, group_size)
+        self.out_features, self.in_features, self.group_size = N, K, group_size
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            q.to(torch.int32).contiguous(), 1))  # (N, K / 2) uint8
+        self.register_buffer("scales_zeros", torch.stack([scales.float().T, zeros.float().T], dim=-1)
+                             .to(torch.bfloat16).contiguous())  # (K / gs, N, 2)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @staticmethod
+    def check(N: int, K: int, group_size: int) -> None:
+        if group_size not in (32, 64, 128, 256) or K % group_size or N % 16:
+            raise GlmkitError(f"int4 needs a group size of 32, 64, 128 or 256 dividing the input size ({K}) and an "
+                              f"output size divisible by 16 ({N}); got group size {group_size}.")
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32) -> "Int4Linear":
+        N, K = w.shape
+        cls.check(N, K, group_size)
+        g = w.float().view(N, K // group_size, group_size)
+        lo, hi = g.amin(-1), g.amax(-1)  # (N, K / gs)
+        scales = ((hi - lo) / 15).clamp(min=1e-12)
+        q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).view(N, K)
+        return cls(q, scales, lo + 8 * scales, group_size, bias)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weights as stored (bfloat16 scales), (N, K): the packed kernel applied to the identity."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size,
+                                                          self.scales_zeros).T.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.packed,
+                                                           self.group_size, self.scales_zeros)
+            y = y.view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantize().to(x.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def quantize_model(model: nn.Module, bits: int, group_size: int = 32, include_head: bool = True) -> nn.Module:
+    """Swap every nn.Linear (attention, MLP and, with include_head, the output head) for a weight-only module."""
+    if bits not in (4, 8):
+        raise GlmkitError(f"quantize to 4 or 8 bits, not {bits}.")
+
+    def make(w: torch.Tensor, bias) -> nn.Module:
+        try:
+            if bits == 4:
+                return Int4Linear.from_float(w, bias, group_size)
+        except GlmkitError:
+            pass  # a shape the int4 kernel cannot take: int8 serves it
+        return Int8Linear.from_float(w, bias)
+
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and (child_name != "lm_head" or include_head):
+                setattr(module, child_name, make(child.weight.detach(), child.bias))
+    if include_head and getattr(model, "lm_head", False) is None:  # tied: the head gets its own quantized copy
+        model.lm_head = make(model.embed.weight.detach(), None)
+    return model

@@ -1,0 +1,64 @@
+"""Weight-only int8 / int4: modules against the float reference, the fast kernels against the portable
+path, and whole quantized models decoding exactly like their own reference path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import glmkit
+from conftest import LLAMA_CONFIGS, make_hf_model
+from glmkit.quant import Int4Linear, Int8Linear, quantize_model
+from test_engine import naive_greedy
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("cls,kw,bound", [(Int8Linear, {}, 0.01), (Int4Linear, {"group_size": 32}, 0.12),
+                                          (Int4Linear, {"group_size": 128}, 0.15)])
+def test_module_against_float(cls, kw, bound):
+    torch.manual_seed(0)
+    w, b, x = torch.randn(384, 256), torch.randn(384), torch.randn(5, 7, 256)
+    m = cls.from_float(w, b, **kw)
+    ref = torch.nn.functional.linear(x, w, b)
+    assert rel(m(x), ref) < bound  # float32 activations: the portable dequantize-then-matmul path
+    fast = m(x.bfloat16())  # bfloat16 activations: torch's packed CPU kernel
+    assert fast.dtype == torch.bfloat16 and fast.shape == (5, 7, 384)
+    exact = torch.nn.functional.linear(x, m.dequantize(), b)
+    assert rel(fast, exact) < 0.01  # the kernel computes exactly the stored weights, up to bfloat16
+    assert rel(m.dequantize(), w) < bound
+
+
+def test_int4_group_size_must_divide():
+    with pytest.raises(glmkit.GlmkitError, match="group size"):
+        Int4Linear.from_float(torch.randn(8, 96), group_size=64)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_model_close_to_float_and_tied_head(tmp_path, random_ids, bits):
+    hf = make_hf_model("llama", LLAMA_CONFIGS["mqa-tied"], hidden_size=96, intermediate_size=128, seed=1)
+    hf.save_pretrained(tmp_path)
+    ref = glmkit.load(tmp_path, dtype="float32")
+    q = glmkit.load(tmp_path, quantize=f"int{bits}")
+    assert q.dtype == torch.bfloat16
+    assert isinstance(q.model.layers[0].mlp.in_proj, Int4Linear if bits == 4 else Int8Linear)
+    assert q.model.lm_head is not None  # the tied head got its own quantized copy; the embedding is unchanged
+    ids = random_ids(2, 16, hf.config.vocab_size)
+    assert rel(q.logits(ids), ref.logits(ids)) < (0.05 if bits == 8 else 0.25)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_cached_greedy_equals_reference_path(tmp_path, random_ids, bits):
+    """In float32 the quantized model runs its portable path: cached decoding must equal the cache-free loop."""
+    hf = make_hf_model("llama", LLAMA_CONFIGS["gqa-bias"], intermediate_size=64, seed=2)
+    hf.save_pretrained(tmp_path)
+    llm = glmkit.load(tmp_path, quantize=f"int{bits}", dtype="float32")
+    ids = random_ids(1, 9, hf.config.vocab_size, seed=5)[0].tolist()
+    assert llm.generate(ids, max_tokens=16, temperature=0, ignore_eos=True).token_ids == naive_greedy(llm, ids, 16)
+
+
+def test_quantize_model_rejects_other_widths():
+    with pytest.raises(glmkit.GlmkitError, match="4 or 8 bits"):
+        quantize_model(torch.nn.Linear(4, 4), bits=3)
