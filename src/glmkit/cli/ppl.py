@@ -16,6 +16,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
     parser.add_argument("file", help="a UTF-8 text file")
     parser.add_argument("--ctx", type=int, default=512, help="tokens per chunk (llama.cpp's -c; default 512)")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="weight-only quantization (default: as stored)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -24,7 +26,13 @@ def main(args: argparse.Namespace) -> int:
         from glmkit.errors import GlmkitError
 
         raise GlmkitError(f"{path} does not exist; pass a text file.")
-    llm = load_model(args)
+    if args.quantize:
+        import glmkit
+        from glmkit.hub import DEFAULT_MODEL
+
+        llm = glmkit.load(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    else:
+        llm = load_model(args)
     ids = llm.tokenizer.encode_prompt(path.read_text(encoding="utf-8"))
     bos = llm.config.bos_token_id if ids and ids[0] == llm.config.bos_token_id else None
     print(f"{len(ids)} tokens, {len(ids) // args.ctx} chunks of {args.ctx}", file=sys.stderr)

@@ -1,0 +1,33 @@
+"""`glmkit bench [MODEL]`: load time, prefill and decode tokens/s, time to first token and peak memory.
+
+For the side-by-side with transformers and llama.cpp, run benchmarks/decode.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from glmkit.cli.common import add_model_args, load_model
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser)
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None)
+    parser.add_argument("--runs", type=int, default=3)
+
+
+def main(args: argparse.Namespace) -> int:
+    import glmkit
+    from glmkit.benchmark import measure_llm, peak_rss_mb
+    from glmkit.hub import DEFAULT_MODEL
+
+    t = time.perf_counter()
+    llm = (glmkit.load(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, quantize=args.quantize)
+           if args.quantize else load_model(args))
+    load = time.perf_counter() - t
+    r = measure_llm(llm, runs=args.runs)
+    print(f"{llm.source} ({llm.dtype}, {args.quantize or 'as stored'}): load {load:.1f} s | prefill (512) "
+          f"{r['prefill_tps']:.0f} tok/s | time to first token (32-token prompt) {r['ttft_s'] * 1000:.0f} ms | "
+          f"decode {r['decode_tps']:.1f} tok/s | peak RSS {peak_rss_mb():.0f} MB  (medians of {args.runs})")
+    return 0
