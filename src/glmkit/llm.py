@@ -211,8 +211,16 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], sources: 
         if tuple(tensors[name].shape) != tuple(param.shape):
             raise CheckpointError(f"{sources[name]} has shape {tuple(tensors[name].shape)} but config.json implies "
                                   f"{tuple(param.shape)} for {name!r}; config.json and the weights disagree.")
-    state = {name: t.to(device=device, dtype=dtype) for name, t in tensors.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    packed = {name: t for name, t in tensors.items() if not isinstance(t, torch.Tensor)}
+    state = {name: t.to(device=device, dtype=dtype) for name, t in tensors.items() if name not in packed}
+    for name, blocks in packed.items():  # GGUF int4 blocks become int4 modules directly, never float
+        from glmkit.quant import Int4Linear
+
+        path = name.rsplit(".", 1)[0]
+        parent, child = path.rsplit(".", 1)
+        bias = state.pop(path + ".bias", None)
+        setattr(model.get_submodule(parent), child, Int4Linear(blocks.q, blocks.scales, blocks.zeros, 32, bias))
+    model.load_state_dict(state, strict=not packed, assign=True)
     return model.requires_grad_(False)
 
 
@@ -226,9 +234,9 @@ def load(source: str | Path | None = None, *, device: str | None = None, dtype: 
     if quantize not in (None, "int8", "int4"):
         raise GlmkitError(f"quantize={quantize!r} is not supported; use None, 'int8' or 'int4'.")
     dev = pick_device(device)
-    config, tensors, sources = loaders.load(source)
     if quantize is None and dtype is None and dev.type == "cpu":
         quantize = _stored_quantization(source)  # a quantized GGUF stays compact unless float is asked for
+    config, tensors, sources = loaders.load(source, keep_int4=quantize == "int4" and dev.type == "cpu")
     if quantize is not None and dtype is None:
         dtype = "bfloat16"  # the weight-only kernels run fast with bfloat16 activations
     model = build_model(config, tensors, sources, dev, pick_dtype(dtype, dev))

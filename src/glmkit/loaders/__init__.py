@@ -14,11 +14,12 @@ from glmkit.config import ModelConfig
 from glmkit.loaders.hf import load_directory
 
 
-def load(source: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
+def load(source: str | Path, keep_int4: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """keep_int4: GGUF Q4_0 / Q4_1 linear weights stay packed (loaders.gguf.Int4Blocks)."""
     if str(source).lower().endswith(".gguf"):
         from glmkit.loaders.gguf import load_gguf
 
-        return load_gguf(source)
+        return load_gguf(source, keep_int4)
     return load_directory(source)
 
 

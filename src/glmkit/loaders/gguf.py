@@ -9,6 +9,7 @@ the parity tests). Nothing here builds a model or reads the tokenizer (see token
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,12 +133,49 @@ def dequantize(tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).reshape(shape)
 
 
-def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
+@dataclass
+class Int4Blocks:
+    """GGUF Q4_0 / Q4_1 weights kept as they are stored: w = (q - 8) * scale + zero per group of 32 inputs
+    (torch's int4 layout). Q4_0: scale d, zero 0; Q4_1: scale d, zero m + 8d. Built into int4 modules by
+    the caller instead of being dequantized, so a 4-bit file stays 4-bit in memory."""
+    q: torch.Tensor  # (N, K) uint8, values 0..15
+    scales: torch.Tensor  # (N, K / 32) float32
+    zeros: torch.Tensor  # (N, K / 32) float32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    @staticmethod
+    def cat(parts: list["Int4Blocks"]) -> "Int4Blocks":
+        return Int4Blocks(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "scales", "zeros")))
+
+
+def int4_blocks(tensor) -> Int4Blocks:
+    """Unpack Q4_0 (d, 16 bytes) or Q4_1 (d, m, 16 bytes) blocks of 32 values: low nibbles hold values
+    0..15 of a block, high nibbles values 16..31."""
+    N, K = (int(n) for n in reversed(tensor.shape))
+    q41 = tensor.tensor_type.name == "Q4_1"
+    raw = np.asarray(tensor.data, dtype=np.uint8).reshape(N, K // 32, 20 if q41 else 18)
+    d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (N, K / 32)
+    nibbles = raw[..., 4:20] if q41 else raw[..., 2:18]  # (N, K / 32, 16)
+    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(N, K)
+    zeros = (raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * d) if q41 else np.zeros_like(d)
+    return Int4Blocks(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(zeros))
+
+
+def load_gguf(path: str | Path, keep_int4: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """keep_int4: Q4_0 / Q4_1 linear weights come back as Int4Blocks instead of float tensors."""
     reader = open_gguf(path)
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
     if "token_embd.weight" not in shapes:
         raise CheckpointError(f"{path} has no token_embd.weight tensor; it is not a complete model file.")
     meta = metadata(reader)
     config = config_from_metadata(meta, shapes)
-    named = ((t.name, Path(path).name, (lambda t=t: dequantize(t))) for t in reader.tensors)
+    def reader_of(t):
+        if keep_int4 and t.tensor_type.name in ("Q4_0", "Q4_1") and t.name.startswith("blk."):
+            return lambda: int4_blocks(t)
+        return lambda: dequantize(t)
+
+    named = ((t.name, Path(path).name, reader_of(t)) for t in reader.tensors)
     return (config, *map_tensors(TABLES[meta["general.architecture"]], named, config))

@@ -118,7 +118,9 @@ def map_tensors(rules: list[Rule], named: Iterable[tuple[str, str, Callable[[], 
         if sorted(parts) != list(range(len(parts))) or len(parts) < (3 if ".attn.qkv." in ours else 2):
             raise CheckpointError(f"{sources[ours]}: the checkpoint has only some pieces of {ours!r} "
                                   f"(found {sorted(parts)}); the file set is incomplete.")
-        tensors[ours] = torch.cat([parts[i] for i in sorted(parts)], dim=0)
+        ordered = [parts[i] for i in sorted(parts)]
+        # float tensors concatenate; packed weights (e.g. GGUF int4 blocks) bring their own cat
+        tensors[ours] = torch.cat(ordered, dim=0) if isinstance(ordered[0], torch.Tensor) else type(ordered[0]).cat(ordered)
     return tensors, sources
 
 

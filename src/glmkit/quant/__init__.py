@@ -90,13 +90,16 @@ class Int4Linear(nn.Module):
 
 
 def quantize_model(model: nn.Module, bits: int, group_size: int = 32, include_head: bool = True) -> nn.Module:
-    """Swap every nn.Linear (attention, MLP and, with include_head, the output head) for a weight-only module."""
+    """Swap every nn.Linear (attention, MLP and, with include_head, the output head) for a weight-only module.
+
+    The output head stays int8 even for bits=4: it decides every token, and 4 bits there cost far more
+    quality than they save (GGUF files keep it at 8 bits too)."""
     if bits not in (4, 8):
         raise GlmkitError(f"quantize to 4 or 8 bits, not {bits}.")
 
-    def make(w: torch.Tensor, bias) -> nn.Module:
+    def make(w: torch.Tensor, bias, head: bool = False) -> nn.Module:
         try:
-            if bits == 4:
+            if bits == 4 and not head:
                 return Int4Linear.from_float(w, bias, group_size)
         except GlmkitError:
             pass  # a shape the int4 kernel cannot take: int8 serves it
@@ -105,7 +108,7 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 32, include_he
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and (child_name != "lm_head" or include_head):
-                setattr(module, child_name, make(child.weight.detach(), child.bias))
+                setattr(module, child_name, make(child.weight.detach(), child.bias, child_name == "lm_head"))
     if include_head and getattr(model, "lm_head", False) is None:  # tied: the head gets its own quantized copy
-        model.lm_head = make(model.embed.weight.detach(), None)
+        model.lm_head = make(model.embed.weight.detach(), None, head=True)
     return model
