@@ -62,3 +62,29 @@ def test_quantized_cached_greedy_equals_reference_path(tmp_path, random_ids, bit
 def test_quantize_model_rejects_other_widths():
     with pytest.raises(glmkit.GlmkitError, match="4 or 8 bits"):
         quantize_model(torch.nn.Linear(4, 4), bits=3)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_gguf_int4_blocks_repack_exactly(tmp_path, qtype):
+    """GGUF 4-bit blocks become int4 modules without a float detour, equal to their dequantized values."""
+    import gguf
+    import numpy as np
+    from gguf import quants
+
+    from glmkit.loaders.gguf import dequantize, int4_blocks
+
+    w = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32)
+    writer = gguf.GGUFWriter(str(tmp_path / "w.gguf"), "llama")
+    writer.add_tensor("blk.0.ffn_up.weight", quants.quantize(w, getattr(gguf.GGMLQuantizationType, qtype)),
+                      raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tensor = gguf.GGUFReader(str(tmp_path / "w.gguf")).tensors[0]
+    reference = dequantize(tensor)  # gguf's own dequantization
+    blocks = int4_blocks(tensor)
+    formula = ((blocks.q.float().view(64, 4, 32) - 8) * blocks.scales[..., None] + blocks.zeros[..., None]).view(64, 128)
+    assert torch.equal(formula, reference)
+    module = Int4Linear(blocks.q, blocks.scales, blocks.zeros, 32, None)
+    assert rel(module.dequantize(), reference) < 5e-3  # scales are stored in bfloat16

@@ -185,7 +185,8 @@ class Transformer(nn.Module):
         else:
             S = (start if isinstance(start, int) else int(start.max())) + T
         mask = None
-        if prefix_len is not None or cache is not None:
+        one_step = T == 1 and isinstance(start, int) and prefix_len is None  # sees every cached key: no mask
+        if (prefix_len is not None or cache is not None) and not one_step:
             mask = attention_mask(T, S, start, prefix_len, tokens.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i, start, S)

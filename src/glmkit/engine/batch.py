@@ -147,7 +147,8 @@ class Engine:
                 positions[row, 0, 0], positions[row, 1, 0] = seq.m, index - seq.c + 1
             else:
                 positions[row, 0] = index
-        logits = self.model(tokens, positions, self.cache.rows(0, hi), start)[:, -1]  # (hi, V)
+        offsets = int(start[0]) if hi == 1 else start  # one row: a plain offset (no per-row scatter, no mask)
+        logits = self.model(tokens, positions, self.cache.rows(0, hi), offsets)[:, -1]  # (hi, V)
         for row in running:
             seq = self.slots[row]
             seq.fed = len(seq.ids)
