@@ -234,6 +234,14 @@ def load(source: str | Path | None = None, *, device: str | None = None, dtype: 
     if quantize not in (None, "int8", "int4"):
         raise GlmkitError(f"quantize={quantize!r} is not supported; use None, 'int8' or 'int4'.")
     dev = pick_device(device)
+    saved = _glmkit_checkpoint(source)
+    if saved is not None:  # written by `glmkit quantize`: its config records the quantized modules
+        from glmkit.quant.checkpoint import load_quantized
+
+        model = load_quantized(Path(source), saved, Transformer, pick_dtype(dtype or "bfloat16", dev)).to(dev)
+        tokenizer = load_tokenizer(source)
+        fmt = choose(source, tokenizer, model.config.eos_token_ids, chat_format) if tokenizer is not None else None
+        return LLM(model, str(source), tokenizer, fmt)
     if quantize is None and dtype is None and dev.type == "cpu":
         quantize = _stored_quantization(source)  # a quantized GGUF stays compact unless float is asked for
     config, tensors, sources = loaders.load(source, keep_int4=quantize == "int4" and dev.type == "cpu")
@@ -294,3 +302,19 @@ def _stored_quantization(source) -> str | None:
     if kinds and all(k == "Q8_0" for k in kinds):
         return "int8"
     return None
+
+
+def _glmkit_checkpoint(source) -> dict | None:
+    """The config.json of a checkpoint written by `glmkit quantize`, else None."""
+    import json
+
+    from glmkit.quant.checkpoint import is_quantized_checkpoint
+
+    path = Path(source) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None  # the regular loader reports a broken config.json
+    return raw if isinstance(raw, dict) and is_quantized_checkpoint(raw) else None

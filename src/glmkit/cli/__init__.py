@@ -17,6 +17,7 @@ COMMANDS = {
     "ppl": "perplexity of a text file (llama.cpp's llama-perplexity protocol)",
     "serve": "OpenAI-compatible HTTP API and a web chat page",
     "bench": "prefill / decode tokens per second, time to first token and peak memory",
+    "quantize": "write a weight-only int8 / int4 checkpoint",
 }
 
 

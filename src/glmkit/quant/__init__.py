@@ -35,7 +35,9 @@ class Int8Linear(nn.Module):
         return self.q.float() * self.scales[:, None]  # (N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        # torch 2.13's int8 kernel crashes (segfault) for input widths that are not a multiple of 16 once
+        # there are 8 or more rows: those shapes take the portable path
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.in_features % 16 == 0:
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.q, self.scales_bf16)
             y = y.view(*x.shape[:-1], self.out_features)
         else:
@@ -73,11 +75,18 @@ class Int4Linear(nn.Module):
         q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).view(N, K)
         return cls(q, scales, lo + 8 * scales, group_size, bias)
 
-    def dequantize(self) -> torch.Tensor:
-        """The weights as stored (bfloat16 scales), (N, K): the packed kernel applied to the identity."""
+    def nibbles(self) -> torch.Tensor:
+        """The stored 4-bit values (N, K), 0..15: the packed kernel on the identity with scale 1, zero 8."""
         eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size,
-                                                          self.scales_zeros).T.float()
+        unit = torch.empty_like(self.scales_zeros)
+        unit[..., 0], unit[..., 1] = 1.0, 8.0
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, unit).T.round().to(torch.uint8)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weights as stored (bfloat16 scales), (N, K), in float32."""
+        sz = self.scales_zeros.float()  # (K / gs, N, 2)
+        g = self.nibbles().float().view(self.out_features, -1, self.group_size)
+        return ((g - 8) * sz[..., 0].T[..., None] + sz[..., 1].T[..., None]).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype == torch.bfloat16:
