@@ -146,9 +146,9 @@ def test_python_shipped_with_checkpoint_is_never_run(tmp_path, checkpoint):
     assert not marker.exists()
 
 
-def test_official_quantized_checkpoint_is_refused(checkpoint):
-    _edit_config(checkpoint, quantization_bit=4)
-    with pytest.raises(ConfigError, match=r"official ChatGLM int4 checkpoint"):
+def test_odd_quantization_bit_is_refused(checkpoint):
+    _edit_config(checkpoint, quantization_bit=3)
+    with pytest.raises(ConfigError, match=r"quantization_bit=3"):
         glmkit.load(checkpoint)
 
 

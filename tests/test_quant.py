@@ -125,3 +125,39 @@ def test_int8_odd_width_takes_the_portable_path():
     w, x = torch.randn(48, 40), torch.randn(91, 40, dtype=torch.bfloat16)
     m = Int8Linear.from_float(w)
     assert rel(m(x), torch.nn.functional.linear(x.float(), m.dequantize())) < 0.01
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_official_chatglm_quantized_checkpoint(tmp_path, random_ids, bits):
+    """An official-format ChatGLM -int8 / -int4 checkpoint (per-row absmax; int4 two values a byte, the first in
+    the high nibble) loads into glmkit's modules and matches the float model of its dequantized weights."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from conftest import GLM_CONFIGS, write_thudm_glm
+
+    hf = make_hf_model("glm", GLM_CONFIGS["mqa-untied"], hidden_size=64, intermediate_size=64, seed=8)
+    write_thudm_glm(hf, tmp_path / "float")
+    tensors = load_file(tmp_path / "float" / "model.safetensors")
+    dequantized = dict(tensors)
+    for name in [n for n in tensors if n.endswith(("query_key_value.weight", "dense.weight", "dense_h_to_4h.weight",
+                                                   "dense_4h_to_h.weight"))]:
+        w = tensors[name].half().float()
+        scale = (w.abs().amax(dim=1) / (2 ** (bits - 1) - 1)).half()
+        q = torch.round(w / scale.float()[:, None]).clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1).to(torch.int8)
+        dequantized[name] = q.float() * scale.float()[:, None]
+        if bits == 4:  # the official compress_int4_weight: byte j = (q[2j] << 4) | (q[2j + 1] & 15)
+            u = q.to(torch.int16) & 15
+            q = ((u[:, 0::2] << 4) | u[:, 1::2]).to(torch.uint8).view(torch.int8)
+        tensors[name], tensors[name + "_scale"] = q.contiguous(), scale
+    (tmp_path / "q").mkdir()
+    save_file(tensors, tmp_path / "q" / "model.safetensors")
+    raw = json.loads((tmp_path / "float" / "config.json").read_text())
+    (tmp_path / "q" / "config.json").write_text(json.dumps({**raw, "quantization_bit": bits}))
+    save_file({k: v.contiguous() for k, v in dequantized.items()}, tmp_path / "float" / "model.safetensors")
+    reference = glmkit.load(tmp_path / "float", dtype="float32")
+    quantized = glmkit.load(tmp_path / "q", dtype="float32")
+    assert isinstance(quantized.model.layers[0].attn.qkv, Int4Linear if bits == 4 else Int8Linear)
+    ids = random_ids(2, 10, hf.config.vocab_size)
+    assert rel(quantized.logits(ids), reference.logits(ids)) < 5e-3  # scales kept in bfloat16 for int4

@@ -118,10 +118,9 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         """Build from a checkpoint's config.json: THUDM remote-code or transformers-native spelling."""
-        if d.get("quantization_bit"):
-            raise ConfigError(
-                f"this is an official ChatGLM int{d['quantization_bit']} checkpoint (quantization_bit in config.json); "
-                "glmkit does not load those yet. Use the float16 checkpoint and glmkit's own quantize option instead.")
+        if d.get("quantization_bit") not in (None, 0, 4, 8):
+            raise ConfigError(f"config.json quantization_bit={d['quantization_bit']!r}: official ChatGLM checkpoints "
+                              "come as int4 or int8 only.")
         if "num_layers" in d and ("padded_vocab_size" in d or "inner_hidden_size" in d or "kv_channels" in d):
             return _from_thudm(_Keys(d))
         model_type = d.get("model_type")

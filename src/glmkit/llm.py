@@ -198,6 +198,8 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], sources: 
     with torch.device("meta"):
         model = Transformer(config)
     expected = model.state_dict()
+    for path in _official_quantized(model, tensors, expected, sources):  # ChatGLM -int4 / -int8 layers
+        expected = {k: v for k, v in expected.items() if k.rsplit(".", 1)[0] != path}
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise CheckpointError(f"{sources[unexpected[0]]} has no place in this model (it would fill "
@@ -220,8 +222,38 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], sources: 
         parent, child = path.rsplit(".", 1)
         bias = state.pop(path + ".bias", None)
         setattr(model.get_submodule(parent), child, Int4Linear(blocks.q, blocks.scales, blocks.zeros, 32, bias))
-    model.load_state_dict(state, strict=not packed, assign=True)
+    model.load_state_dict(state, strict=False, assign=True)  # completeness was checked above
     return model.requires_grad_(False)
+
+
+def _official_quantized(model: Transformer, tensors: dict, expected: dict, sources: dict) -> list[str]:
+    """Official ChatGLM -int8 / -int4 layers: an int8 `weight` (int4: two values per byte, first in the high
+    nibble) with a per-row `weight_scale` (row absmax / 127 or / 7) become int8 / int4 modules directly."""
+    from glmkit.quant import Int4Linear, Int8Linear
+
+    done = []
+    for scale_name in [n for n in tensors if n.endswith(".weight_scale")]:
+        path = scale_name[: -len(".weight_scale")]
+        scale, weight = tensors.pop(scale_name).float(), tensors.pop(path + ".weight", None)
+        if weight is None or path + ".weight" not in expected:
+            raise CheckpointError(f"{sources[scale_name]} has no quantized weight to go with it.")
+        N, K = expected[path + ".weight"].shape
+        bias = tensors.pop(path + ".bias", None)
+        if tuple(weight.shape) == (N, K):
+            module = Int8Linear(weight.to(torch.int8), scale, bias)
+        elif tuple(weight.shape) == (N, K // 2):
+            packed = weight.to(torch.int8).view(torch.uint8).to(torch.int16)
+            signed = torch.stack([packed >> 4, packed & 15], dim=-1).view(N, K)  # (N, K), 0..15 two's complement
+            values = torch.where(signed >= 8, signed - 16, signed)  # -8..7
+            module = Int4Linear((values + 8).to(torch.uint8), scale[:, None].expand(N, K // 32).contiguous(),
+                                torch.zeros(N, K // 32), 32, bias)
+        else:
+            raise CheckpointError(f"{sources[path + '.weight']} has shape {tuple(weight.shape)}; a quantized layer of "
+                                  f"{(N, K)} needs {(N, K)} (int8) or {(N, K // 2)} (int4).")
+        parent, child = path.rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, module)
+        done.append(path)
+    return done
 
 
 def load(source: str | Path | None = None, *, device: str | None = None, dtype: str | torch.dtype | None = None,

@@ -40,13 +40,13 @@ TRANSFORMS: dict[str, Callable[[torch.Tensor, ModelConfig], torch.Tensor]] = {"v
 THUDM_V1: list[Rule] = [
     (r"transformer\.word_embeddings\.weight", "embed.weight"),
     (rf"transformer\.layers\.{L}\.input_layernorm\.(weight|bias)", r"layers.\1.attn_norm.\2"),
-    (rf"transformer\.layers\.{L}\.attention\.query_key_value\.(weight|bias)",
+    (rf"transformer\.layers\.{L}\.attention\.query_key_value\.(weight|bias|weight_scale)",
      Target(r"layers.\1.attn.qkv.\2", transform="v1_qkv")),
-    (rf"transformer\.layers\.{L}\.attention\.dense\.(weight|bias)", r"layers.\1.attn.out.\2"),
+    (rf"transformer\.layers\.{L}\.attention\.dense\.(weight|bias|weight_scale)", r"layers.\1.attn.out.\2"),
     (rf"transformer\.layers\.{L}\.attention\.rotary_emb\.inv_freq", None),  # recomputed from the config
     (rf"transformer\.layers\.{L}\.post_attention_layernorm\.(weight|bias)", r"layers.\1.mlp_norm.\2"),
-    (rf"transformer\.layers\.{L}\.mlp\.dense_h_to_4h\.(weight|bias)", r"layers.\1.mlp.in_proj.\2"),
-    (rf"transformer\.layers\.{L}\.mlp\.dense_4h_to_h\.(weight|bias)", r"layers.\1.mlp.out_proj.\2"),
+    (rf"transformer\.layers\.{L}\.mlp\.dense_h_to_4h\.(weight|bias|weight_scale)", r"layers.\1.mlp.in_proj.\2"),
+    (rf"transformer\.layers\.{L}\.mlp\.dense_4h_to_h\.(weight|bias|weight_scale)", r"layers.\1.mlp.out_proj.\2"),
     (r"transformer\.final_layernorm\.(weight|bias)", r"norm.\1"),
     (r"lm_head\.weight", "lm_head.weight"),
 ]
@@ -54,11 +54,12 @@ THUDM_V1: list[Rule] = [
 THUDM_V2: list[Rule] = [  # ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B
     (r"transformer\.embedding\.word_embeddings\.weight", "embed.weight"),
     (rf"transformer\.encoder\.layers\.{L}\.input_layernorm\.(weight|bias)", r"layers.\1.attn_norm.\2"),
-    (rf"transformer\.encoder\.layers\.{L}\.self_attention\.query_key_value\.(weight|bias)", r"layers.\1.attn.qkv.\2"),
-    (rf"transformer\.encoder\.layers\.{L}\.self_attention\.dense\.(weight|bias)", r"layers.\1.attn.out.\2"),
+    (rf"transformer\.encoder\.layers\.{L}\.self_attention\.query_key_value\.(weight|bias|weight_scale)",
+     r"layers.\1.attn.qkv.\2"),
+    (rf"transformer\.encoder\.layers\.{L}\.self_attention\.dense\.(weight|bias|weight_scale)", r"layers.\1.attn.out.\2"),
     (rf"transformer\.encoder\.layers\.{L}\.post_attention_layernorm\.(weight|bias)", r"layers.\1.mlp_norm.\2"),
-    (rf"transformer\.encoder\.layers\.{L}\.mlp\.dense_h_to_4h\.(weight|bias)", r"layers.\1.mlp.in_proj.\2"),
-    (rf"transformer\.encoder\.layers\.{L}\.mlp\.dense_4h_to_h\.(weight|bias)", r"layers.\1.mlp.out_proj.\2"),
+    (rf"transformer\.encoder\.layers\.{L}\.mlp\.dense_h_to_4h\.(weight|bias|weight_scale)", r"layers.\1.mlp.in_proj.\2"),
+    (rf"transformer\.encoder\.layers\.{L}\.mlp\.dense_4h_to_h\.(weight|bias|weight_scale)", r"layers.\1.mlp.out_proj.\2"),
     (r"transformer\.encoder\.final_layernorm\.(weight|bias)", r"norm.\1"),
     (r"transformer\.output_layer\.weight", "lm_head.weight"),
     (r"transformer\.rotary_pos_emb\.inv_freq", None),  # recomputed from the config
