@@ -73,6 +73,18 @@ def measure(url: str, model: str, levels: list[int], tokens: int, runs: int) -> 
     return {n: statistics.median(round_throughput(url, model, n, tokens) for _ in range(runs)) for n in levels}
 
 
+def serve_and_measure(command, levels: list[int], args) -> dict[int, float]:
+    """Start a server (command(port) -> argv), measure it, stop it."""
+    port = free_port()
+    proc = subprocess.Popen(command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc)
+        return measure(f"http://127.0.0.1:{port}", "m", levels, args.tokens, args.runs)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="glmkit MODEL (alias, .gguf or directory)")
@@ -85,26 +97,13 @@ def main() -> None:
     from glmkit.hub import resolve
 
     gguf = Path(resolve(args.model))
-    rows = {}
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "glmkit", "serve", str(gguf), "--port", str(port),
-                             "--max-batch", "8", "--model-name", "m"], stderr=subprocess.DEVNULL)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", proc)
-        rows["glmkit serve"] = measure(f"http://127.0.0.1:{port}", "m", levels, args.tokens, args.runs)
-    finally:
-        proc.terminate()
-        proc.wait()
+    rows = {"glmkit serve": serve_and_measure(
+        lambda port: [sys.executable, "-m", "glmkit", "serve", str(gguf), "--port", str(port), "--max-batch", "8",
+                      "--model-name", "m"], levels, args)}
     if args.llama_server and gguf.suffix == ".gguf":
-        port = free_port()
-        proc = subprocess.Popen([args.llama_server, "-m", str(gguf), "--port", str(port), "-np", "8", "-c", "4096",
-                                 "-t", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_ready(f"http://127.0.0.1:{port}", proc)
-            rows["llama-server -np 8"] = measure(f"http://127.0.0.1:{port}", "m", levels, args.tokens, args.runs)
-        finally:
-            proc.terminate()
-            proc.wait()
+        rows["llama-server -np 8"] = serve_and_measure(
+            lambda port: [args.llama_server, "-m", str(gguf), "--port", str(port), "-np", "8", "-c", "4096", "-t", "2"],
+            levels, args)
     print(f"\naggregate decode tokens/s, {args.tokens} tokens per stream, median of {args.runs} runs "
           f"({gguf.name})\n")
     print("| server | " + " | ".join(f"{n} stream{'s' if n > 1 else ''}" for n in levels) + " | 8 vs 1 |")
