@@ -78,6 +78,25 @@ class LLM:
         done = complete(self.engine, ids, params)
         return self._reply(done.text, tools, done.finish_reason, done.usage)
 
+    def infill(self, prompt: str | Sequence[int], **sampling: Any) -> str | list[int]:
+        """Fill every [MASK] of a prompt, left to right (GLM blank infilling; ChatGLM-6B-architecture models).
+
+        Each blank is generated after <sop> until <eop>, with the positions of the GLM objective (the
+        generated tokens sit at the blank's position, block positions counting from <sop>), and spliced in
+        before the next blank is filled. Text in, text out; token ids in, token ids out."""
+        c = self.config
+        if c.positions != "2d" or c.mask_token_id is None or c.sop_token_id is None:
+            raise GlmkitError("blank infilling needs a GLM (ChatGLM-6B-architecture) model with [MASK] and <sop>.")
+        as_text = isinstance(prompt, str)
+        ids = self.tokenizer.encode(prompt, allow_special=True) if as_text else [int(i) for i in prompt]
+        if c.mask_token_id not in ids:
+            raise GlmkitError("the prompt has no [MASK] to fill.")
+        while c.mask_token_id in ids:
+            fill = self.generate(ids + [c.sop_token_id], **sampling).token_ids
+            at = ids.index(c.mask_token_id)
+            ids = ids[:at] + fill + ids[at + 1:]
+        return self.tokenizer.decode(ids) if as_text else ids
+
     def _chat_stream(self, ids, tools, params) -> Iterator[dict]:
         text, started, last, n = "", False, None, 0
         for chunk in stream_chunks(self.engine, ids, params):
