@@ -85,3 +85,20 @@ def test_infill_needs_a_glm_model(tmp_path):
     make_hf_model("llama", LLAMA_CONFIGS["mqa-tied"]).save_pretrained(tmp_path)
     with pytest.raises(glmkit.GlmkitError, match="blank infilling needs a GLM"):
         glmkit.load(tmp_path).infill([1, 2, 3])
+
+
+def test_cli_infill_through_the_entry_point():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(__file__).parent / "fixtures" / "chatglm-official-rich" / "v1-mask"
+    exp = load_file(folder / "expected.safetensors")
+    ids = exp["input_ids"][0].tolist()[:-1]
+    out = subprocess.run([sys.executable, "-m", "glmkit", "infill", str(folder), ",".join(map(str, ids)), "--ids",
+                          "--max-tokens", "12", "--temperature", "0"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    at = ids.index(296)  # [MASK]
+    assert [int(t) for t in out.stdout.strip().split(",")] == ids[:at] + exp["greedy_ids"][0].tolist() + ids[at + 1:]

@@ -18,6 +18,7 @@ COMMANDS = {
     "serve": "OpenAI-compatible HTTP API and a web chat page",
     "bench": "prefill / decode tokens per second, time to first token and peak memory",
     "quantize": "write a weight-only int8 / int4 checkpoint",
+    "infill": "fill every [MASK] of a text (GLM blank infilling)",
 }
 
 
