@@ -235,12 +235,11 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], sources: 
     packed = {name: t for name, t in tensors.items() if not isinstance(t, torch.Tensor)}
     state = {name: t.to(device=device, dtype=dtype) for name, t in tensors.items() if name not in packed}
     for name, blocks in packed.items():  # GGUF int4 blocks become int4 modules directly, never float
-        from glmkit.quant import Int4Linear
+        from glmkit.quant import Int4Linear, replace_module
 
         path = name.rsplit(".", 1)[0]
-        parent, child = path.rsplit(".", 1)
         bias = state.pop(path + ".bias", None)
-        setattr(model.get_submodule(parent), child, Int4Linear(blocks.q, blocks.scales, blocks.zeros, 32, bias))
+        replace_module(model, path, Int4Linear(blocks.q, blocks.scales, blocks.zeros, 32, bias))
     model.load_state_dict(state, strict=False, assign=True)  # completeness was checked above
     return model.requires_grad_(False)
 
@@ -248,7 +247,7 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], sources: 
 def _official_quantized(model: Transformer, tensors: dict, expected: dict, sources: dict) -> list[str]:
     """Official ChatGLM -int8 / -int4 layers: an int8 `weight` (int4: two values per byte, first in the high
     nibble) with a per-row `weight_scale` (row absmax / 127 or / 7) become int8 / int4 modules directly."""
-    from glmkit.quant import Int4Linear, Int8Linear
+    from glmkit.quant import Int4Linear, Int8Linear, replace_module
 
     done = []
     for scale_name in [n for n in tensors if n.endswith(".weight_scale")]:
@@ -269,8 +268,7 @@ def _official_quantized(model: Transformer, tensors: dict, expected: dict, sourc
         else:
             raise CheckpointError(f"{sources[path + '.weight']} has shape {tuple(weight.shape)}; a quantized layer of "
                                   f"{(N, K)} needs {(N, K)} (int8) or {(N, K // 2)} (int4).")
-        parent, child = path.rsplit(".", 1)
-        setattr(model.get_submodule(parent), child, module)
+        replace_module(model, path, module)
         done.append(path)
     return done
 
@@ -290,12 +288,16 @@ def load(source: str | Path | None = None, *, device: str | None = None, dtype: 
         from glmkit.quant.checkpoint import load_quantized
 
         model = load_quantized(Path(source), saved, Transformer, pick_dtype(dtype or "bfloat16", dev)).to(dev)
-        tokenizer = load_tokenizer(source)
-        fmt = choose(source, tokenizer, model.config.eos_token_ids, chat_format) if tokenizer is not None else None
-        return LLM(model, str(source), tokenizer, fmt)
-    if quantize is None and dtype is None and dev.type == "cpu":
-        quantize = _stored_quantization(source)  # a quantized GGUF stays compact unless float is asked for
-    config, tensors, sources = loaders.load(source, keep_int4=quantize == "int4" and dev.type == "cpu")
+        return LLM(model, str(source), *_tokenizer_and_format(source, None, model.config, chat_format))
+    reader = None
+    if str(source).lower().endswith(".gguf"):
+        from glmkit.loaders.gguf import open_gguf
+
+        reader = open_gguf(source)  # parsed once, for the weights, the tokenizer and the chat template
+    if quantize is None and dtype is None and dev.type == "cpu" and reader is not None:
+        quantize = _stored_quantization(reader)  # a quantized GGUF stays compact unless float is asked for
+    config, tensors, sources = loaders.load(source, keep_int4=quantize == "int4" and dev.type == "cpu",
+                                            gguf_reader=reader)
     if quantize is not None and dtype is None:
         dtype = "bfloat16"  # the weight-only kernels run fast with bfloat16 activations
     model = build_model(config, tensors, sources, dev, pick_dtype(dtype, dev))
@@ -304,19 +306,21 @@ def load(source: str | Path | None = None, *, device: str | None = None, dtype: 
 
         model = quantize_model(model, bits=4 if quantize == "int4" else 8)
     del tensors
-    if str(source).lower().endswith(".gguf"):
-        tokenizer, fmt = _gguf_tokenizer_and_format(source, config, chat_format)
-    else:
-        tokenizer = load_tokenizer(source)
-        fmt = choose(source, tokenizer, config.eos_token_ids, chat_format) if tokenizer is not None else None
-    return LLM(model, str(source), tokenizer, fmt)
+    return LLM(model, str(source), *_tokenizer_and_format(source, reader, config, chat_format))
 
 
-def _gguf_tokenizer_and_format(path, config: ModelConfig, name: str | None):
-    from glmkit.loaders.gguf import metadata, open_gguf
+def _tokenizer_and_format(source, reader, config: ModelConfig, name: str | None):
+    """The tokenizer and chat format of a checkpoint directory, or of a GGUF file's metadata (reader)."""
+    if reader is not None:
+        return _gguf_tokenizer_and_format(reader, source, config, name)
+    tokenizer = load_tokenizer(source)
+    return tokenizer, choose(source, tokenizer, config.eos_token_ids, name) if tokenizer is not None else None
+
+
+def _gguf_tokenizer_and_format(reader, path, config: ModelConfig, name: str | None):
+    from glmkit.loaders.gguf import metadata
     from glmkit.tokenizer import gguf_tokenizer
 
-    reader = open_gguf(path)
     if "tokenizer.ggml.model" not in reader.fields:
         return None, None  # weights only: generate from token ids
     kind = reader.fields["tokenizer.ggml.model"].contents()
@@ -341,13 +345,9 @@ def _params(sampling: dict[str, Any]) -> SamplingParams:
         raise GlmkitError(f"unknown sampling parameter ({e}); see help(glmkit.LLM.generate).") from None
 
 
-def _stored_quantization(source) -> str | None:
-    """'int4' / 'int8' for a GGUF whose linear weights are 4-bit / 8-bit quantized, else None."""
-    if not str(source).lower().endswith(".gguf"):
-        return None
-    from glmkit.loaders.gguf import open_gguf
-
-    kinds = [t.tensor_type.name for t in open_gguf(source).tensors if t.name.endswith("ffn_down.weight")]
+def _stored_quantization(reader) -> str | None:
+    """'int4' / 'int8' for a GGUF (its reader) whose linear weights are 4-bit / 8-bit quantized, else None."""
+    kinds = [t.tensor_type.name for t in reader.tensors if t.name.endswith("ffn_down.weight")]
     if kinds and all(k.startswith(("Q4", "Q5", "Q6", "Q2", "Q3", "IQ")) for k in kinds):
         return "int4"
     if kinds and all(k == "Q8_0" for k in kinds):

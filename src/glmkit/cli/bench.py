@@ -18,13 +18,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import glmkit
     from glmkit.benchmark import measure_llm, peak_rss_mb
-    from glmkit.hub import DEFAULT_MODEL
 
     t = time.perf_counter()
-    llm = (glmkit.load(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, quantize=args.quantize)
-           if args.quantize else load_model(args))
+    llm = load_model(args)
     load = time.perf_counter() - t
     r = measure_llm(llm, runs=args.runs)
     print(f"{llm.source} ({llm.dtype}, {args.quantize or 'as stored'}): load {load:.1f} s | prefill (512) "

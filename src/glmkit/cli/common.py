@@ -34,4 +34,5 @@ def load_model(args: argparse.Namespace):
 
     args.model = args.model or DEFAULT_MODEL
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    return glmkit.load(args.model, device=args.device, dtype=args.dtype, chat_format=args.chat_format)
+    return glmkit.load(args.model, device=args.device, dtype=args.dtype, chat_format=args.chat_format,
+                       quantize=getattr(args, "quantize", None))  # commands with a --quantize option

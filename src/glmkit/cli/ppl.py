@@ -26,13 +26,7 @@ def main(args: argparse.Namespace) -> int:
         from glmkit.errors import GlmkitError
 
         raise GlmkitError(f"{path} does not exist; pass a text file.")
-    if args.quantize:
-        import glmkit
-        from glmkit.hub import DEFAULT_MODEL
-
-        llm = glmkit.load(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, quantize=args.quantize)
-    else:
-        llm = load_model(args)
+    llm = load_model(args)
     ids = llm.tokenizer.encode_prompt(path.read_text(encoding="utf-8"))
     bos = llm.config.bos_token_id if ids and ids[0] == llm.config.bos_token_id else None
     print(f"{len(ids)} tokens, {len(ids) // args.ctx} chunks of {args.ctx}", file=sys.stderr)

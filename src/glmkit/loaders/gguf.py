@@ -164,9 +164,11 @@ def int4_blocks(tensor) -> Int4Blocks:
     return Int4Blocks(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(zeros))
 
 
-def load_gguf(path: str | Path, keep_int4: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
-    """keep_int4: Q4_0 / Q4_1 linear weights come back as Int4Blocks instead of float tensors."""
-    reader = open_gguf(path)
+def load_gguf(path: str | Path, keep_int4: bool = False,
+              reader=None) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """keep_int4: Q4_0 / Q4_1 linear weights come back as Int4Blocks instead of float tensors.
+    reader: an already opened GGUFReader of `path` (parsing the header of a large vocabulary takes seconds)."""
+    reader = reader if reader is not None else open_gguf(path)
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
     if "token_embd.weight" not in shapes:
         raise CheckpointError(f"{path} has no token_embd.weight tensor; it is not a complete model file.")
