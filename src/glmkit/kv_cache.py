@@ -2,7 +2,7 @@
 
 Created by the engine and passed into the model's forward; the model writes the new keys and values
 at [start, start + T) of each row and reads [0, S). `start` is one int for the whole batch or one per
-row (decode steps of sequences with different lengths). Row views, growth and row moves serve
+row (decode steps of sequences with different lengths). Row views and growth serve
 continuous batching. It knows nothing about tokens, sampling or positions.
 """
 
@@ -45,11 +45,6 @@ class KVCache:
         view = KVCache.__new__(KVCache)
         view.k, view.v = self.k[:, lo:hi], self.v[:, lo:hi]
         return view
-
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` positions of row src into row dst."""
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
     def grow(self, max_len: int) -> None:
         """Make room for max_len positions, keeping what is stored."""

@@ -216,11 +216,6 @@ class HFTokenizer(Tokenizer):
     def encode_prompt(self, text: str) -> list[int]:
         return self.tok_plain.encode(text, add_special_tokens=True).ids  # the post-processor's BOS, if any
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Plain-text encoding with each token's (start, end) character span in `text`."""
-        enc = self.tok_plain.encode(text, add_special_tokens=False)
-        return enc.ids, enc.offsets
-
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special)
 

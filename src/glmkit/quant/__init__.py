@@ -98,6 +98,12 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
+def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at the dotted `path` of model (e.g. 'layers.3.attn.qkv', or 'lm_head')."""
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def quantize_model(model: nn.Module, bits: int, group_size: int = 32, include_head: bool = True) -> nn.Module:
     """Swap every nn.Linear (attention, MLP and, with include_head, the output head) for a weight-only module.
 

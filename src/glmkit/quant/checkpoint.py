@@ -18,7 +18,7 @@ from torch import nn
 
 from glmkit.config import ModelConfig
 from glmkit.errors import CheckpointError
-from glmkit.quant import Int4Linear, Int8Linear
+from glmkit.quant import Int4Linear, Int8Linear, replace_module
 
 FORMAT = "glmkit-weight-only-v1"
 
@@ -72,8 +72,6 @@ def load_quantized(directory: Path, raw: dict, model_cls, dtype: torch.dtype) ->
         return tensors.pop(key).clone()
 
     for name, kind in spec["modules"].items():
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
         bias = take(f"{name}.bias") if f"{name}.bias" in tensors else None
         try:
             if kind == "int4":
@@ -84,7 +82,7 @@ def load_quantized(directory: Path, raw: dict, model_cls, dtype: torch.dtype) ->
                 module = Int8Linear(take(f"{name}.qweight"), take(f"{name}.scales"), bias)
         except KeyError as e:
             raise CheckpointError(f"{directory} lacks tensor {e.args[0]!r} for quantized layer {name!r}.") from None
-        setattr(owner, child, module)
+        replace_module(model, name, module)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [m for m in missing if m.rsplit(".", 1)[0] not in spec["modules"]]  # those were built above

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -32,7 +32,6 @@ class Handle:
     loop: asyncio.AbstractEventLoop
     seq: Sequence | None = None
     done: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class EngineWorker:
