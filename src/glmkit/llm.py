@@ -298,6 +298,8 @@ def load(source: str | Path | None = None, *, device: str | None = None, dtype: 
         quantize = _stored_quantization(reader)  # a quantized GGUF stays compact unless float is asked for
     config, tensors, sources = loaders.load(source, keep_int4=quantize == "int4" and dev.type == "cpu",
                                             gguf_reader=reader)
+    tokenizer, fmt = _tokenizer_and_format(source, reader, config, chat_format)
+    reader = None  # the parsed header is large: let it go before the model is built (peak memory)
     if quantize is not None and dtype is None:
         dtype = "bfloat16"  # the weight-only kernels run fast with bfloat16 activations
     model = build_model(config, tensors, sources, dev, pick_dtype(dtype, dev))
@@ -306,7 +308,7 @@ def load(source: str | Path | None = None, *, device: str | None = None, dtype: 
 
         model = quantize_model(model, bits=4 if quantize == "int4" else 8)
     del tensors
-    return LLM(model, str(source), *_tokenizer_and_format(source, reader, config, chat_format))
+    return LLM(model, str(source), tokenizer, fmt)
 
 
 def _tokenizer_and_format(source, reader, config: ModelConfig, name: str | None):
