@@ -195,7 +195,10 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
                 start: int | torch.Tensor = 0, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
         """-> logits (B, T, V) in the model's dtype."""
-        h = self.hidden_states(tokens, positions, cache, start, prefix_len)
+        return self.head(self.hidden_states(tokens, positions, cache, start, prefix_len))
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, T, C) -> logits (B, T, V)."""
         if self.lm_head is None:  # tied embeddings
             return F.linear(h, self.embed.weight)  # (B, T, V)
         return self.lm_head(h)  # (B, T, V)

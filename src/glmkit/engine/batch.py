@@ -124,8 +124,9 @@ class Engine:
             seq.m = int(positions[0, 0, seq.c])
         if prefix_len is not None:
             prefix_len = prefix_len + self.P
-        logits = self.model(ids[:, common:], positions[..., common:], self.cache.rows(slot, slot + 1),
-                            self.P + common, prefix_len)[0, -1]
+        h = self.model.hidden_states(ids[:, common:], positions[..., common:], self.cache.rows(slot, slot + 1),
+                                     self.P + common, prefix_len)  # (1, T, C)
+        logits = self.model.head(h[:, -1:])[0, -1]  # only the last position's logits are needed: (V,)
         seq.prefilled, seq.fed = len(seq.prompt) - common, len(seq.prompt)
         return self._sample(seq, logits)
 
