@@ -36,6 +36,7 @@ class LLM:
         self._tokenizer = tokenizer
         self.chat_format = chat_format
         self._engine: Engine | None = None
+        self.prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # P-tuning v2 prefix (load(ptuning=...))
 
     @property
     def engine(self) -> Engine:
@@ -43,7 +44,7 @@ class LLM:
         if self._engine is None:
             stops = set(self.config.eos_token_ids) | set(self.chat_format.stop_ids if self.chat_format else ())
             decode = None if self._tokenizer is None else (lambda ids: self._tokenizer.decode(ids, skip_special=True))
-            self._engine = Engine(self.model, frozenset(stops), decode)
+            self._engine = Engine(self.model, frozenset(stops), decode, prefix_kv=self.prefix_kv)
         return self._engine
 
     def encode_prompt(self, text: str) -> list[int]:
@@ -274,9 +275,38 @@ def _official_quantized(model: Transformer, tensors: dict, expected: dict, sourc
 
 
 def load(source: str | Path | None = None, *, device: str | None = None, dtype: str | torch.dtype | None = None,
-         quantize: str | None = None, chat_format: str | None = None) -> LLM:
+         quantize: str | None = None, chat_format: str | None = None, lora: str | Path | None = None,
+         ptuning: str | Path | None = None) -> LLM:
     """Load a checkpoint directory (config.json + *.safetensors / *.bin, plus its tokenizer files), a .gguf file,
-    a packaged alias ('smollm2-135m-instruct', also what None means) or a Hugging Face repo id, and return an LLM. `chat_format` forces a format ('chatglm1', 'chatglm2', 'chatglm3', 'glm4', 'jinja')."""
+    a packaged alias ('smollm2-135m-instruct', also what None means) or a Hugging Face repo id, and return an LLM.
+    `chat_format` forces a format ('chatglm1', 'chatglm2', 'chatglm3', 'glm4', 'jinja'). `lora`: a PEFT LoRA
+    adapter directory, merged into float weights (kept beside quantized ones). `ptuning`: a P-tuning v2 prefix
+    written by `glmkit train --ptuning N` (the engine's generation uses it; `logits()` does not)."""
+    llm = _load(source, device, dtype, quantize, chat_format)
+    if lora is not None:
+        from glmkit.train.lora import add_lora, checkpoint_layout, merge, read_adapter
+
+        settings, adapters = read_adapter(lora)
+        add_lora(llm.model, checkpoint_layout(llm.source, llm.config), settings, adapters=adapters)
+        floats = all(getattr(m.base, "weight", torch.empty(0, dtype=torch.int8)).is_floating_point()
+                     for _, m in _lora_layers(llm.model))
+        if floats:
+            merge(llm.model)
+        llm.model.requires_grad_(False)
+    if ptuning is not None:
+        from glmkit.train.ptuning import load_prefix
+
+        llm.prefix_kv = load_prefix(ptuning, llm.config)
+    return llm
+
+
+def _lora_layers(model):
+    from glmkit.train.lora import lora_layers
+
+    return lora_layers(model)
+
+
+def _load(source, device, dtype, quantize, chat_format) -> LLM:
     from glmkit.hub import resolve
 
     source = resolve(source)  # None or an alias: the packaged model, pulled on first use

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from glmkit.config import ModelConfig
@@ -169,6 +170,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = Norm(config)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # training: recompute each block's activations in backward
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
                       start: int | torch.Tensor = 0, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,7 +191,10 @@ class Transformer(nn.Module):
         if (prefix_len is not None or cache is not None) and not one_step:
             mask = attention_mask(T, S, start, prefix_len, tokens.device)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, start, S)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, i, start, S, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i, start, S)
         return self.norm(x)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,

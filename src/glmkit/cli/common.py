@@ -12,6 +12,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     parser.add_argument("--chat-format", default=None,
                         help="force a chat format: chatglm1, chatglm2, chatglm3, glm4 or jinja")
+    parser.add_argument("--lora", default=None, metavar="ADAPTER_DIR",
+                        help="apply a LoRA adapter (PEFT format, e.g. written by glmkit train --lora-r)")
+    parser.add_argument("--ptuning", default=None, metavar="PREFIX_DIR",
+                        help="use a P-tuning v2 prefix written by glmkit train --ptuning N")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, *, max_tokens: int) -> None:
@@ -35,4 +39,4 @@ def load_model(args: argparse.Namespace):
     args.model = args.model or DEFAULT_MODEL
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     return glmkit.load(args.model, device=args.device, dtype=args.dtype, chat_format=args.chat_format,
-                       quantize=getattr(args, "quantize", None))  # commands with a --quantize option
+                       quantize=getattr(args, "quantize", None), lora=args.lora, ptuning=args.ptuning)  # commands with a --quantize option

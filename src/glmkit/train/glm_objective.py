@@ -4,7 +4,9 @@ A document's spans are replaced by one mask token each (Part A); the spans follo
 each as <sop> + span, to be predicted left to right and ended by <eop> (Part B). 2D positions: a
 Part-B token takes its span's mask position and a block position counting from 1 at <sop>. Part A is
 bidirectional and sees no Part B (prefix_len = len(Part A)); Part B is causal. Loss on Part B only.
-`build_sample` is the deterministic layout; `sample_spans` / `glm_sample` draw the spans. No model here.
+`build_sample` is the deterministic layout; `sample_spans` / `sentence_spans` / `glm_sample` draw the
+spans, choosing per sample between token-level [MASK], sentence-level [sMASK] and document-level [gMASK]
+blanks with the weights of `Mixture`. No model and no tensors here (data.py collates).
 """
 
 from __future__ import annotations
@@ -79,15 +81,52 @@ def sample_spans(rng: random.Random, lengths: list[int], total: int) -> list[tup
     return spans
 
 
-def glm_sample(tokens: list[int], ids: GLMTokens, rng: random.Random, *, gmask_prob: float = 0.2,
-               gpt_min_ratio: float = 0.5) -> GLMSample:
-    """One training sample: token-level [MASK] spans, or (with gmask_prob) one [gMASK] span at the end."""
+@dataclass(frozen=True)
+class Mixture:
+    """Per-sample choice of blank kind (THUDM/GLM's GLM-10B recipe: 0.5 / 0.3 / 0.2)."""
+
+    mask: float = 0.5  # token-level spans, Poisson(3) lengths, ~15% of tokens
+    sentence: float = 0.3  # whole sentences, ~15% of tokens
+    gmask: float = 0.2  # one span at the end, a share of the text in [gpt_min_ratio, 1)
+    ratio: float = 0.15
+    gpt_min_ratio: float = 0.5
+
+
+def sentence_spans(rng: random.Random, tokens: list[int], ends: frozenset[int],
+                   ratio: float = 0.15) -> list[tuple[int, int]]:
+    """Whole sentences (a sentence ends after a token in `ends`), picked in random order until they cover
+    `ratio` of the tokens; [] when the text has fewer than two sentences."""
+    bounds, start = [], 0
+    for i, t in enumerate(tokens):
+        if t in ends:
+            bounds.append((start, i + 1))
+            start = i + 1
+    if start < len(tokens):
+        bounds.append((start, len(tokens)))
+    if len(bounds) < 2:
+        return []
+    picked, covered = [], 0
+    for k in rng.sample(range(len(bounds)), len(bounds) - 1):  # never every sentence: Part A keeps one
+        picked.append(bounds[k])
+        covered += bounds[k][1] - bounds[k][0]
+        if covered >= ratio * len(tokens):
+            break
+    return sorted(picked)
+
+
+def glm_sample(tokens: list[int], ids: GLMTokens, rng: random.Random, mixture: Mixture = Mixture(),
+               sentence_ends: frozenset[int] = frozenset()) -> GLMSample:
+    """One training sample of the GLM objective, its blank kind drawn from `mixture`."""
     L = len(tokens)
-    if L >= 4 and rng.random() < gmask_prob:
-        n = rng.randint(max(1, int(gpt_min_ratio * L)), L - 2)
+    kind = rng.choices(("mask", "sentence", "gmask"), (mixture.mask, mixture.sentence, mixture.gmask))[0]
+    spans: list[tuple[int, int]] = []
+    if kind == "gmask" and L >= 4:
+        n = rng.randint(max(1, int(mixture.gpt_min_ratio * L)), L - 2)
         spans, mask = [(L - n, L)], ids.gmask
-    else:
-        spans, mask = sample_spans(rng, poisson_lengths(rng, L), L), ids.mask
+    elif kind == "sentence":
+        spans, mask = sentence_spans(rng, tokens, sentence_ends, mixture.ratio), ids.smask
+    if not spans:  # token-level spans (also when the text is too short for the other kinds)
+        spans, mask = sample_spans(rng, poisson_lengths(rng, L, mixture.ratio), L), ids.mask
         if not spans:  # too short for the drawn spans: one token
             spans = [(L // 2, L // 2 + 1)]
     order = list(range(len(spans)))
