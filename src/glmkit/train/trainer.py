@@ -261,7 +261,7 @@ def train(cfg: TrainConfig) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         losses.append(float(total / count))
-        tokens_seen += int(count)
+        tokens_seen += sum(int((b["input_ids"] != pad).sum()) for b in micro) * world  # inputs, not targets
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
