@@ -102,3 +102,64 @@ def test_cli_infill_through_the_entry_point():
     assert out.returncode == 0, out.stderr
     at = ids.index(296)  # [MASK]
     assert [int(t) for t in out.stdout.strip().split(",")] == ids[:at] + exp["greedy_ids"][0].tolist() + ids[at + 1:]
+
+
+def test_sentence_spans_hand_computed():
+    from glmkit.train.glm_objective import sentence_spans
+
+    # three sentences ending in token 9: [1 2 9] [3 9] [4 5 6 9] [7]  (the last one has no end mark)
+    tokens = [1, 2, 9, 3, 9, 4, 5, 6, 9, 7]
+    rng = random.Random(0)
+    spans = sentence_spans(rng, tokens, frozenset({9}), ratio=0.15)
+    bounds = [(0, 3), (3, 5), (5, 9), (9, 10)]
+    assert spans and all(s in bounds for s in spans)  # whole sentences only
+    assert len(spans) < len(bounds)  # Part A always keeps a sentence
+    assert sum(e - s for s, e in spans) >= 0.15 * len(tokens)
+    assert sentence_spans(rng, [1, 2, 3], frozenset({9})) == []  # one sentence: nothing to blank
+
+
+def test_sentence_mode_builds_smask_samples():
+    from glmkit.train.glm_objective import Mixture
+
+    S = IDS.smask
+    tokens = [1, 2, 9, 3, 9, 4, 5, 6, 9, 7, 8, 9]
+    s = glm_sample(tokens, IDS, random.Random(1), Mixture(mask=0, sentence=1, gmask=0), frozenset({9}))
+    A = s.prefix_len
+    assert S in s.input_ids[:A] and M not in s.input_ids[:A] and G not in s.input_ids[:A]
+    for i, t in enumerate(s.input_ids[:A]):  # each [sMASK]'s block predicts a whole sentence ending in 9
+        if t == S:
+            b = [k for k in range(A, len(s.input_ids)) if s.position_ids[0][k] == i]
+            span = [s.labels[k] for k in b][:-1]
+            assert span[-1] == 9 or span == tokens[-len(span):]
+            assert [s.labels[k] for k in b][-1] == EOP
+
+
+@pytest.mark.parametrize("weights,expected", [((1, 0, 0), M), ((0, 0, 1), G)])
+def test_mixture_weights_choose_the_blank_kind(weights, expected):
+    from glmkit.train.glm_objective import Mixture
+
+    for seed in range(10):
+        tokens = list(range(1, 41))
+        s = glm_sample(tokens, IDS, random.Random(seed), Mixture(*weights))
+        assert expected in s.input_ids[: s.prefix_len]
+        if expected == G:  # one span at the end: Part A is a prefix of the text, then [gMASK]
+            assert s.input_ids[: s.prefix_len] == tokens[: s.prefix_len - 1] + [G]
+
+
+def test_collate_pads_and_keeps_the_2d_layout():
+    from glmkit.config import ModelConfig
+    from glmkit.train.data import Sample, collate
+
+    config = ModelConfig(vocab_size=100, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
+                         num_kv_heads=2, head_dim=4, positions="2d", attention_mask="prefix", mask_token_id=M,
+                         gmask_token_id=G, sop_token_id=SOP, eop_token_id=EOP)
+    a = build_sample([1, 2, 3, 4, 5, 6], [(2, 3), (4, 6)], [1, 0], M, SOP, EOP)
+    b = build_sample([7, 8, 9], [(1, 3)], [0], G, SOP, EOP)
+    batch = collate([Sample(a.input_ids, a.labels, a.position_ids, a.prefix_len),
+                     Sample(b.input_ids, b.labels, b.position_ids, b.prefix_len)], 0, config)
+    pad = len(a.input_ids) - len(b.input_ids)
+    assert batch["input_ids"].tolist() == [a.input_ids, b.input_ids + [0] * pad]
+    assert batch["labels"][1].tolist() == b.labels + [IGNORE] * pad  # padding is never a target
+    assert batch["positions"][0].tolist() == a.position_ids
+    assert batch["positions"][1, :, : len(b.input_ids)].tolist() == b.position_ids
+    assert batch["prefix_len"].tolist() == [5, 2]

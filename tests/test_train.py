@@ -320,12 +320,13 @@ def test_ptuning_prefix_trains_and_the_engine_uses_it(tmp_path, glm_v1, chat_fil
 
 # ---------------------------------------------------------------------------------------- distributed
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one(tmp_path, llama_dir, text_file):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one(tmp_path, llama_dir, text_file, sharding):
     common = ["--data", str(text_file), "--model", str(llama_dir), "--objective", "causal", "--steps", "3",
-              "--max-len", "48", "--lr", "3e-3", "--warmup", "1", "--no-progress"]
+              "--max-len", "48", "--lr", "3e-3", "--warmup", "1", "--no-progress"] + ["--fsdp"] * (sharding == "fsdp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29517", "-m", "glmkit.train", "--output", str(tmp_path / "two"), "--batch-size", "2",
+                          str(29517 + (sharding == "fsdp")), "-m", "glmkit.train", "--output", str(tmp_path / "two"), "--batch-size", "2",
                           *common], capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     one = run(tmp_path / "one", data=[str(text_file)], model=str(llama_dir), objective="causal", steps=3, max_len=48,
@@ -335,3 +336,36 @@ def test_torchrun_two_processes_match_one(tmp_path, llama_dir, text_file):
     a, b = glmkit.load(tmp_path / "two" / "final"), glmkit.load(one["final"])
     for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ------------------------------------------------------------------------------------ infilling served
+def test_server_completions_fill_mask_prompts(tmp_path, glm_v1):
+    """/v1/completions with [MASK] in a text prompt fills the blanks as llm.infill does (the reference path)."""
+    from test_server import LiveServer
+
+    from glmkit.config import ModelConfig
+    from glmkit.model import Transformer
+    from glmkit.train.export import save_checkpoint
+    from glmkit.train.trainer import init_weights
+
+    raw = json.loads((glm_v1 / "config.json").read_text())
+    model = Transformer(ModelConfig.from_hf_dict(raw))
+    init_weights(model, 7)
+    with torch.no_grad():
+        model.embed.weight.mul_(50)  # a random model that does not just repeat one token
+    llm = glmkit.load(save_checkpoint(model, tmp_path / "glm", raw, glm_v1))
+    prompt = "我们 [MASK] hello world [MASK] 模型"
+    expected = llm.infill(prompt, max_tokens=5, temperature=0)
+    server = LiveServer(llm)
+    try:
+        r = server.client().completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0)
+        assert r.choices[0].text == expected and "[MASK]" not in r.choices[0].text
+        assert len(r.choices[0].model_extra["fills"]) == 2 and r.usage.completion_tokens > 0
+        from openai import BadRequestError
+
+        with pytest.raises(BadRequestError, match="MASK"):
+            server.client().completions.create(model="tiny", prompt=prompt, max_tokens=5, stream=True)
+        ok = server.client().completions.create(model="tiny", prompt="我们 hello", max_tokens=2, temperature=0)
+        assert ok.choices[0].text is not None  # plain prompts still complete
+    finally:
+        server.close()

@@ -93,10 +93,16 @@ class LLM:
         if c.mask_token_id not in ids:
             raise GlmkitError("the prompt has no [MASK] to fill.")
         while c.mask_token_id in ids:
-            fill = self.generate(ids + [c.sop_token_id], **sampling).token_ids
-            at = ids.index(c.mask_token_id)
-            ids = ids[:at] + fill + ids[at + 1:]
+            ids = self.fill_first_blank(ids, self.generate(ids + [c.sop_token_id], **sampling).token_ids)
         return self.tokenizer.decode(ids) if as_text else ids
+
+    def fill_first_blank(self, ids: list[int], fill: list[int]) -> list[int]:
+        """ids with its first [MASK] replaced by fill; blank-structure tokens a weak model may emit inside a
+        fill (<sop>, [MASK], [gMASK]) are dropped so the next blank keeps its GLM positions."""
+        c = self.config
+        structure = {c.sop_token_id, c.mask_token_id, c.gmask_token_id}
+        at = ids.index(c.mask_token_id)
+        return ids[:at] + [t for t in fill if t not in structure] + ids[at + 1:]
 
     def _chat_stream(self, ids, tools, params) -> Iterator[dict]:
         text, started, last, n = "", False, None, 0

@@ -223,6 +223,8 @@ def create_app(llm, *, model_name: str, api_keys: list[str] | None = None, cors_
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         metrics.requests.labels("completions").inc()
+        if _is_infill(body.prompt, llm):
+            return await _infill(body, request)
         prompts = _prompts(body.prompt, llm)
         if len(prompts) > 1 and body.stream:
             raise ApiError(400, "stream=true takes a single prompt.")
@@ -236,6 +238,31 @@ def create_app(llm, *, model_name: str, api_keys: list[str] | None = None, cors_
         n_prompt = sum(len(p) for p in prompts)
         n_gen = sum(c.pop("_n") for c in choices)
         return {"id": rid, "object": "text_completion", "created": created, "model": model_name, "choices": choices,
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}}
+
+    async def _infill(body: CompletionRequest, request: Request) -> dict:
+        """GLM blank infilling: each [MASK] is generated after <sop> at the blank's position and spliced in,
+        left to right; the choice's text is the whole prompt with its blanks filled (fills lists the spans)."""
+        if body.stream or body.echo or body.logprobs is not None:
+            raise ApiError(400, "prompts with [MASK] (blank infilling) take no stream, echo or logprobs.")
+        c, started = llm.config, time.time()
+        ids = llm.tokenizer.encode(body.prompt, allow_special=True)
+        max_tokens = body.max_tokens if body.max_tokens is not None else 16
+        fills, n_prompt, n_gen, reason = [], 0, 0, "stop"
+        while c.mask_token_id in ids:
+            prompt = ids + [c.sop_token_id]
+            handle = admit(prompt, sampling(body, max_tokens, len(prompt)))
+            out = []
+            async for chunk in chunks(handle, started, request):
+                out += chunk.token_ids
+                reason = chunk.finish_reason or reason
+            ids = llm.fill_first_blank(ids, out)
+            fills.append(llm.tokenizer.decode(out, skip_special=True))
+            n_prompt, n_gen = n_prompt + len(prompt), n_gen + len(out)
+        choice = {"index": 0, "text": llm.tokenizer.decode(ids, skip_special=True), "finish_reason": reason,
+                  "logprobs": None, "fills": fills}
+        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(started),
+                "model": model_name, "choices": [choice],
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}}
 
     async def _complete(index: int, prompt: list[int], body: CompletionRequest, max_tokens: int, started: float,
@@ -326,6 +353,13 @@ def create_app(llm, *, model_name: str, api_keys: list[str] | None = None, cors_
                 "chat_template": getattr(llm.chat_format, "template", None)}
 
     return app
+
+
+def _is_infill(prompt, llm) -> bool:
+    """A text prompt with [MASK] for a GLM (ChatGLM-6B-architecture) model asks for blank infilling."""
+    c = llm.config
+    return isinstance(prompt, str) and "[MASK]" in prompt and c.positions == "2d" and c.mask_token_id is not None \
+        and c.sop_token_id is not None and llm.tokenizer is not None
 
 
 def _prompts(prompt, llm) -> list[list[int]]:

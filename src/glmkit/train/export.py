@@ -103,11 +103,11 @@ def _transformers(sd: dict[str, torch.Tensor], c: ModelConfig, fused_gate_up: bo
 
 
 def save_checkpoint(model: nn.Module, directory: str | Path, config_json: dict,
-                    tokenizer_dir: str | Path | None = None) -> Path:
-    """Write model (float weights) under the names config_json's layout uses, plus config.json and the
-    tokenizer files found in tokenizer_dir."""
+                    tokenizer_dir: str | Path | None = None, state: dict | None = None) -> Path:
+    """Write model (float weights; or `state`, its full state dict) under the names config_json's layout
+    uses, plus config.json and the tokenizer files found in tokenizer_dir."""
     c: ModelConfig = model.config
-    sd = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().float().contiguous() for k, v in (state if state is not None else model.state_dict()).items()}
     if c.tie_embeddings:
         sd.pop("lm_head.weight", None)
     if "num_layers" in config_json:

@@ -201,12 +201,15 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 
 
 def save_adapter(model: nn.Module, directory: str | Path, layout: str, settings: LoRASettings,
-                 base_model: str = "") -> None:
-    """adapter_config.json + adapter_model.safetensors with PEFT's tensor names."""
+                 base_model: str = "", state: dict[str, torch.Tensor] | None = None) -> None:
+    """adapter_config.json + adapter_model.safetensors with PEFT's tensor names (from `state`, the model's
+    full state dict, when given: sharded training)."""
     config: ModelConfig = model.config
     tensors, modules = {}, set()
-    for _, layer in lora_layers(model):
-        for (lo, hi, name), A, B in zip(layer.pieces, layer.lora_A, layer.lora_B):
+    for path, layer in lora_layers(model):
+        for i, ((lo, hi, name), A, B) in enumerate(zip(layer.pieces, layer.lora_A, layer.lora_B)):
+            if state is not None:
+                A, B = state[f"{path}.lora_A.{i}"], state[f"{path}.lora_B.{i}"]
             target = _target(layout_rules(layout), name)
             B = B.detach()
             if target.transform:

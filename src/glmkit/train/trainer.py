@@ -220,13 +220,17 @@ def train(cfg: TrainConfig) -> dict:
     model.train()
     model.gradient_checkpointing = cfg.gradient_checkpointing
     wrapped = _wrap(model, cfg, world)
+    sharded = cfg.fsdp and world > 1
+    manual_sync = world > 1 and prefix is not None  # nothing wraps the prefix: average its gradients here
+    if sharded:  # fully_shard turned the parameters into sharded DTensors
+        trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(cfg))
     out = Path(cfg.output)
-    step = _resume(out, model, prefix, optimizer, scheduler, cfg)
+    step = _resume(out, model, prefix, optimizer, scheduler, cfg, sharded)
     pad = config.pad_token_id if config.pad_token_id is not None else 0
     per_step = cfg.batch_size * cfg.grad_accum * world
     losses: list[float] = []
@@ -250,7 +254,7 @@ def train(cfg: TrainConfig) -> dict:
             total += loss.detach()
         if world > 1:
             dist.all_reduce(total)
-            if wrapped is model:  # no DDP wrapper (P-tuning): average the prefix gradients here
+            if manual_sync:
                 for p in trainable:
                     dist.all_reduce(p.grad)
                     p.grad /= world
@@ -267,13 +271,14 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                             tok_s=f"{tokens_seen / (time.perf_counter() - t0):.0f}")
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            _save_state(out, step, model, prefix, optimizer, scheduler, cfg, rank)
+            _save_state(out, step, model, prefix, optimizer, scheduler, cfg, rank, sharded)
     if bar is not None:
         bar.close()
     model.eval()
     result = {"losses": losses, "steps": step, "samples": len(dataset)}
+    state = _model_state(model, sharded)  # collective under FSDP: every process takes part
     if rank == 0:
-        result["final"] = str(_save_final(out, cfg, model, prefix, layout, raw, tok_dir))
+        result["final"] = str(_save_final(out, cfg, model, state, prefix, layout, raw, tok_dir))
         if cfg.eval_data:
             result["eval"] = evaluate(model, cfg, tokenizer, fmt, prefix)
         (out / "train_result.json").write_text(json.dumps(result, indent=2))
@@ -336,22 +341,40 @@ def _progress(cfg: TrainConfig, rank: int, step: int):
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def _trainable_state(model: nn.Module, prefix) -> dict[str, torch.Tensor]:
+def _model_state(model: nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model state dict."""
+    if not sharded:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _trainable_state(model: nn.Module, prefix, sharded: bool) -> dict[str, torch.Tensor]:
     if prefix is not None:
         return {k: v.detach().clone() for k, v in prefix.state_dict().items()}
-    state = model.state_dict()
+    state = _model_state(model, sharded)
     if any(".lora_" in k for k in state):
         state = {k: v for k, v in state.items() if ".lora_" in k}
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def _save_state(out: Path, step: int, model, prefix, optimizer, scheduler, cfg: TrainConfig, rank: int) -> None:
+def _save_state(out: Path, step: int, model, prefix, optimizer, scheduler, cfg: TrainConfig, rank: int,
+                sharded: bool) -> None:
+    model_state = _trainable_state(model, prefix, sharded)
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                         cpu_offload=True))
+    else:
+        optim_state = optimizer.state_dict()
     if rank != 0:
         return
     target = out / "checkpoints" / f"step-{step:07d}"
     tmp = target.with_name(target.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    torch.save({"step": step, "model": _trainable_state(model, prefix), "optimizer": optimizer.state_dict(),
+    torch.save({"step": step, "model": model_state, "optimizer": optim_state,
                 "scheduler": scheduler.state_dict(), "config": dataclasses.asdict(cfg),
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}, tmp / "state.pt")
     if target.exists():
@@ -367,34 +390,43 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _resume(out: Path, model, prefix, optimizer, scheduler, cfg: TrainConfig) -> int:
+def _resume(out: Path, model, prefix, optimizer, scheduler, cfg: TrainConfig, sharded: bool) -> int:
     path = latest_checkpoint(out)
     if path is None:
         return 0
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)  # our own file
-    (prefix or model).load_state_dict(state["model"], strict=prefix is not None or not cfg.lora_r and not cfg.ptuning)
-    optimizer.load_state_dict(state["optimizer"])
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, strict=not cfg.lora_r)
+        set_model_state_dict(model, state["model"], options=options)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    else:
+        (prefix or model).load_state_dict(state["model"], strict=prefix is not None or not cfg.lora_r)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     return int(state["step"])
 
 
-def _save_final(out: Path, cfg: TrainConfig, model, prefix, layout: str, raw: dict | None, tok_dir) -> Path:
+def _save_final(out: Path, cfg: TrainConfig, model, state: dict, prefix, layout: str, raw: dict | None,
+                tok_dir) -> Path:
     final = out / "final"
     if prefix is not None:
         prefix.save(final)
     elif cfg.lora_r:
         from glmkit.train.lora import save_adapter
 
-        save_adapter(model, final, layout, model.lora_settings, base_model=str(cfg.model or ""))
+        save_adapter(model, final, layout, model.lora_settings, base_model=str(cfg.model or ""), state=state)
     else:
         from glmkit.train.export import save_checkpoint
 
         if raw is None:
             raise GlmkitError(f"{cfg.model} is not an HF-style directory; full fine-tuning writes the base's layout, so "
                               "start from a checkpoint directory (or train a LoRA adapter with --lora-r).")
-        save_checkpoint(model, final, raw, tok_dir)
+        save_checkpoint(model, final, raw, tok_dir, state=state)
     return final
 
 
