@@ -2,7 +2,9 @@
 weights and llama.cpp's llama-bench on the same GGUF (when a binary is on PATH or given), in one run.
 
 Decode: 128 greedy tokens after a 32-token prompt; prefill: a 512-token prompt; medians of --runs.
-Each configuration runs in its own process, so load time and peak RSS are its own.
+Each configuration runs in its own process, so load time and peak RSS are its own. "compiled" rows compile
+the one-token decode step first (glmkit compile; warm when the on-disk cache already holds it) and report
+that time separately.
 
     .venv/bin/python benchmarks/decode.py [--model smollm2-135m-instruct] [--runs 3] [--llama-bench PATH]
 """
@@ -27,10 +29,16 @@ t = time.perf_counter()
 if kind.startswith("glmkit"):
     import glmkit
     dtype, quantize = {{"glmkit float32": ("float32", None), "glmkit bfloat16": ("bfloat16", None),
-                       "glmkit int8": (None, "int8"), "glmkit int4": (None, "int4")}}[kind]
+                       "glmkit int8": (None, "int8"), "glmkit int4": (None, "int4")}}[kind.replace(" compiled", "")]
     llm = glmkit.load(source, dtype=dtype, quantize=quantize)
     load = time.perf_counter() - t
-    out = measure_llm(llm, runs=runs)
+    extra = {{}}
+    if kind.endswith("compiled"):  # the on-disk cache decides between a cold and a warm compile
+        decoder = llm.compile()
+        if not decoder.ready:
+            raise SystemExit(decoder.error)
+        extra["compile_s"] = decoder.seconds
+    out = {{**measure_llm(llm, runs=runs), **extra}}
 else:  # transformers LlamaForCausalLM on the same (dequantized) weights
     from transformers import LlamaConfig, LlamaForCausalLM
     from glmkit.loaders.gguf import load_gguf
@@ -108,8 +116,8 @@ def main() -> None:
     from glmkit.hub import resolve
 
     source = str(resolve(args.model))
-    kinds = ["glmkit float32", "glmkit bfloat16", "glmkit int8", "glmkit int4", "transformers float32",
-             "transformers bfloat16"]
+    kinds = ["glmkit float32", "glmkit bfloat16", "glmkit int8", "glmkit int4", "glmkit bfloat16 compiled",
+             "glmkit int8 compiled", "glmkit int4 compiled", "transformers float32", "transformers bfloat16"]
     rows = {}
     for kind in args.only or kinds:
         t = time.perf_counter()
@@ -120,16 +128,17 @@ def main() -> None:
     base = rows.get("transformers bfloat16", {}).get("decode_tps")
     ref = rows.get("llama.cpp (llama-bench)", {})
     print(f"\n{source.rsplit('/', 1)[-1]}, {args.threads} threads, medians of {args.runs} runs\n")
-    print("| configuration | decode tok/s | prefill tok/s | TTFT ms | load s | peak RSS MB | decode vs llama.cpp |"
-          " decode vs transformers bf16 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| configuration | decode tok/s | prefill tok/s | TTFT ms | load s | compile s | peak RSS MB |"
+          " decode vs llama.cpp | decode vs transformers bf16 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for kind, r in rows.items():
         cell = lambda k, f: f.format(r[k]) if k in r else "–"  # noqa: E731
         vs_ref = f"{r['decode_tps'] / ref['decode_tps']:.2f}x" if ref else "–"
         vs_hf = f"{r['decode_tps'] / base:.2f}x" if base else "–"
         print(f"| {kind} | {r['decode_tps']:.1f} | {r['prefill_tps']:.0f} | "
               f"{cell('ttft_s', '{:.0f}') if 'ttft_s' not in r else round(r['ttft_s'] * 1000)} | "
-              f"{cell('load_s', '{:.1f}')} | {cell('peak_rss_mb', '{:.0f}')} | {vs_ref} | {vs_hf} |")
+              f"{cell('load_s', '{:.1f}')} | {cell('compile_s', '{:.0f}')} | {cell('peak_rss_mb', '{:.0f}')} | "
+              f"{vs_ref} | {vs_hf} |")
 
 
 if __name__ == "__main__":

@@ -132,8 +132,7 @@ def test_chatglm_cpp_kv_cache_steps(file, keys, rope_ratio, eps, prefix_shape, a
     P = 0 if prefix_shape is None else prefix_shape[2]
     cache = KVCache(config, 1, P + 8)
     if P:  # layer 0 key, layer 0 value, layer 1 key, ...: extra past positions every token sees, no rotary
-        cache.k[:, 0, :, :P] = data["prefix"][0::2].float()
-        cache.v[:, 0, :, :P] = data["prefix"][1::2].float()
+        cache.write_prefix(data["prefix"][0::2].float(), data["prefix"][1::2].float())
     if v1:  # positions and prefix from the README: tokens 0 and 1 see each other, token 2 sees all three
         steps = [(torch.tensor([[[0, 1, 1], [0, 0, 1]]]), 0), (torch.tensor([[[1], [2]]]), 3),
                  (torch.tensor([[[1], [3]]]), 4)]

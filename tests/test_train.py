@@ -369,3 +369,22 @@ def test_server_completions_fill_mask_prompts(tmp_path, glm_v1):
         assert ok.choices[0].text is not None  # plain prompts still complete
     finally:
         server.close()
+
+
+def test_glmkit_native_config_trains_and_reloads(tmp_path, glm_v1, text_file):
+    """A configuration no published layout spells (ChatGLM-6B layers with a pre-LN residual, as the tiny GLM
+    uses) is written as {"glmkit_config": ...} with glmkit's names and reads back with identical logits."""
+    from glmkit.config import ModelConfig
+
+    v1 = ModelConfig.from_hf_dict(json.loads((glm_v1 / "config.json").read_text()))
+    config = {**v1.to_dict(), "residual": "pre_norm"}
+    (tmp_path / "config.json").write_text(json.dumps({"glmkit_config": config}))
+    r = run(tmp_path / "out", data=[str(text_file)], objective="glm", init=str(tmp_path / "config.json"),
+            tokenizer=str(glm_v1), steps=2)
+    llm = glmkit.load(r["final"])
+    assert llm.config.residual == "pre_norm" and llm.tokenizer.kind == "chatglm1"
+    from safetensors.torch import load_file
+
+    trained = load_file(Path(r["final"]) / "model.safetensors")
+    for name, p in llm.model.state_dict().items():
+        assert torch.equal(p, trained[name]), name

@@ -2,8 +2,9 @@
 
 Created by the engine and passed into the model's forward; the model writes the new keys and values
 at [start, start + T) of each row and reads [0, S). `start` is one int for the whole batch or one per
-row (decode steps of sequences with different lengths). Row views and growth serve
-continuous batching. It knows nothing about tokens, sampling or positions.
+row (decode steps of sequences with different lengths). Each layer has its own buffers, so a compiled
+step updates them in place (one shared tensor would be copied whole on every step). Row views and
+growth serve continuous batching. It knows nothing about tokens, sampling or positions.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from glmkit.errors import GlmkitError
 class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)  # (L, B, K, S, D)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)  # (B, K, S, D) per layer
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor,
                S: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,27 +32,35 @@ class KVCache:
         if S > self.max_len:
             raise GlmkitError(f"the KV cache holds {self.max_len} positions but {S} are needed; "
                               "create it with a larger max_len or shorten the input.")
-        if isinstance(start, int):
-            self.k[layer, :, :, start: start + k.shape[2]] = k
-            self.v[layer, :, :, start: start + k.shape[2]] = v
-        else:  # one new position per row, each at its own offset
+        ck, cv = self.k[layer], self.v[layer]
+        if isinstance(start, torch.Tensor):  # one new position per row, each at its own offset
             rows = torch.arange(k.shape[0], device=k.device)
-            self.k[layer, rows, :, start] = k[:, :, 0]
-            self.v[layer, rows, :, start] = v[:, :, 0]
-        return self.k[layer, :, :, :S], self.v[layer, :, :, :S]
+            ck[rows, :, start] = k[:, :, 0]
+            cv[rows, :, start] = v[:, :, 0]
+        else:
+            ck[:, :, start: start + k.shape[2]] = k
+            cv[:, :, start: start + k.shape[2]] = v
+        return ck[:, :, :S], cv[:, :, :S]
+
+    def write_prefix(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Put P-tuning prefix keys and values, each (L, K, P, D), at positions [0, P) of every row."""
+        P = keys.shape[2]
+        for layer in range(len(self.k)):
+            self.k[layer][:, :, :P] = keys[layer].to(self.k[layer])
+            self.v[layer][:, :, :P] = values[layer].to(self.v[layer])
 
     def rows(self, lo: int, hi: int) -> "KVCache":
         """A view of rows [lo, hi) that shares storage with this cache."""
         view = KVCache.__new__(KVCache)
-        view.k, view.v = self.k[:, lo:hi], self.v[:, lo:hi]
+        view.k, view.v = [t[lo:hi] for t in self.k], [t[lo:hi] for t in self.v]
         return view
 
     def grow(self, max_len: int) -> None:
         """Make room for max_len positions, keeping what is stored."""
         if max_len <= self.max_len:
             return
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros(*old.shape[:3], max_len, old.shape[4])
-            new[:, :, :, : old.shape[3]] = old
-            setattr(self, name, new)
+        for buffers in (self.k, self.v):
+            for i, old in enumerate(buffers):
+                new = old.new_zeros(*old.shape[:2], max_len, old.shape[3])
+                new[:, :, : old.shape[2]] = old
+                buffers[i] = new

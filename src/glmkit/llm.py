@@ -47,6 +47,16 @@ class LLM:
             self._engine = Engine(self.model, frozenset(stops), decode, prefix_kv=self.prefix_kv)
         return self._engine
 
+    def compile(self, background: bool = False):
+        """Compile the one-token decode step (cached on disk under $GLMKIT_HOME/inductor); single-sequence
+        decoding uses it once ready and stays eager until then, or if compiling fails. Returns the
+        CompiledDecoder (.ready, .error, .seconds, .wait())."""
+        from glmkit.engine.compiled import CompiledDecoder
+
+        decoder = CompiledDecoder(self.model)
+        self.engine.compiled = decoder
+        return decoder.compile_in_background() if background else decoder.compile()
+
     def encode_prompt(self, text: str) -> list[int]:
         """Plain text -> prompt ids, with the special tokens this generation puts around a prompt
         (ChatGLM-6B: text + [gMASK] <sop>; ChatGLM2/3, GLM-4: [gMASK] sop + text; others: as the tokenizer adds)."""

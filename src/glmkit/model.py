@@ -112,8 +112,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin, c), apply_rope(k, cos, sin, c)
         if cache is not None:
             k, v = cache.update(layer, k, v, start, S)  # (B, K, S, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=H != K)  # (B, H, T, D)
+        if T == 1 and mask is None and H != K:  # decode: the H/K query heads of a kv head become its query rows
+            y = F.scaled_dot_product_attention(q.view(B, K, H // K, D), k, v).view(B, H, 1, D)  # (B, H, 1, D)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=H != K)  # (B, H, T, D)
         return self.out(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, C)
 
 

@@ -16,6 +16,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="apply a LoRA adapter (PEFT format, e.g. written by glmkit train --lora-r)")
     parser.add_argument("--ptuning", default=None, metavar="PREFIX_DIR",
                         help="use a P-tuning v2 prefix written by glmkit train --ptuning N")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the one-token decode step in the background (cached on disk; see glmkit compile)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, *, max_tokens: int) -> None:
@@ -38,5 +40,8 @@ def load_model(args: argparse.Namespace):
 
     args.model = args.model or DEFAULT_MODEL
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    return glmkit.load(args.model, device=args.device, dtype=args.dtype, chat_format=args.chat_format,
-                       quantize=getattr(args, "quantize", None), lora=args.lora, ptuning=args.ptuning)  # commands with a --quantize option
+    llm = glmkit.load(args.model, device=args.device, dtype=args.dtype, chat_format=args.chat_format,
+                       quantize=getattr(args, "quantize", None), lora=args.lora, ptuning=args.ptuning)
+    if args.compile:
+        args.compiled = llm.compile(background=True)  # decoding stays eager until it is ready
+    return llm  # commands with a --quantize option

@@ -40,6 +40,7 @@ class Engine:
         self.cached: list[list[int]] = [[] for _ in range(max_batch)]  # ids whose keys each slot holds
         self.waiting: deque[Sequence] = deque()
         self.reuse = self.config.attention_mask == "causal"
+        self.compiled = None  # a CompiledDecoder (engine/compiled.py) for steps with one running sequence
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: list[int], params: SamplingParams) -> Sequence:
@@ -101,8 +102,7 @@ class Engine:
         if self.cache is None:
             self.cache = KVCache(self.config, self.max_batch, length, dtype=self.dtype, device=self.device)
             if self.prefix is not None:
-                self.cache.k[:, :, :, : self.P] = self.prefix[0].to(self.cache.k)[:, None]
-                self.cache.v[:, :, :, : self.P] = self.prefix[1].to(self.cache.v)[:, None]
+                self.cache.write_prefix(*self.prefix)
         else:
             self.cache.grow(length)
 
@@ -149,7 +149,10 @@ class Engine:
             else:
                 positions[row, 0] = index
         offsets = int(start[0]) if hi == 1 else start  # one row: a plain offset (no per-row scatter, no mask)
-        logits = self.model(tokens, positions, self.cache.rows(0, hi), offsets)[:, -1]  # (hi, V)
+        if hi == 1 and self.compiled is not None and self.compiled.ready:  # the compiled one-token step
+            logits = self.compiled(tokens, positions, self.cache.rows(0, 1), offsets)  # (1, V)
+        else:
+            logits = self.model(tokens, positions, self.cache.rows(0, hi), offsets)[:, -1]  # (hi, V)
         for row in running:
             seq = self.slots[row]
             seq.fed = len(seq.ids)

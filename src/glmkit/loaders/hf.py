@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from glmkit.config import ModelConfig
 from glmkit.errors import CheckpointError, GlmkitError
-from glmkit.loaders.keymap import THUDM_V1, THUDM_V2, TRANSFORMERS, Rule, map_tensors
+from glmkit.loaders.keymap import GLMKIT, THUDM_V1, THUDM_V2, TRANSFORMERS, Rule, map_tensors
 
 Named = Iterator[tuple[str, str, Callable[[], torch.Tensor]]]
 
@@ -33,6 +33,8 @@ def read_config(directory: Path) -> tuple[ModelConfig, list[Rule]]:
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-download or repair it.") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} must hold a JSON object.")
+    if "glmkit_config" in raw:  # glmkit's own spelling (e.g. a model trained from scratch by glmkit train)
+        return ModelConfig.from_dict(raw["glmkit_config"]), GLMKIT
     config = ModelConfig.from_hf_dict(raw)
     if "num_layers" not in raw:
         return config, TRANSFORMERS

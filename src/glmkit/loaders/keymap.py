@@ -85,6 +85,11 @@ TRANSFORMERS: list[Rule] = [  # GlmForCausalLM, Glm4ForCausalLM, LlamaForCausalL
 ]
 
 
+GLMKIT: list[Rule] = [  # glmkit's own parameter names (config.json {"glmkit_config": ...})
+    (r"(embed\.weight|norm\.(?:weight|bias)|lm_head\.weight|layers\.\d+\.[a-z_.]+\.(?:weight|bias))", r"\1"),
+]
+
+
 def map_tensors(rules: list[Rule], named: Iterable[tuple[str, str, Callable[[], torch.Tensor]]],
                 config: ModelConfig) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Apply a table to (source name, file, loader) triples.

@@ -107,10 +107,12 @@ class Dataset:
         return causal_sample(item)
 
     def order(self, epoch: int) -> list[int]:
-        """The visiting order of an epoch (a permutation fixed by seed and epoch)."""
-        order = list(range(len(self.items)))
-        random.Random(f"{self.seed}/order/{epoch}").shuffle(order)
-        return order
+        """The visiting order of an epoch (a permutation fixed by seed and epoch; the last one is kept)."""
+        if getattr(self, "_order", (None,))[0] != epoch:
+            order = list(range(len(self.items)))
+            random.Random(f"{self.seed}/order/{epoch}").shuffle(order)
+            self._order = (epoch, order)
+        return self._order[1]
 
 
 def glm_chunk_size(max_len: int) -> int:

@@ -1,8 +1,9 @@
 """Write a trained model as an HF-style checkpoint directory that `glmkit.load` (and the model's own
 ecosystem) reads: config.json, model.safetensors with the layout's tensor names, tokenizer files.
 
-Layouts: THUDM remote-code v1 (ChatGLM-6B architecture) and v2 (ChatGLM2/3, GLM-4-9B), and
-transformers' Glm / Glm4 / Llama. The base's config.json is kept when fine-tuning; a model trained
+Layouts: THUDM remote-code v1 (ChatGLM-6B architecture) and v2 (ChatGLM2/3, GLM-4-9B), transformers'
+Glm / Glm4 / Llama, and glmkit's own ({"glmkit_config": ModelConfig fields}, glmkit's tensor names) for
+configurations no published layout expresses. The base's config.json is kept when fine-tuning; a model trained
 from scratch gets one written from its ModelConfig. No training here.
 """
 
@@ -110,7 +111,9 @@ def save_checkpoint(model: nn.Module, directory: str | Path, config_json: dict,
     sd = {k: v.detach().float().contiguous() for k, v in (state if state is not None else model.state_dict()).items()}
     if c.tie_embeddings:
         sd.pop("lm_head.weight", None)
-    if "num_layers" in config_json:
+    if "glmkit_config" in config_json:  # glmkit's own names
+        tensors = sd
+    elif "num_layers" in config_json:
         tensors = _thudm_v1(sd, c) if c.positions == "2d" else _thudm_v2(sd)
     elif config_json.get("model_type") in ("glm", "glm4", "llama"):
         tensors = _transformers(sd, c, fused_gate_up=config_json["model_type"] != "llama")

@@ -122,7 +122,7 @@ def _base(cfg: TrainConfig, device: torch.device):
                           "train from scratch).")
     if cfg.init is not None:
         raw = json.loads(Path(cfg.init).read_text(encoding="utf-8"))
-        config = ModelConfig.from_hf_dict(raw)
+        config = ModelConfig.from_dict(raw["glmkit_config"]) if "glmkit_config" in raw else ModelConfig.from_hf_dict(raw)
         if cfg.tokenizer is None:
             raise GlmkitError("--init needs --tokenizer DIR (the directory with the tokenizer files).")
         tokenizer = load_tokenizer(cfg.tokenizer)
