@@ -57,3 +57,17 @@ def test_compile_failure_leaves_eager_decoding(tmp_path, monkeypatch):
         decoder = llm.compile()
     assert not decoder.ready and "no C++ compiler" in decoder.error
     assert greedy(llm, [4, 5, 6]) == expected
+
+
+def test_compiled_step_with_chatglm6b_2d_positions():
+    """ChatGLM-6B (v1): the official checkpoint's greedy continuation, eager and compiled."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(__file__).parent / "fixtures" / "chatglm-official-rich" / "v1"
+    prompt = load_file(folder / "expected.safetensors")["input_ids"][0].tolist()
+    expected = greedy(glmkit.load(folder), prompt, 12)
+    llm = glmkit.load(folder)
+    assert llm.compile().ready
+    assert greedy(llm, prompt, 12) == expected

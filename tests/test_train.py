@@ -101,6 +101,13 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, glm_v1, t
         assert torch.equal(p, q), name
 
 
+def test_gradient_accumulation_equals_the_whole_batch(tmp_path, llama_dir, text_file):
+    common = dict(data=[str(text_file)], model=str(llama_dir), objective="causal", steps=3)
+    whole = run(tmp_path / "whole", batch_size=4, **common)
+    accumulated = run(tmp_path / "acc", batch_size=2, grad_accum=2, **common)
+    assert accumulated["losses"] == pytest.approx(whole["losses"], rel=1e-5)
+
+
 def test_bfloat16_autocast_and_gradient_checkpointing_train(tmp_path, llama_dir, text_file):
     plain = run(tmp_path / "a", data=[str(text_file)], model=str(llama_dir), objective="causal", steps=2)
     ckpt = run(tmp_path / "b", data=[str(text_file)], model=str(llama_dir), objective="causal", steps=2,

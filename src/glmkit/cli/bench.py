@@ -13,7 +13,6 @@ from glmkit.cli.common import add_model_args, load_model
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
-    parser.add_argument("--quantize", choices=["int8", "int4"], default=None)
     parser.add_argument("--runs", type=int, default=3)
 
 

@@ -16,6 +16,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="apply a LoRA adapter (PEFT format, e.g. written by glmkit train --lora-r)")
     parser.add_argument("--ptuning", default=None, metavar="PREFIX_DIR",
                         help="use a P-tuning v2 prefix written by glmkit train --ptuning N")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="weight-only quantization after loading (a quantized GGUF stays int4/int8 by itself)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the one-token decode step in the background (cached on disk; see glmkit compile)")
 
@@ -41,7 +43,7 @@ def load_model(args: argparse.Namespace):
     args.model = args.model or DEFAULT_MODEL
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     llm = glmkit.load(args.model, device=args.device, dtype=args.dtype, chat_format=args.chat_format,
-                       quantize=getattr(args, "quantize", None), lora=args.lora, ptuning=args.ptuning)
+                       quantize=args.quantize, lora=args.lora, ptuning=args.ptuning)
     if args.compile:
         args.compiled = llm.compile(background=True)  # decoding stays eager until it is ready
-    return llm  # commands with a --quantize option
+    return llm

@@ -11,8 +11,6 @@ from glmkit.cli.common import add_model_args, load_model
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
-    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                        help="compile for the weights a later run will use (int8 compiles to the fastest step)")
 
 
 def main(args: argparse.Namespace) -> int:

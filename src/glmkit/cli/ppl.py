@@ -16,8 +16,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
     parser.add_argument("file", help="a UTF-8 text file")
     parser.add_argument("--ctx", type=int, default=512, help="tokens per chunk (llama.cpp's -c; default 512)")
-    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                        help="weight-only quantization (default: as stored)")
 
 
 def main(args: argparse.Namespace) -> int:
