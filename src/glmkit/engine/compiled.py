@@ -28,9 +28,23 @@ def inductor_cache_dir() -> Path:
     return home() / "inductor"
 
 
-# inductor settings for this function only: frozen weights, autotuned C++ GEMM templates, C++ wrapper
+# inductor settings while the step compiles: frozen weights, autotuned C++ GEMM templates, C++ wrapper
+# (freezing is read from the global config, not from torch.compile's per-function options)
 OPTIONS = {"freezing": True, "cpp_wrapper": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
            "fx_graph_cache": True}
+
+
+class DecodeStep(torch.nn.Module):
+    """The model's one-token step as a module, so that inductor's freezing sees its weights as parameters
+    (a compiled plain function would get them as graph inputs, and nothing would be frozen)."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        h = self.model.hidden_states(tokens, positions, cache, start)  # (1, 1, C)
+        return self.model.head(h)[:, -1]  # (1, V)
 
 
 class CompiledDecoder:
@@ -43,10 +57,6 @@ class CompiledDecoder:
         self.seconds: float | None = None
         self._fn = None
         self._thread: threading.Thread | None = None
-
-    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
-        h = self.model.hidden_states(tokens, positions, cache, start)  # (1, 1, C)
-        return self.model.head(h)[:, -1]  # (1, V)
 
     def options(self) -> dict:
         """OPTIONS; all-int8 models keep to the C++ GEMM templates (on a busy machine autotuning can wrongly
@@ -62,11 +72,13 @@ class CompiledDecoder:
         try:
             t0 = time.perf_counter()
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
-            fn = torch.compile(self._step, fullgraph=True, dynamic=True, options=self.options())
+            fn = torch.compile(DecodeStep(self.model), fullgraph=True, dynamic=True)
             p = self.model.embed.weight
             c = self.model.config
             cache = KVCache(c, 1, 64, dtype=p.dtype, device=p.device)
-            with torch.inference_mode():
+            import torch._inductor.config as inductor
+
+            with torch.inference_mode(), inductor.patch(self.options()):
                 for start in (3, 4, 5):  # a few positions: the position is a dynamic size from the start
                     tokens = torch.zeros(1, 1, dtype=torch.long, device=p.device)
                     shape = (1, 2, 1) if c.positions == "2d" else (1, 1)
