@@ -28,8 +28,8 @@ def inductor_cache_dir() -> Path:
     return home() / "inductor"
 
 
-# inductor settings while the step compiles: frozen weights, autotuned C++ GEMM templates, C++ wrapper
-# (freezing is read from the global config, not from torch.compile's per-function options)
+# inductor settings (set process-wide: freezing is read from the global config, not from torch.compile's
+# per-function options): frozen weights, autotuned C++ GEMM templates, the C++ wrapper
 OPTIONS = {"freezing": True, "cpp_wrapper": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
            "fx_graph_cache": True}
 
@@ -75,10 +75,14 @@ class CompiledDecoder:
             fn = torch.compile(DecodeStep(self.model), fullgraph=True, dynamic=True)
             p = self.model.embed.weight
             c = self.model.config
-            cache = KVCache(c, 1, 64, dtype=p.dtype, device=p.device)
             import torch._inductor.config as inductor
 
-            with torch.inference_mode(), inductor.patch(self.options()):
+            for key, value in self.options().items():  # global: a later recompile must freeze too
+                setattr(inductor, key, value)
+            with torch.inference_mode():  # the engine's cache holds inference tensors: so must this one
+                cache = KVCache(c, 1, 64, dtype=p.dtype, device=p.device)
+                for t in cache.k + cache.v:  # the engine's cache grows: its length must not be specialised
+                    torch._dynamo.mark_dynamic(t, 2)
                 for start in (3, 4, 5):  # a few positions: the position is a dynamic size from the start
                     tokens = torch.zeros(1, 1, dtype=torch.long, device=p.device)
                     shape = (1, 2, 1) if c.positions == "2d" else (1, 1)
