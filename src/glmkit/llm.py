@@ -7,6 +7,7 @@ dtype. Tokenizers, generation and chat attach here as later parts land; no sampl
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -20,11 +21,16 @@ from glmkit.engine.generate import complete, complete_batch, stream as stream_ch
 from glmkit.engine.sampling import SamplingParams
 from glmkit.engine.sequence import Chunk, Completion
 from glmkit.errors import CheckpointError, GlmkitError
+from glmkit.hub import home
 from glmkit.model import Transformer
 from glmkit.positions import prompt_positions
 from glmkit.tokenizer import Tokenizer, load_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# compiled decode steps are cached with glmkit's files (torch would otherwise pick /tmp, often wiped, and
+# fixes the directory the first time anything touches its compiler, which loading can already do)
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(home() / "inductor"))
 
 
 class LLM:

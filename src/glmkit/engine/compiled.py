@@ -23,9 +23,9 @@ from glmkit.model import Transformer
 
 
 def inductor_cache_dir() -> Path:
-    from glmkit.hub import home
-
-    return home() / "inductor"
+    """Where inductor keeps compiled code: $TORCHINDUCTOR_CACHE_DIR, which glmkit.llm points at
+    $GLMKIT_HOME/inductor unless it is set already."""
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor"))
 
 
 # inductor settings (set process-wide: freezing is read from the global config, not from torch.compile's
@@ -71,7 +71,6 @@ class CompiledDecoder:
         """Compile now (blocking) by running a few steps on a scratch cache; on failure stay eager."""
         try:
             t0 = time.perf_counter()
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
             fn = torch.compile(DecodeStep(self.model), fullgraph=True, dynamic=True)
             p = self.model.embed.weight
             c = self.model.config
