@@ -206,7 +206,7 @@ def test_auth_on_every_route(server, method, path):
 
 
 # ----------------------------------------------------------------------------- GLM-4 tool calls
-def bigram_model(directory, tok, chain: list[int], default: int, **special_tokens):
+def bigram_model(directory, tok, chain: list[int], default: int, context: int = 4096, **special_tokens):
     """A deterministic test model: with attention and MLP outputs at zero and one-hot embeddings, the next
     token depends only on the current one: chain[i] -> chain[i + 1], anything else -> default."""
     from transformers import PreTrainedTokenizerFast
@@ -215,7 +215,7 @@ def bigram_model(directory, tok, chain: list[int], default: int, **special_token
     assert len(set(chain)) == len(chain), "a chain must not repeat a token"
     hf = make_hf_model("llama", dict(num_attention_heads=1, num_key_value_heads=1, head_dim=8, rope_theta=1e4),
                        vocab_size=V, hidden_size=V, intermediate_size=8, num_hidden_layers=1, seed=0,
-                       max_position_embeddings=4096)
+                       max_position_embeddings=context)
     with torch.no_grad():
         for p in hf.parameters():
             p.zero_()
@@ -282,7 +282,8 @@ def test_web_page_in_headless_chromium(tmp_path):
     loop_token = next(i for i in range(tok.get_vocab_size())  # a model that repeats one word until stopped
                       if (w := tok.decode([i])).startswith(" ") and w[1:].isalpha() and len(w) > 2)
     twice = tok.decode([loop_token]) * 2
-    bigram_model(tmp_path, tok, [loop_token], loop_token, eos_token="<|im_end|>")
+    # a long context: the reply must still be streaming when the test presses Stop, however fast decoding is
+    bigram_model(tmp_path, tok, [loop_token], loop_token, context=65536, eos_token="<|im_end|>")
     from transformers import AutoTokenizer
 
     hf_tok = AutoTokenizer.from_pretrained(tmp_path)
