@@ -395,3 +395,27 @@ def test_glmkit_native_config_trains_and_reloads(tmp_path, glm_v1, text_file):
     trained = load_file(Path(r["final"]) / "model.safetensors")
     for name, p in llm.model.state_dict().items():
         assert torch.equal(p, trained[name]), name
+
+
+def test_bad_training_inputs_get_one_clear_line(tmp_path, glm_v1):
+    def cli(*argv):
+        return subprocess.run([sys.executable, "-m", "glmkit", "train", *argv], capture_output=True, text=True,
+                              timeout=60)
+
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text('[{"role": "user", "content": "hi"}]\nnot json\n')
+    cases = [
+        (["--output", str(tmp_path / "o"), "--data", "x.txt", "--init", str(tmp_path / "nope.json")], "does not exist"),
+        (["--config", str(bad_json)], "not valid JSON"),
+        (["--output", str(tmp_path / "o"), "--data", str(tmp_path / "missing.txt"), "--init",
+          str(glm_v1 / "config.json"), "--tokenizer", str(glm_v1), "--objective", "glm"], "does not exist"),
+        (["--output", str(tmp_path / "o"), "--data", str(chat), "--init", str(glm_v1 / "config.json"),
+          "--tokenizer", str(glm_v1), "--objective", "sft"], "line 2 is not JSON"),
+        (["--output", str(tmp_path / "o"), "--data", str(chat), "--init", str(glm_v1 / "config.json"),
+          "--tokenizer", str(glm_v1), "--objective", "causal"], "objective glm"),
+    ]
+    for argv, message in cases:
+        out = cli(*argv)
+        assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, (argv, out.stderr)

@@ -69,18 +69,28 @@ class TrainConfig:
     def from_file(cls, path: str | Path, **overrides) -> "TrainConfig":
         """A TOML or JSON file of TrainConfig fields; keyword overrides win."""
         path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".toml":
-            import tomllib
-
-            raw = tomllib.loads(text)
-        else:
-            raw = json.loads(text)
+        raw = _read_settings(path)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - names)
         if unknown:
             raise GlmkitError(f"{path}: unknown training setting(s) {unknown}; known: {sorted(names)}.")
         return cls(**{**raw, **overrides})
+
+
+def _read_settings(path: Path) -> dict:
+    """A TOML (.toml) or JSON file of settings, with one clear error for a missing or malformed file."""
+    import tomllib
+
+    if not path.is_file():
+        raise GlmkitError(f"{path} does not exist; pass a TOML or JSON file.")
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise GlmkitError(f"{path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({e}).") from None
+    if not isinstance(raw, dict):
+        raise GlmkitError(f"{path} must hold an object of settings.")
+    return raw
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -121,7 +131,7 @@ def _base(cfg: TrainConfig, device: torch.device):
         raise GlmkitError("give exactly one of --model (a checkpoint to fine-tune) and --init (a config.json to "
                           "train from scratch).")
     if cfg.init is not None:
-        raw = json.loads(Path(cfg.init).read_text(encoding="utf-8"))
+        raw = _read_settings(Path(cfg.init))
         config = ModelConfig.from_dict(raw["glmkit_config"]) if "glmkit_config" in raw else ModelConfig.from_hf_dict(raw)
         if cfg.tokenizer is None:
             raise GlmkitError("--init needs --tokenizer DIR (the directory with the tokenizer files).")
