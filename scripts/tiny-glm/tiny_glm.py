@@ -41,7 +41,13 @@ def download(work: Path) -> Path:
             subprocess.run(cmd + (["--no-binary", ":all:"] if sdist else []), check=True)
     for pkg in DEBIAN:
         if not list(dl.glob(f"{pkg}_*.deb")):
-            subprocess.run(["apt-get", "download", pkg], cwd=dl, check=True, capture_output=True)
+            got = subprocess.run(["apt-get", "download", pkg], cwd=dl, capture_output=True, text=True)
+            if got.returncode != 0:  # a fresh machine may have no package lists yet
+                subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+                got = subprocess.run(["apt-get", "download", pkg], cwd=dl, capture_output=True, text=True)
+            if got.returncode != 0:
+                sys.exit(f"could not download the Debian package {pkg} ({got.stderr.strip()[-200:]}); "
+                         "run `apt-get update` (as root) and try again.")
     x = dl / "x"
     if not x.is_dir():
         x.mkdir()
