@@ -312,17 +312,61 @@ def test_ptuning_prefix_trains_and_the_engine_uses_it(tmp_path, glm_v1, chat_fil
     assert prefix[0].shape == (2, 4, 4, 8)  # (L, K, P, D)
     prompt = llm.apply_chat_template([{"role": "user", "content": "你好"}])
     out = llm.generate(prompt, max_tokens=6, temperature=0, ignore_eos=True).token_ids
-    ids = list(prompt)  # reference: full forward passes with the prefix, no cache
+    ids, logprobs = list(prompt), []  # reference: full forward passes with the prefix, no cache
     for _ in range(6):
         t = torch.tensor([ids])
         positions, prefix_len = prompt_positions(t, llm.config)
         with torch.no_grad():
-            ids.append(int(forward_with_prefix(llm.model, prefix, t, positions, prefix_len)[0, -1].argmax()))
+            last = torch.log_softmax(forward_with_prefix(llm.model, prefix, t, positions, prefix_len)[0, -1], -1)
+        ids.append(int(last.argmax()))
+        logprobs.append(float(last.max()))
     assert out == ids[len(prompt):]
     t = torch.tensor([prompt])
     positions, prefix_len = prompt_positions(t, llm.config)
     with torch.no_grad():  # the trained prefix changes what the model predicts
         assert (forward_with_prefix(llm.model, prefix, t, positions, prefix_len) - llm.logits(t)).abs().max() > 1e-3
+
+
+def test_server_keeps_the_ptuning_prefix(tmp_path, glm_v1):
+    """glmkit serve builds its own engine: it must keep the prefix (strong random values here)."""
+    from test_server import LiveServer
+
+    from glmkit.config import ModelConfig
+    from glmkit.model import Transformer
+    from glmkit.positions import prompt_positions
+    from glmkit.train.export import save_checkpoint
+    from glmkit.train.ptuning import PrefixEncoder, forward_with_prefix, load_prefix
+    from glmkit.train.trainer import init_weights
+
+    raw = json.loads((glm_v1 / "config.json").read_text())
+    model = Transformer(ModelConfig.from_hf_dict(raw))
+    init_weights(model, 3)
+    with torch.no_grad():  # weights large enough for attention to matter
+        for layer in model.layers:
+            for linear in (layer.attn.qkv, layer.attn.out):
+                linear.weight.normal_(std=0.5)
+    base = save_checkpoint(model, tmp_path / "base", raw, glm_v1)
+    encoder = PrefixEncoder(model.config, 3)
+    with torch.no_grad():
+        encoder.embedding.weight.normal_(std=3.0)
+    encoder.save(tmp_path / "prefix")
+    llm = glmkit.load(base, ptuning=tmp_path / "prefix")
+    prefix = load_prefix(tmp_path / "prefix", llm.config)
+    prompt = llm.apply_chat_template([{"role": "user", "content": "你好"}])
+    t = torch.tensor([prompt])
+    positions, prefix_len = prompt_positions(t, llm.config)
+    with torch.no_grad():
+        first = torch.log_softmax(forward_with_prefix(llm.model, prefix, t, positions, prefix_len)[0, -1], -1)
+        plain = torch.log_softmax(llm.logits(t)[0, -1], -1)
+    token = int(first.argmax())
+    assert abs(float(first[token]) - float(plain[token])) > 1e-2  # the prefix matters for this token
+    server = LiveServer(llm)
+    try:
+        served = server.client().completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0,
+                                                    logprobs=0, extra_body={"ignore_eos": True})
+        assert served.choices[0].logprobs.token_logprobs[0] == pytest.approx(float(first[token]), abs=1e-4)
+    finally:
+        server.close()
 
 
 # ---------------------------------------------------------------------------------------- distributed

@@ -40,7 +40,10 @@ class ApiError(Exception):
 def create_app(llm, *, model_name: str, api_keys: list[str] | None = None, cors_origins: list[str] | None = None,
                max_batch: int = 8, max_queue: int = 64, max_body_bytes: int = 4 << 20,
                request_timeout: float = 600.0) -> FastAPI:
-    engine = llm._engine = Engine(llm.model, llm.engine.stop_ids, llm.engine.decode, max_batch=max_batch)
+    previous = llm.engine
+    engine = llm._engine = Engine(llm.model, previous.stop_ids, previous.decode, max_batch=max_batch,
+                                  prefix_kv=llm.prefix_kv)
+    engine.compiled = previous.compiled  # a compiled step (glmkit serve --compile) serves single streams
     worker = EngineWorker(engine, max_queue=max_queue)
     metrics = Metrics(lambda: engine.running, lambda: len(engine.waiting))
     keys = set(api_keys or [])
