@@ -95,7 +95,19 @@ class CompiledDecoder:
         return self
 
     def compile_in_background(self) -> "CompiledDecoder":
-        self._thread = threading.Thread(target=self.compile, name="glmkit-compile", daemon=True)
+        def run() -> None:
+            # yield the CPU to decoding: the lowest priority for this thread and the compilers it starts, and
+            # one compile worker, so eager decoding's threads are not starved while the step compiles
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            except (AttributeError, OSError):
+                pass
+            import torch._inductor.config as inductor
+
+            inductor.compile_threads = 1
+            self.compile()
+
+        self._thread = threading.Thread(target=run, name="glmkit-compile", daemon=True)
         self._thread.start()
         return self
 
