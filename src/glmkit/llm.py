@@ -306,12 +306,12 @@ def load(source: str | Path | None = None, *, device: str | None = None, dtype: 
     written by `glmkit train --ptuning N` (the engine's generation uses it; `logits()` does not)."""
     llm = _load(source, device, dtype, quantize, chat_format)
     if lora is not None:
-        from glmkit.train.lora import add_lora, checkpoint_layout, merge, read_adapter
+        from glmkit.train.lora import add_lora, checkpoint_layout, lora_layers, merge, read_adapter
 
         settings, adapters = read_adapter(lora)
         add_lora(llm.model, checkpoint_layout(llm.source, llm.config), settings, adapters=adapters)
         floats = all(getattr(m.base, "weight", torch.empty(0, dtype=torch.int8)).is_floating_point()
-                     for _, m in _lora_layers(llm.model))
+                     for _, m in lora_layers(llm.model))
         if floats:
             merge(llm.model)
         llm.model.requires_grad_(False)
@@ -320,12 +320,6 @@ def load(source: str | Path | None = None, *, device: str | None = None, dtype: 
 
         llm.prefix_kv = load_prefix(ptuning, llm.config)
     return llm
-
-
-def _lora_layers(model):
-    from glmkit.train.lora import lora_layers
-
-    return lora_layers(model)
 
 
 def _load(source, device, dtype, quantize, chat_format) -> LLM:

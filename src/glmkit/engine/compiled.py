@@ -25,7 +25,9 @@ from glmkit.model import Transformer
 def inductor_cache_dir() -> Path:
     """Where inductor keeps compiled code: $TORCHINDUCTOR_CACHE_DIR, which glmkit.llm points at
     $GLMKIT_HOME/inductor unless it is set already."""
-    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor"))
+    from torch._inductor.runtime.runtime_utils import cache_dir
+
+    return Path(cache_dir())
 
 
 # inductor settings (set process-wide: freezing is read from the global config, not from torch.compile's

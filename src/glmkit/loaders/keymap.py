@@ -35,7 +35,14 @@ def _v1_qkv(t: torch.Tensor, c: ModelConfig) -> torch.Tensor:
     return t.reshape(H, 3, D, *t.shape[1:]).transpose(0, 1).reshape(3 * H * D, *t.shape[1:])
 
 
+def _v1_qkv_inverse(t: torch.Tensor, c: ModelConfig) -> torch.Tensor:
+    """[Q | K | V] rows back to ChatGLM-6B's per-head (q k v) rows (for writing checkpoints and adapters)."""
+    H, D = c.num_heads, c.head_dim
+    return t.reshape(3, H, D, *t.shape[1:]).transpose(0, 1).reshape(3 * H * D, *t.shape[1:])
+
+
 TRANSFORMS: dict[str, Callable[[torch.Tensor, ModelConfig], torch.Tensor]] = {"v1_qkv": _v1_qkv}
+INVERSE_TRANSFORMS: dict[str, Callable[[torch.Tensor, ModelConfig], torch.Tensor]] = {"v1_qkv": _v1_qkv_inverse}
 
 THUDM_V1: list[Rule] = [
     (r"transformer\.word_embeddings\.weight", "embed.weight"),

@@ -92,6 +92,7 @@ class Dataset:
                  mixture: Mixture = Mixture(), sentence_ends: frozenset[int] = frozenset(), max_len: int = 512):
         self.objective, self.items, self.seed = objective, items, seed
         self.glm_tokens, self.mixture, self.sentence_ends, self.max_len = glm_tokens, mixture, sentence_ends, max_len
+        self._order: tuple[int | None, list[int]] = (None, [])  # (epoch, its order): the last one computed
 
     def __len__(self) -> int:
         return len(self.items)
@@ -108,7 +109,7 @@ class Dataset:
 
     def order(self, epoch: int) -> list[int]:
         """The visiting order of an epoch (a permutation fixed by seed and epoch; the last one is kept)."""
-        if getattr(self, "_order", (None,))[0] != epoch:
+        if self._order[0] != epoch:
             order = list(range(len(self.items)))
             random.Random(f"{self.seed}/order/{epoch}").shuffle(order)
             self._order = (epoch, order)

@@ -19,6 +19,7 @@ from torch import nn
 
 from glmkit.config import ModelConfig
 from glmkit.errors import GlmkitError
+from glmkit.loaders.keymap import INVERSE_TRANSFORMS
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "ice_text.model", "generation_config.json", "chat_template.jinja")
@@ -40,39 +41,36 @@ def v1_config_json(c: ModelConfig) -> dict:
             "tie_word_embeddings": c.tie_embeddings, "torch_dtype": "float32"}
 
 
-def _thudm_v1(sd: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, torch.Tensor]:
-    H, D = c.num_heads, c.head_dim
-    names = {"attn_norm": "input_layernorm", "attn.qkv": "attention.query_key_value", "attn.out": "attention.dense",
-             "mlp_norm": "post_attention_layernorm", "mlp.in_proj": "mlp.dense_h_to_4h",
-             "mlp.out_proj": "mlp.dense_4h_to_h"}
-    out = {"transformer.word_embeddings.weight": sd["embed.weight"]}
+# glmkit module -> THUDM module, and the embedding / final norm / head names, per THUDM generation
+_THUDM = {
+    "v1": ("transformer.layers", {"attn_norm": "input_layernorm", "attn.qkv": "attention.query_key_value",
+                                  "attn.out": "attention.dense", "mlp_norm": "post_attention_layernorm",
+                                  "mlp.in_proj": "mlp.dense_h_to_4h", "mlp.out_proj": "mlp.dense_4h_to_h"},
+           "transformer.word_embeddings.weight", "transformer.final_layernorm", "lm_head.weight"),
+    "v2": ("transformer.encoder.layers", {"attn_norm": "input_layernorm", "attn.qkv": "self_attention.query_key_value",
+                                          "attn.out": "self_attention.dense", "mlp_norm": "post_attention_layernorm",
+                                          "mlp.in_proj": "mlp.dense_h_to_4h", "mlp.out_proj": "mlp.dense_4h_to_h"},
+           "transformer.embedding.word_embeddings.weight", "transformer.encoder.final_layernorm",
+           "transformer.output_layer.weight"),
+}
+
+
+def _thudm(sd: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, torch.Tensor]:
+    """THUDM remote-code names: v1 (ChatGLM-6B, whose qkv rows go back to per-head order) or v2+."""
+    v1 = c.positions == "2d"
+    layers, names, embed, norm, head = _THUDM["v1" if v1 else "v2"]
+    out = {embed: sd["embed.weight"]}
     for key, t in sd.items():
         parts = key.split(".")
         if parts[0] == "layers":
-            module, kind = ".".join(parts[2:-1]), parts[-1]
-            if module == "attn.qkv":  # [Q | K | V] rows -> per head (q k v)
-                t = t.reshape(3, H, D, *t.shape[1:]).transpose(0, 1).reshape(3 * H * D, *t.shape[1:])
-            out[f"transformer.layers.{parts[1]}.{names[module]}.{kind}"] = t
+            module = ".".join(parts[2:-1])
+            if v1 and module == "attn.qkv":
+                t = INVERSE_TRANSFORMS["v1_qkv"](t, c)
+            out[f"{layers}.{parts[1]}.{names[module]}.{parts[-1]}"] = t
         elif parts[0] == "norm":
-            out[f"transformer.final_layernorm.{parts[1]}"] = t
+            out[f"{norm}.{parts[1]}"] = t
         elif key == "lm_head.weight":
-            out["lm_head.weight"] = t
-    return out
-
-
-def _thudm_v2(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    names = {"attn_norm": "input_layernorm", "attn.qkv": "self_attention.query_key_value",
-             "attn.out": "self_attention.dense", "mlp_norm": "post_attention_layernorm",
-             "mlp.in_proj": "mlp.dense_h_to_4h", "mlp.out_proj": "mlp.dense_4h_to_h"}
-    out = {"transformer.embedding.word_embeddings.weight": sd["embed.weight"]}
-    for key, t in sd.items():
-        parts = key.split(".")
-        if parts[0] == "layers":
-            out[f"transformer.encoder.layers.{parts[1]}.{names['.'.join(parts[2:-1])]}.{parts[-1]}"] = t
-        elif parts[0] == "norm":
-            out[f"transformer.encoder.final_layernorm.{parts[1]}"] = t
-        elif key == "lm_head.weight":
-            out["transformer.output_layer.weight"] = t
+            out[head] = t
     return out
 
 
@@ -114,7 +112,7 @@ def save_checkpoint(model: nn.Module, directory: str | Path, config_json: dict,
     if "glmkit_config" in config_json:  # glmkit's own names
         tensors = sd
     elif "num_layers" in config_json:
-        tensors = _thudm_v1(sd, c) if c.positions == "2d" else _thudm_v2(sd)
+        tensors = _thudm(sd, c)
     elif config_json.get("model_type") in ("glm", "glm4", "llama"):
         tensors = _transformers(sd, c, fused_gate_up=config_json["model_type"] != "llama")
     else:

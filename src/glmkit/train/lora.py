@@ -10,6 +10,7 @@ output; `merge` folds the adapters into float weights. No training loop here.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -22,7 +23,7 @@ from torch import nn
 
 from glmkit.config import ModelConfig
 from glmkit.errors import CheckpointError, GlmkitError
-from glmkit.loaders.keymap import TRANSFORMS, Rule, Target, _match
+from glmkit.loaders.keymap import INVERSE_TRANSFORMS, TRANSFORMS, Target, _match
 from glmkit.quant import replace_module
 
 PEFT_PREFIX = "base_model.model."
@@ -78,10 +79,13 @@ class LoRALinear(nn.Module):
         return y + torch.cat(parts, dim=-1)
 
 
-def layout_rules(source_layout: str) -> list[Rule]:
+@functools.lru_cache(maxsize=None)
+def layout_rules(source_layout: str) -> list:
+    """The layout's name table (loaders/keymap.py), its patterns compiled once."""
     from glmkit.loaders.keymap import THUDM_V1, THUDM_V2, TRANSFORMERS
 
-    return {"thudm_v1": THUDM_V1, "thudm_v2": THUDM_V2, "transformers": TRANSFORMERS}[source_layout]
+    rules = {"thudm_v1": THUDM_V1, "thudm_v2": THUDM_V2, "transformers": TRANSFORMERS}[source_layout]
+    return [(re.compile(pattern), target) for pattern, target in rules]
 
 
 def checkpoint_layout(source: str | Path, config: ModelConfig) -> str:
@@ -107,15 +111,14 @@ def _piece_rows(config: ModelConfig, ours: str, piece: int | None, total: int) -
     return bounds[piece], bounds[piece + 1]
 
 
-def _target(rules: list[Rule], module: str) -> Target:
-    compiled = [(re.compile(p), t) for p, t in rules]
-    target = _match(compiled, module + ".weight")
+def _target(rules: list, module: str) -> Target:
+    target = _match(rules, module + ".weight")
     if not isinstance(target, Target) or not target.name.endswith(".weight"):
         raise GlmkitError(f"LoRA target {module!r} is not a linear layer of this checkpoint's layout.")
     return target
 
 
-def _linear_names(rules: list[Rule], model: nn.Module, config: ModelConfig, layout: str) -> dict[str, Target]:
+def _linear_names(rules: list, config: ModelConfig, layout: str) -> dict[str, Target]:
     """Every PEFT-style module name of this layout that maps to one of our linear layers."""
     examples = {
         "transformers": ["model.layers.{i}.self_attn.q_proj", "model.layers.{i}.self_attn.k_proj",
@@ -128,15 +131,8 @@ def _linear_names(rules: list[Rule], model: nn.Module, config: ModelConfig, layo
                      ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
                       "mlp.dense_4h_to_h")],
     }[layout]
-    names = {}
-    for i in range(config.num_layers):
-        for pattern in examples:
-            name = pattern.format(i=i)
-            target = _target(rules, name)
-            if layout == "transformers" and not config.mlp == "swiglu":
-                continue
-            names[name] = target
-    return names
+    names = (pattern.format(i=i) for i in range(config.num_layers) for pattern in examples)
+    return {name: _target(rules, name) for name in names}
 
 
 def add_lora(model: nn.Module, layout: str, settings: LoRASettings, *, init: str = "peft",
@@ -148,7 +144,7 @@ def add_lora(model: nn.Module, layout: str, settings: LoRASettings, *, init: str
     Returns the PEFT module names adapted."""
     config: ModelConfig = model.config
     rules = layout_rules(layout)
-    targets = _linear_names(rules, model, config, layout)
+    targets = _linear_names(rules, config, layout)
     chosen = [n for n in targets if any(n == t or n.endswith("." + t) for t in settings.target_modules)]
     if adapters is not None:
         chosen = sorted(adapters)
@@ -165,15 +161,13 @@ def add_lora(model: nn.Module, layout: str, settings: LoRASettings, *, init: str
         path = target.name[: -len(".weight")]
         layer = model.get_submodule(path)
         if not isinstance(layer, LoRALinear):
-            out_features, in_features = _shape(layer)
-            wrapped = LoRALinear(layer, out_features)
+            wrapped = LoRALinear(layer, _shape(layer)[0])
             wrapped.scale = settings.scale
             wrapped.dropout = nn.Dropout(settings.dropout) if settings.dropout else nn.Identity()
             replace_module(model, path, wrapped)
             layer = wrapped
         lo, hi = _piece_rows(config, target.name, target.piece, layer.out_features)
         in_features = _shape(layer.base)[1]
-        dtype = torch.float32
         if adapters is not None:
             A, B = adapters[name]
             if target.transform:
@@ -186,7 +180,7 @@ def add_lora(model: nn.Module, layout: str, settings: LoRASettings, *, init: str
             nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=gen)
             B = torch.zeros(hi - lo, settings.r) if init == "peft" else torch.randn(hi - lo, settings.r, generator=gen) * 0.1
         device = next(layer.base.parameters(), next(layer.base.buffers(), torch.empty(0))).device
-        layer.add(lo, hi, name, A.to(device=device, dtype=dtype), B.to(device=device, dtype=dtype))
+        layer.add(lo, hi, name, A.to(device=device, dtype=torch.float32), B.to(device=device, dtype=torch.float32))
     return chosen
 
 
@@ -213,7 +207,7 @@ def save_adapter(model: nn.Module, directory: str | Path, layout: str, settings:
             target = _target(layout_rules(layout), name)
             B = B.detach()
             if target.transform:
-                B = _inverse(target.transform, B, config)
+                B = INVERSE_TRANSFORMS[target.transform](B, config)
             tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.detach().float().contiguous()
             tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.float().contiguous()
             modules.add(name.rsplit(".", 1)[1])
@@ -227,13 +221,6 @@ def save_adapter(model: nn.Module, directory: str | Path, layout: str, settings:
         "use_dora": False, "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
         "revision": None}, indent=2))
-
-
-def _inverse(transform: str, t: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    if transform == "v1_qkv":  # [Q | K | V] rows back to per-head (q k v) rows
-        H, D = config.num_heads, config.head_dim
-        return t.reshape(3, H, D, *t.shape[1:]).transpose(0, 1).reshape(3 * H * D, *t.shape[1:])
-    raise GlmkitError(f"no inverse for layout fix {transform!r}")
 
 
 def read_adapter(directory: str | Path) -> tuple[LoRASettings, dict[str, tuple[torch.Tensor, torch.Tensor]]]:

@@ -29,6 +29,7 @@ from glmkit.model import Transformer
 from glmkit.train.data import (SENTENCE_END, Dataset, chunk_documents, collate, glm_chunk_size, read_conversations,
                                read_documents)
 from glmkit.train.glm_objective import IGNORE, GLMTokens, Mixture
+from glmkit.train.ptuning import forward_with_prefix
 
 
 @dataclass
@@ -191,8 +192,6 @@ def build_dataset(cfg: TrainConfig, tokenizer, fmt, config: ModelConfig) -> Data
 def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], prefix=None,
                  autocast: str = "none") -> torch.Tensor:
     """Summed cross-entropy over the batch's target tokens (float32)."""
-    from glmkit.train.ptuning import forward_with_prefix
-
     dev = batch["input_ids"].device
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast == "bfloat16"):
         if prefix is not None:
