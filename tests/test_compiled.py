@@ -1,6 +1,7 @@
 """The compiled one-token decode step: greedy tokens equal the eager reference in float32, for two models
-of the same shape compiled in one process (frozen weights must not leak between them through the cache),
-and a compiler failure leaves eager decoding working."""
+of the same shape compiled in one process (frozen weights must not leak between them through the package
+cache); a second load finds the package on disk; a compiler failure or a corrupt package leaves eager
+decoding working."""
 
 from __future__ import annotations
 
@@ -34,28 +35,36 @@ def test_compiled_greedy_equals_eager_in_float32(tmp_path, kind, config):
         expected = greedy(eager, prompt)
         llm = glmkit.load(d)
         decoder = llm.compile()
-        assert decoder.ready, decoder.error
+        assert decoder.ready and not decoder.cached, decoder.error
         got = greedy(llm, prompt)
         assert got == expected
         outputs.append(got)
         # a second conversation through the same compiled step, longer than the first (the position is dynamic)
         assert greedy(llm, prompt + [3, 3, 8], 40) == greedy(eager, prompt + [3, 3, 8], 40)
+        again = glmkit.load(d)  # a later run: the package comes from disk
+        assert again.compile().cached and greedy(again, prompt) == expected
     assert outputs[0] != outputs[1]
 
 
-def test_compile_failure_leaves_eager_decoding(tmp_path, monkeypatch):
+def test_compile_failure_or_corrupt_package_leaves_eager_decoding(tmp_path, monkeypatch):
+    from glmkit.engine.compiled import inductor_options, package_key, packages_dir
+
     d = tmp_path / "m"
     make_hf_model("llama", LLAMA_CONFIGS["mqa-tied"]).save_pretrained(d)
     llm = glmkit.load(d)
     expected = greedy(llm, [4, 5, 6])
+    corrupt = packages_dir() / f"decode-{package_key(llm.model, inductor_options(llm.model))}.pt2"
+    corrupt.parent.mkdir(parents=True)
+    corrupt.write_bytes(b"PK\x03\x04 truncated")
 
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
     with pytest.warns(UserWarning, match="stays eager"):
         decoder = llm.compile()
     assert not decoder.ready and "no C++ compiler" in decoder.error
+    assert not corrupt.exists() and not list(corrupt.parent.iterdir())  # no corrupt or partial package is left
     assert greedy(llm, [4, 5, 6]) == expected
 
 

@@ -54,9 +54,9 @@ class LLM:
         return self._engine
 
     def compile(self, background: bool = False):
-        """Compile the one-token decode step (cached on disk under $GLMKIT_HOME/inductor); single-sequence
+        """Compile the one-token decode step (a package cached under $GLMKIT_HOME/compiled); single-sequence
         decoding uses it once ready and stays eager until then, or if compiling fails. Returns the
-        CompiledDecoder (.ready, .error, .seconds, .wait())."""
+        CompiledDecoder (.ready, .cached, .error, .seconds, .path, .wait())."""
         from glmkit.engine.compiled import CompiledDecoder
 
         decoder = CompiledDecoder(self.model)

@@ -188,9 +188,9 @@ class Transformer(nn.Module):
         if cache is None:
             start, S = 0, T
         else:
-            S = (start if isinstance(start, int) else int(start.max())) + T
+            S = (int(start.max()) if isinstance(start, torch.Tensor) else start) + T
         mask = None
-        one_step = T == 1 and isinstance(start, int) and prefix_len is None  # sees every cached key: no mask
+        one_step = T == 1 and not isinstance(start, torch.Tensor) and prefix_len is None  # sees every cached key: no mask
         if (prefix_len is not None or cache is not None) and not one_step:
             mask = attention_mask(T, S, start, prefix_len, tokens.device)
         for i, layer in enumerate(self.layers):

@@ -149,7 +149,7 @@ class Engine:
             else:
                 positions[row, 0] = index
         offsets = int(start[0]) if hi == 1 else start  # one row: a plain offset (no per-row scatter, no mask)
-        if hi == 1 and self.compiled is not None and self.compiled.ready:  # the compiled one-token step
+        if hi == 1 and self.compiled is not None and self.compiled.usable(offsets):  # the compiled one-token step
             logits = self.compiled(tokens, positions, self.cache.rows(0, 1), offsets)  # (1, V)
         else:
             logits = self.model(tokens, positions, self.cache.rows(0, hi), offsets)[:, -1]  # (hi, V)

@@ -1,15 +1,20 @@
-"""A compiled one-token decode step for the single-sequence case (chat, generate, bench).
+"""A compiled one-token decode step for the single-sequence case (chat, generate, bench, serve).
 
-torch.compile with inductor's freezing (weights become constants, so weight-only int8 matmuls turn into
-generated C++ micro-kernels), max-autotune with the C++ GEMM backend, the C++ wrapper, and a dynamic
-position, so one graph serves every cache length. Compilation is cached on disk under
-$GLMKIT_HOME/inductor (paid once per model and machine: ~1-1.5 min cold, seconds warm); it can run
-in a background thread while the engine keeps decoding eagerly, and any failure leaves eager decoding
-in place. The step computes exactly what the model's forward computes; no sampling here.
+The step is exported (torch.export) and compiled ahead of time by AOTInductor into a package: a shared
+library with the weights inside, called from C++ with no Python-side guards or wrapper per token. Inductor's
+freezing turns weight-only int8 matmuls into generated C++ micro-kernels; max-autotune picks among C++ GEMM
+templates. One package serves every position and cache length (both are dynamic sizes: the position
+comes in as the length of a marker tensor). Packages live in $GLMKIT_HOME/compiled, named by a hash of
+the weights, the configuration, torch, the CPU and the thread count, so compiling is paid once per model
+and machine (about a minute for the default model) and a later run loads it in under a second. Compiling
+can run in a background thread while the engine keeps decoding eagerly; any failure leaves eager
+decoding in place. The step computes exactly what the model's forward computes; no sampling here.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
 import time
@@ -18,35 +23,70 @@ from pathlib import Path
 
 import torch
 
+from glmkit.hub import home
 from glmkit.kv_cache import KVCache
 from glmkit.model import Transformer
 
+# torch.export's own use of a deprecated pytree class, not something a glmkit user can act on
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+
+PACKAGE_FORMAT = 1  # bump when DecodeStep's inputs or outputs change: old packages are then never picked up
+
 
 def inductor_cache_dir() -> Path:
-    """Where inductor keeps compiled code: $TORCHINDUCTOR_CACHE_DIR, which glmkit.llm points at
+    """Where inductor keeps its build files: $TORCHINDUCTOR_CACHE_DIR, which glmkit.llm points at
     $GLMKIT_HOME/inductor unless it is set already."""
     from torch._inductor.runtime.runtime_utils import cache_dir
 
     return Path(cache_dir())
 
 
-# inductor settings (set process-wide: freezing is read from the global config, not from torch.compile's
-# per-function options): frozen weights, autotuned C++ GEMM templates, the C++ wrapper
-OPTIONS = {"freezing": True, "cpp_wrapper": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
-           "fx_graph_cache": True}
+def packages_dir() -> Path:
+    return home() / "compiled"
 
 
 class DecodeStep(torch.nn.Module):
-    """The model's one-token step as a module, so that inductor's freezing sees its weights as parameters
-    (a compiled plain function would get them as graph inputs, and nothing would be frozen)."""
+    """The model's one-token step in an export-friendly signature: the cache as flat per-layer tensors
+    (written in place) and the step's offset as the length of `attended` minus one, so it stays a dynamic size."""
 
     def __init__(self, model: Transformer):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
-        h = self.model.hidden_states(tokens, positions, cache, start)  # (1, 1, C)
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attended: torch.Tensor,
+                *kv: torch.Tensor) -> torch.Tensor:
+        layers = len(kv) // 2
+        cache = KVCache.__new__(KVCache)
+        cache.k, cache.v = list(kv[:layers]), list(kv[layers:])  # (1, K, max_len, D) each
+        h = self.model.hidden_states(tokens, positions, cache, attended.shape[0] - 1)  # (1, 1, C)
         return self.model.head(h)[:, -1]  # (1, V)
+
+
+def inductor_options(model: Transformer) -> dict:
+    """All-int8 models keep to the C++ GEMM templates (on a busy machine autotuning can wrongly prefer ATen's
+    slower weight-only kernel); float ones may also use ATen's GEMMs."""
+    from glmkit.quant import Int8Linear
+
+    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
+    int8 = bool(linears) and all(isinstance(m, Int8Linear) for m in linears)
+    return {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP" if int8 else "CPP,ATEN"}
+
+
+def package_key(model: Transformer, options: dict) -> str:
+    """A hash of everything the compiled code depends on: every weight byte, the configuration, the module
+    types, torch, the CPU's vector capability and the thread count (inductor bakes it into the code)."""
+    from glmkit import __version__
+
+    h = hashlib.sha256()
+    meta = {"format": PACKAGE_FORMAT, "glmkit": __version__, "torch": torch.__version__,
+            "cpu": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "options": options, "config": model.config.to_dict(),
+            "modules": sorted({type(m).__name__ for m in model.modules()})}
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    for name, t in model.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:24]
 
 
 class CompiledDecoder:
@@ -55,46 +95,64 @@ class CompiledDecoder:
     def __init__(self, model: Transformer):
         self.model = model
         self.ready = False
+        self.cached = False  # True when the package came from disk
         self.error: str | None = None
         self.seconds: float | None = None
-        self._fn = None
+        self.path: Path | None = None
+        self._runner = None
+        self._attended = torch.empty(0, dtype=torch.uint8)
         self._thread: threading.Thread | None = None
 
-    def options(self) -> dict:
-        """OPTIONS; all-int8 models keep to the C++ GEMM templates (on a busy machine autotuning can wrongly
-        prefer ATen's slower weight-only kernel), float ones may also use ATen's GEMMs."""
-        from glmkit.quant import Int8Linear
-
-        linears = [m for m in self.model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
-        int8 = bool(linears) and all(isinstance(m, Int8Linear) for m in linears)
-        return {**OPTIONS, "max_autotune_gemm_backends": "CPP" if int8 else "CPP,ATEN"}
-
     def compile(self) -> "CompiledDecoder":
-        """Compile now (blocking) by running a few steps on a scratch cache; on failure stay eager."""
+        """Load the package from disk, or export and compile it now (blocking); on failure stay eager."""
         try:
             t0 = time.perf_counter()
-            fn = torch.compile(DecodeStep(self.model), fullgraph=True, dynamic=True)
-            p = self.model.embed.weight
-            c = self.model.config
-            import torch._inductor.config as inductor
-
-            for key, value in self.options().items():  # global: a later recompile must freeze too
-                setattr(inductor, key, value)
-            with torch.inference_mode():  # the engine's cache holds inference tensors: so must this one
-                cache = KVCache(c, 1, 64, dtype=p.dtype, device=p.device)
-                for t in cache.k + cache.v:  # the engine's cache grows: its length must not be specialised
-                    torch._dynamo.mark_dynamic(t, 2)
-                for start in (3, 4, 5):  # a few positions: the position is a dynamic size from the start
-                    tokens = torch.zeros(1, 1, dtype=torch.long, device=p.device)
-                    shape = (1, 2, 1) if c.positions == "2d" else (1, 1)
-                    positions = torch.full(shape, start, dtype=torch.long, device=p.device)
-                    fn(tokens, positions, cache, start)
-            self._fn, self.ready, self.seconds = fn, True, time.perf_counter() - t0
+            options = inductor_options(self.model)
+            self.path = packages_dir() / f"decode-{package_key(self.model, options)}.pt2"
+            runner = self._load() if self.path.exists() else None
+            self.cached = runner is not None
+            if runner is None:
+                self._build(options)
+                runner = self._load(strict=True)
+            self._runner, self.ready, self.seconds = runner, True, time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - any compiler failure means: keep decoding eagerly
             self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             warnings.warn(f"the compiled decode step is unavailable ({self.error}); decoding stays eager.",
                           stacklevel=2)
         return self
+
+    def _load(self, strict: bool = False):
+        """The package's runner; a package that does not load (truncated, from another build) is removed
+        and rebuilt, unless it was just built (strict)."""
+        try:
+            return torch._inductor.aoti_load_package(str(self.path))
+        except Exception:
+            if strict:
+                raise
+            self.path.unlink(missing_ok=True)
+            return None
+
+    def _build(self, options: dict) -> None:
+        from torch.export import Dim
+
+        c, p = self.model.config, self.model.embed.weight
+        cache = KVCache(c, 1, 16, dtype=p.dtype, device=p.device)
+        kv = tuple(cache.k + cache.v)
+        shape = (1, 2, 1) if c.positions == "2d" else (1, 1)
+        example = (torch.zeros(1, 1, dtype=torch.long, device=p.device),
+                   torch.full(shape, 5, dtype=torch.long, device=p.device), torch.empty(6, dtype=torch.uint8))
+        attended, max_len = Dim("attended", min=2, max=1 << 20), Dim("max_len", min=2, max=1 << 20)
+        dynamic = ({}, {}, {0: attended}, tuple({2: max_len} for _ in kv))
+        with torch.no_grad():
+            program = torch.export.export(DecodeStep(self.model).eval(), example + kv, dynamic_shapes=dynamic,
+                                          strict=False)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(f".partial-{os.getpid()}-{self.path.name}")  # must end in .pt2
+        try:
+            torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=options)
+            os.replace(partial, self.path)  # complete packages only: an interrupted compile leaves nothing behind
+        finally:
+            partial.unlink(missing_ok=True)
 
     def compile_in_background(self) -> "CompiledDecoder":
         def run() -> None:
@@ -118,5 +176,11 @@ class CompiledDecoder:
             self._thread.join(timeout)
         return self.ready
 
+    def usable(self, start: int) -> bool:
+        """The package was exported for steps with at least one cached position."""
+        return self.ready and start >= 1
+
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
-        return self._fn(tokens, positions, cache, start)
+        if self._attended.numel() <= start:
+            self._attended = torch.empty(2 * (start + 1), dtype=torch.uint8)
+        return self._runner(tokens, positions, self._attended[: start + 1], *cache.k, *cache.v)
