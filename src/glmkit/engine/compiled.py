@@ -99,7 +99,7 @@ class CompiledDecoder:
         self.error: str | None = None
         self.seconds: float | None = None
         self.path: Path | None = None
-        self._runner = None
+        self._run = None
         self._attended = torch.empty(0, dtype=torch.uint8)
         self._thread: threading.Thread | None = None
 
@@ -114,7 +114,8 @@ class CompiledDecoder:
             if runner is None:
                 self._build(options)
                 runner = self._load(strict=True)
-            self._runner, self.ready, self.seconds = runner, True, time.perf_counter() - t0
+            # the loader's own entry point: the Python wrapper around it re-flattens the inputs on every call
+            self._run, self.ready, self.seconds = runner.loader.boxed_run, True, time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - any compiler failure means: keep decoding eagerly
             self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             warnings.warn(f"the compiled decode step is unavailable ({self.error}); decoding stays eager.",
@@ -183,4 +184,4 @@ class CompiledDecoder:
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         if self._attended.numel() <= start:
             self._attended = torch.empty(2 * (start + 1), dtype=torch.uint8)
-        return self._runner(tokens, positions, self._attended[: start + 1], *cache.k, *cache.v)
+        return self._run([tokens, positions, self._attended[: start + 1], *cache.k, *cache.v])[0]
