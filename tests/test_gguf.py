@@ -3,6 +3,7 @@ permuted), and the real packaged default model, against transformers' LlamaForCa
 
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -126,6 +127,36 @@ def default_model():
 @pytest.fixture(scope="module")
 def default_llm(default_model):
     return glmkit.load(default_model, dtype="float32")
+
+
+def test_lean_reader_equals_gguf_reader(default_model, monkeypatch):
+    """glmkit's header reader gives gguf's GGUFReader's values for every field and tensor of the default
+    model, and dequantizing a few rows at a time gives gguf's own dequantization."""
+    import numpy as np
+    from gguf import quants
+
+    from glmkit.loaders import gguf as loader
+
+    theirs, ours = gguf.GGUFReader(str(default_model)), loader.open_gguf(default_model)
+    keys = [k for k in theirs.fields if not k.startswith("GGUF.")]
+    assert keys == list(ours.fields)
+    for key in keys:
+        assert theirs.fields[key].contents() == ours.fields[key].contents(), key
+    assert [(t.name, t.tensor_type, tuple(int(n) for n in t.shape)) for t in theirs.tensors] == \
+        [(t.name, t.tensor_type, t.shape) for t in ours.tensors]
+    monkeypatch.setattr(loader, "CHUNK", 5000)  # many chunks, one of them partial
+    for i in (0, 1, len(ours.tensors) - 1):  # the Q8_0 embedding, a Q4_1 matrix, the F32 norm
+        a, b = theirs.tensors[i], ours.tensors[i]
+        assert np.array_equal(np.asarray(a.data), b.data)
+        expected = quants.dequantize(np.asarray(a.data), a.tensor_type).reshape(tuple(reversed(b.shape)))
+        assert torch.equal(loader.dequantize(b), torch.from_numpy(np.ascontiguousarray(expected, np.float32)))
+
+
+def test_truncated_gguf_names_the_tensor(tmp_path, default_model):
+    data = default_model.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt.*runs past the end|runs past the end"):
+        glmkit.load(tmp_path / "cut.gguf")
 
 
 @pytest.mark.slow

@@ -71,7 +71,7 @@ def test_gguf_int4_blocks_repack_exactly(tmp_path, qtype):
     import numpy as np
     from gguf import quants
 
-    from glmkit.loaders.gguf import dequantize, int4_blocks
+    from glmkit.loaders.gguf import dequantize, int4_blocks, open_gguf
 
     w = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32)
     writer = gguf.GGUFWriter(str(tmp_path / "w.gguf"), "llama")
@@ -81,8 +81,10 @@ def test_gguf_int4_blocks_repack_exactly(tmp_path, qtype):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    tensor = gguf.GGUFReader(str(tmp_path / "w.gguf")).tensors[0]
-    reference = dequantize(tensor)  # gguf's own dequantization
+    theirs = gguf.GGUFReader(str(tmp_path / "w.gguf")).tensors[0]
+    reference = torch.from_numpy(quants.dequantize(np.asarray(theirs.data), theirs.tensor_type))  # gguf's own
+    tensor = open_gguf(tmp_path / "w.gguf").tensors[0]
+    assert torch.equal(dequantize(tensor), reference)
     blocks = int4_blocks(tensor)
     formula = ((blocks.q.float().view(64, 4, 32) - 8) * blocks.scales[..., None] + blocks.zeros[..., None]).view(64, 128)
     assert torch.equal(formula, reference)

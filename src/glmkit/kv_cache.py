@@ -4,7 +4,7 @@ Created by the engine and passed into the model's forward; the model writes the 
 at [start, start + T) of each row and reads [0, S). `start` is one int for the whole batch or one per
 row (decode steps of sequences with different lengths). Each layer has its own buffers, so a compiled
 step updates them in place (one shared tensor would be copied whole on every step). Row views and
-growth serve continuous batching. It knows nothing about tokens, sampling or positions.
+growth (in length and in rows) serve continuous batching. It knows nothing about tokens, sampling or positions.
 """
 
 from __future__ import annotations
@@ -55,12 +55,15 @@ class KVCache:
         view.k, view.v = [t[lo:hi] for t in self.k], [t[lo:hi] for t in self.v]
         return view
 
-    def grow(self, max_len: int) -> None:
-        """Make room for max_len positions, keeping what is stored."""
-        if max_len <= self.max_len:
-            return
+    def grow(self, max_len: int, batch_size: int | None = None) -> range:
+        """Make room for max_len positions and batch_size rows, keeping what is stored; returns the new rows."""
+        old_rows, rows = self.k[0].shape[0], max(batch_size or 0, self.k[0].shape[0])
+        if max_len <= self.max_len and rows == old_rows:
+            return range(0)
+        max_len = max(max_len, self.max_len)
         for buffers in (self.k, self.v):
             for i, old in enumerate(buffers):
-                new = old.new_zeros(*old.shape[:2], max_len, old.shape[3])
-                new[:, :, : old.shape[2]] = old
+                new = old.new_zeros(rows, old.shape[1], max_len, old.shape[3])
+                new[: old_rows, :, : old.shape[2]] = old
                 buffers[i] = new
+        return range(old_rows, rows)

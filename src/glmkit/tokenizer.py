@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -200,10 +201,9 @@ class HFTokenizer(Tokenizer):
         try:
             json_text = Path(path).read_text(encoding="utf-8") if json_text is None else json_text
             self.tok = _Tok.from_str(json_text)
-            self.tok_plain = _Tok.from_str(json_text)  # encodes special-token text as plain text
         except Exception as e:  # the Rust side raises a plain Exception
             raise CheckpointError(f"{path} cannot be read as a tokenizer.json ({e}); re-download it.") from None
-        self.tok_plain.encode_special_tokens = True
+        self._mode = threading.Lock()  # encode_special_tokens is per tokenizer: set and encode under one lock
         self.special = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
 
     @property
@@ -211,10 +211,17 @@ class HFTokenizer(Tokenizer):
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
-        return (self.tok if allow_special else self.tok_plain).encode(text, add_special_tokens=False).ids
+        return self._encode(text, allow_special, add_special_tokens=False)
 
     def encode_prompt(self, text: str) -> list[int]:
-        return self.tok_plain.encode(text, add_special_tokens=True).ids  # the post-processor's BOS, if any
+        return self._encode(text, False, add_special_tokens=True)  # the post-processor's BOS, if any
+
+    def _encode(self, text: str, allow_special: bool, add_special_tokens: bool) -> list[int]:
+        """One Rust tokenizer for both modes (a second copy costs ~20 MB for a 150k vocabulary): without
+        allow_special, special-token text is encoded as plain text."""
+        with self._mode:
+            self.tok.encode_special_tokens = not allow_special
+            return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special)

@@ -97,14 +97,18 @@ class Engine:
             self.cached[seq.slot] = seq.ids[: seq.fed]
         seq.slot = None
 
-    def _ensure_cache(self, length: int) -> None:
+    def _ensure_cache(self, length: int, rows: int) -> None:
+        """Room for `length` positions in rows [0, rows): the cache grows with use, so one conversation
+        holds one row, not max_batch."""
         length = min(-(-(length + self.P) // CACHE_STEP) * CACHE_STEP, self.config.max_seq_len + self.P)
         if self.cache is None:
-            self.cache = KVCache(self.config, self.max_batch, length, dtype=self.dtype, device=self.device)
+            self.cache = KVCache(self.config, rows, length, dtype=self.dtype, device=self.device)
             if self.prefix is not None:
                 self.cache.write_prefix(*self.prefix)
         else:
-            self.cache.grow(length)
+            new_rows = self.cache.grow(length, rows)
+            if self.prefix is not None and new_rows:
+                self.cache.rows(new_rows.start, new_rows.stop).write_prefix(*self.prefix)
 
     def _prefill(self, seq: Sequence) -> Chunk | None:
         free = [i for i, s in enumerate(self.slots) if s is None]
@@ -113,7 +117,7 @@ class Engine:
         common = min(common, len(seq.prompt) - 1)  # at least one token runs, to give the next logits
         seq.slot, self.slots[slot] = slot, seq
         self.cached[slot] = []
-        self._ensure_cache(len(seq.prompt) + seq.max_new)
+        self._ensure_cache(len(seq.prompt) + seq.max_new, slot + 1)
         ids = torch.tensor([seq.prompt], device=self.device)
         positions, prefix_len = prompt_positions(ids, self.config)
         if self.config.positions == "2d":

@@ -14,14 +14,15 @@ from glmkit.config import ModelConfig
 from glmkit.loaders.hf import load_directory
 
 
-def load(source: str | Path, keep_int4: bool = False,
-         gguf_reader=None) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
+def load(source: str | Path, keep_int4: bool = False, gguf_reader=None,
+         dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
     """keep_int4: GGUF Q4_0 / Q4_1 linear weights stay packed (loaders.gguf.Int4Blocks).
-    gguf_reader: the file's GGUFReader when the caller has opened it already."""
+    gguf_reader: the file's GGUFFile when the caller has opened it already. dtype: what GGUF's quantized
+    types dequantize to (checkpoint directories keep their stored dtypes)."""
     if str(source).lower().endswith(".gguf"):
         from glmkit.loaders.gguf import load_gguf
 
-        return load_gguf(source, keep_int4, gguf_reader)
+        return load_gguf(source, keep_int4, gguf_reader, dtype)
     return load_directory(source)
 
 

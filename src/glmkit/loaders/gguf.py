@@ -1,6 +1,7 @@
-"""Read a GGUF file (llama.cpp's format; parsed by the `gguf` package): metadata -> ModelConfig, tensors
-through a declarative name table per architecture ('llama'; 'chatglm' for ChatGLM3 / GLM-4-9B; 'glm4'
-for GLM-4-0414), quantized types dequantized to float32.
+"""Read a GGUF file (llama.cpp's format; the container through gguf_file.py, the quantized types through the
+`gguf` package): metadata -> ModelConfig, tensors through a declarative name table per architecture
+('llama'; 'chatglm' for ChatGLM3 / GLM-4-9B; 'glm4' for GLM-4-0414), quantized types dequantized a few
+rows at a time into the model's float dtype, or Q4_0 / Q4_1 kept as their 4-bit blocks.
 
 llama.cpp's converter permuted the q/k rows of llama-architecture models for its interleaved rotary
 layout; we keep those rows as they are and use interleaved rotary, which is the same maths (proven by
@@ -18,6 +19,7 @@ import torch
 
 from glmkit.config import ModelConfig
 from glmkit.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
+from glmkit.loaders.gguf_file import GGUFFile
 from glmkit.loaders.keymap import Target, map_tensors
 
 L = r"(\d+)"
@@ -57,14 +59,12 @@ TABLES = {"llama": LLAMA, "chatglm": CHATGLM, "glm4": GLM4}
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
 
 
-def open_gguf(path: str | Path):
-    import gguf
-
+def open_gguf(path: str | Path) -> GGUFFile:
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; pass the path of a .gguf file.")
     try:
-        return gguf.GGUFReader(str(path))
+        return GGUFFile(path)
     except Exception as e:  # the reader raises ValueError, struct errors, IndexError on damaged files
         raise CheckpointError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it may be truncated "
                               "or corrupt, re-download it.") from None
@@ -118,8 +118,11 @@ def config_from_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
 
 
-def dequantize(tensor) -> torch.Tensor:
-    """One GGUF tensor -> float32 torch tensor in the nn.Linear layout [out, in]."""
+CHUNK = 1 << 20  # elements dequantized at a time: float32 intermediates stay at a few MB whatever the tensor
+
+
+def dequantize(tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One GGUF tensor -> a torch tensor of `dtype` in the nn.Linear layout [out, in]."""
     from gguf import quants
 
     kind = tensor.tensor_type.name
@@ -127,57 +130,76 @@ def dequantize(tensor) -> torch.Tensor:
         raise CheckpointError(f"tensor {tensor.name!r} has GGUF type {kind}, which glmkit cannot read yet "
                               f"(supported: {', '.join(sorted(SUPPORTED_TYPES))}).")
     shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists the fastest-varying dimension first
-    if kind == "F32":
-        return torch.from_numpy(np.array(tensor.data)).reshape(shape)
-    data = quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
-    return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).reshape(shape)
+    out = torch.empty(shape, dtype=dtype)
+    rows, step = out.view(-1, shape[-1]), max(1, CHUNK // shape[-1])
+    for lo in range(0, rows.shape[0], step):
+        hi = min(lo + step, rows.shape[0])
+        raw = tensor.rows(lo, hi)
+        values = raw if kind in ("F32", "F16") else quants.dequantize(raw, tensor.tensor_type)
+        rows[lo:hi] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+    return out
 
 
 @dataclass
 class Int4Blocks:
-    """GGUF Q4_0 / Q4_1 weights kept as they are stored: w = (q - 8) * scale + zero per group of 32 inputs
+    """GGUF Q4_0 / Q4_1 weights kept as the file's bytes: w = (q - 8) * scale + zero per group of 32 inputs
     (torch's int4 layout). Q4_0: scale d, zero 0; Q4_1: scale d, zero m + 8d. Built into int4 modules by
     the caller instead of being dequantized, so a 4-bit file stays 4-bit in memory."""
-    q: torch.Tensor  # (N, K) uint8, values 0..15
-    scales: torch.Tensor  # (N, K / 32) float32
-    zeros: torch.Tensor  # (N, K / 32) float32
+    raw: np.ndarray  # (N, K / 32, 20) Q4_1 blocks (d, m, 16 bytes) or (N, K / 32, 18) Q4_0 blocks (d, 16 bytes)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
+        return self.raw.shape[0], self.raw.shape[1] * 32
+
+    @property
+    def q41(self) -> bool:
+        return self.raw.shape[-1] == 20
+
+    @property
+    def q(self) -> torch.Tensor:
+        """(N, K) uint8 values 0..15: low nibbles hold values 0..15 of a block, high nibbles 16..31."""
+        nibbles = self.raw[..., 4:20] if self.q41 else self.raw[..., 2:18]  # (N, K / 32, 16)
+        return torch.from_numpy(np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(self.shape))
+
+    @property
+    def scales(self) -> torch.Tensor:  # (N, K / 32) float32
+        return torch.from_numpy(self.raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
+
+    @property
+    def zeros(self) -> torch.Tensor:  # (N, K / 32) float32
+        if not self.q41:
+            return torch.zeros(self.raw.shape[:2])
+        return torch.from_numpy(self.raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)) + 8 * self.scales
 
     @staticmethod
     def cat(parts: list["Int4Blocks"]) -> "Int4Blocks":
-        return Int4Blocks(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "scales", "zeros")))
+        return Int4Blocks(np.concatenate([p.raw for p in parts]))
 
 
 def int4_blocks(tensor) -> Int4Blocks:
-    """Unpack Q4_0 (d, 16 bytes) or Q4_1 (d, m, 16 bytes) blocks of 32 values: low nibbles hold values
-    0..15 of a block, high nibbles values 16..31."""
     N, K = (int(n) for n in reversed(tensor.shape))
-    q41 = tensor.tensor_type.name == "Q4_1"
-    raw = np.asarray(tensor.data, dtype=np.uint8).reshape(N, K // 32, 20 if q41 else 18)
-    d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (N, K / 32)
-    nibbles = raw[..., 4:20] if q41 else raw[..., 2:18]  # (N, K / 32, 16)
-    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(N, K)
-    zeros = (raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * d) if q41 else np.zeros_like(d)
-    return Int4Blocks(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(zeros))
+    return Int4Blocks(tensor.data.reshape(N, K // 32, -1))
 
 
-def load_gguf(path: str | Path, keep_int4: bool = False,
-              reader=None) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
-    """keep_int4: Q4_0 / Q4_1 linear weights come back as Int4Blocks instead of float tensors.
-    reader: an already opened GGUFReader of `path` (parsing the header of a large vocabulary takes seconds)."""
-    reader = reader if reader is not None else open_gguf(path)
+def gguf_config(reader, path) -> ModelConfig:
+    """The model configuration a GGUF file's metadata and tensor shapes describe."""
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
     if "token_embd.weight" not in shapes:
         raise CheckpointError(f"{path} has no token_embd.weight tensor; it is not a complete model file.")
+    return config_from_metadata(metadata(reader), shapes)
+
+
+def load_gguf(path: str | Path, keep_int4: bool = False, reader=None,
+              dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """keep_int4: Q4_0 / Q4_1 linear weights come back as Int4Blocks instead of float tensors; the others
+    come in `dtype`. reader: the file's GGUFFile when the caller has opened it already."""
+    reader = reader if reader is not None else open_gguf(path)
+    config = gguf_config(reader, path)
     meta = metadata(reader)
-    config = config_from_metadata(meta, shapes)
     def reader_of(t):
         if keep_int4 and t.tensor_type.name in ("Q4_0", "Q4_1") and t.name.startswith("blk."):
             return lambda: int4_blocks(t)
-        return lambda: dequantize(t)
+        return lambda: dequantize(t, dtype)
 
     named = ((t.name, Path(path).name, reader_of(t)) for t in reader.tensors)
     return (config, *map_tensors(TABLES[meta["general.architecture"]], named, config))

@@ -27,8 +27,14 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
-        scales = (w.float().abs().amax(dim=1) / 127).clamp(min=1e-12)  # (N,)
-        q = torch.round(w.float() / scales[:, None]).clamp(-127, 127)
+        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)  # (N, K)
+        scales = torch.empty(w.shape[0], device=w.device)  # (N,)
+        step = max(1, (1 << 20) // w.shape[1])  # rows at a time: float32 temporaries stay small for big heads
+        for lo in range(0, w.shape[0], step):
+            rows = w[lo: lo + step].float()  # (n, K)
+            s = (rows.abs().amax(dim=1) / 127).clamp(min=1e-12)  # (n,)
+            scales[lo: lo + step] = s
+            q[lo: lo + step] = torch.round(rows / s[:, None]).clamp(-127, 127)
         return cls(q, scales, bias)
 
     def dequantize(self) -> torch.Tensor:
