@@ -116,6 +116,12 @@ def test_quantize_save_load_round_trip(tmp_path, random_ids, vocab_dirs, bits):
     with torch.no_grad():
         assert torch.equal(loaded.model(ids, positions), direct(ids, positions))
     assert loaded.apply_chat_template([{"role": "user", "content": "hi"}])  # the tokenizer came along
+    # tied embeddings: no float table is kept; the embedding is read from the int8 head, within int8 rounding
+    from glmkit.quant import TiedInt8Embedding
+
+    assert isinstance(loaded.model.embed, TiedInt8Embedding) and "embed.weight" not in loaded.model.state_dict()
+    table = glmkit.load(src, dtype="float32").model.embed.weight
+    assert rel(loaded.model.embed(ids).float(), table[ids]) < 0.01
     again = subprocess.run([sys.executable, "-m", "glmkit", "quantize", str(src), str(tmp_path / "q"), "--bits", "8"],
                            capture_output=True, text=True)
     assert again.returncode == 1 and "not empty" in again.stderr

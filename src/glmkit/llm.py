@@ -180,11 +180,11 @@ class LLM:
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed.weight.device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed.weight.dtype
+        return self.model.dtype
 
     @torch.inference_mode()
     def logits(self, ids: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor) -> torch.Tensor:

@@ -175,6 +175,15 @@ class Transformer(nn.Module):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # training: recompute each block's activations in backward
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (quantized layers keep their own storage types)."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
                       start: int | torch.Tensor = 0, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T), positions (B, T) or (B, 2, T) -> final-normed hidden states (B, T, C).

@@ -31,8 +31,7 @@ class Engine:
         past positions (real tokens keep their own positions)."""
         self.model, self.config = model, model.config
         self.stop_ids, self.decode, self.max_batch = frozenset(stop_ids), decode, max_batch
-        p = model.embed.weight
-        self.device, self.dtype = p.device, p.dtype
+        self.device, self.dtype = model.device, model.dtype
         self.prefix = prefix_kv
         self.P = 0 if prefix_kv is None else prefix_kv[0].shape[2]
         self.cache: KVCache | None = None

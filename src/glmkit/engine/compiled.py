@@ -136,7 +136,7 @@ class CompiledDecoder:
     def _build(self, options: dict) -> None:
         from torch.export import Dim
 
-        c, p = self.model.config, self.model.embed.weight
+        c, p = self.model.config, self.model
         cache = KVCache(c, 1, 16, dtype=p.dtype, device=p.device)
         kv = tuple(cache.k + cache.v)
         shape = (1, 2, 1) if c.positions == "2d" else (1, 1)

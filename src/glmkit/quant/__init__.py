@@ -104,6 +104,21 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
+class TiedInt8Embedding(nn.Module):
+    """The token embedding served from an int8 output head that shares its weights (tied embeddings): rows
+    are gathered and scaled, so the float table need not stay in memory beside the head. The head is held
+    outside the module tree: its weights are saved, loaded and counted once, as the head's."""
+
+    def __init__(self, head: Int8Linear, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+        self.__dict__["head"] = head  # not a submodule
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        head = self.__dict__["head"]
+        return head.q[tokens].to(self.dtype) * head.scales[tokens, None].to(self.dtype)  # (B, T, C)
+
+
 def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
     """Put `module` at the dotted `path` of model (e.g. 'layers.3.attn.qkv', or 'lm_head')."""
     parent, _, child = path.rpartition(".")
@@ -130,6 +145,8 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 32, include_he
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and (child_name != "lm_head" or include_head):
                 setattr(module, child_name, make(child.weight.detach(), child.bias, child_name == "lm_head"))
-    if include_head and getattr(model, "lm_head", False) is None:  # tied: the head gets its own quantized copy
+    if include_head and getattr(model, "lm_head", False) is None:  # tied: one int8 table serves head and embedding
+        dtype = model.embed.weight.dtype
         model.lm_head = make(model.embed.weight.detach(), None, head=True)
+        model.embed = TiedInt8Embedding(model.lm_head, dtype)
     return model

@@ -4,7 +4,7 @@ config.json holds {"glmkit_config": ModelConfig fields, "quantization": {"bits",
 "modules": {name: "int4" | "int8"}}}; model.safetensors holds glmkit's parameter names, with int4
 weights as nibbles two per byte (portable, not torch's CPU-specific packing) plus scales and zeros, and
 int8 weights with their per-channel scales. The recorded module list, not tensor names, says which
-layers are quantized. No engine here.
+layers are quantized; "embedding": "lm_head" says a tied embedding is served from the int8 head. No engine here.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 
 from glmkit.config import ModelConfig
 from glmkit.errors import CheckpointError
-from glmkit.quant import Int4Linear, Int8Linear, replace_module
+from glmkit.quant import Int4Linear, Int8Linear, TiedInt8Embedding, replace_module
 
 FORMAT = "glmkit-weight-only-v1"
 
@@ -44,8 +44,10 @@ def save_quantized(model: nn.Module, directory: Path, bits: int, group_size: int
             tensors[name] = param.detach()  # in the model's dtype (bfloat16 when quantized by glmkit quantize)
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, directory / "model.safetensors")
-    config = {"glmkit_config": model.config.to_dict(),
-              "quantization": {"format": FORMAT, "bits": bits, "group_size": group_size, "modules": modules}}
+    spec = {"format": FORMAT, "bits": bits, "group_size": group_size, "modules": modules}
+    if isinstance(model.embed, TiedInt8Embedding):
+        spec["embedding"] = "lm_head"  # no table of its own: rebuilt from the int8 head
+    config = {"glmkit_config": model.config.to_dict(), "quantization": spec}
     (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -83,9 +85,12 @@ def load_quantized(directory: Path, raw: dict, model_cls, dtype: torch.dtype) ->
         except KeyError as e:
             raise CheckpointError(f"{directory} lacks tensor {e.args[0]!r} for quantized layer {name!r}.") from None
         replace_module(model, name, module)
+    if spec.get("embedding") == "lm_head":
+        model.embed = TiedInt8Embedding(model.lm_head, dtype)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [m for m in missing if m.rsplit(".", 1)[0] not in spec["modules"]]  # those were built above
+    missing = [m for m in missing if m.rsplit(".", 1)[0] not in spec["modules"]  # those were built above
+               and not (m == "embed.weight" and spec.get("embedding") == "lm_head")]
     if unexpected or missing:
         raise CheckpointError(f"{directory} does not match its config.json (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}).")
