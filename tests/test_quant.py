@@ -20,15 +20,31 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
                                           (Int4Linear, {"group_size": 128}, 0.15)])
 def test_module_against_float(cls, kw, bound):
     torch.manual_seed(0)
-    w, b, x = torch.randn(384, 256), torch.randn(384), torch.randn(5, 7, 256)
+    w, b, x = torch.randn(384, 256), torch.randn(384), torch.randn(5, 70, 256)
     m = cls.from_float(w, b, **kw)
     ref = torch.nn.functional.linear(x, w, b)
     assert rel(m(x), ref) < bound  # float32 activations: the portable dequantize-then-matmul path
-    fast = m(x.bfloat16())  # bfloat16 activations: torch's packed CPU kernel
-    assert fast.dtype == torch.bfloat16 and fast.shape == (5, 7, 384)
+    fast = m(x.bfloat16())  # bfloat16 activations, 350 rows: a bf16 GEMM on the dequantized weights (prefill)
+    assert fast.dtype == torch.bfloat16 and fast.shape == (5, 70, 384)
     exact = torch.nn.functional.linear(x, m.dequantize(), b)
-    assert rel(fast, exact) < 0.01  # the kernel computes exactly the stored weights, up to bfloat16
+    assert rel(fast, exact) < 0.01  # exactly the stored weights, up to bfloat16
+    few = m(x[:1, :3].bfloat16())  # 3 rows (decode): torch's packed CPU kernel
+    assert rel(few, exact[:1, :3]) < 0.01
     assert rel(m.dequantize(), w) < bound
+
+
+def test_int4_nibbles_read_torch_cpu_packing():
+    """nibbles() reads torch's CPU int4 packing directly; it must equal what the packed kernel itself computes
+    on the identity matrix (scale 1, zero 8)."""
+    from glmkit.quant import _cpu_int4_layout_known
+
+    m = Int4Linear.from_float(torch.randn(192, 96), group_size=32)
+    assert _cpu_int4_layout_known(192, 96)
+    eye = torch.eye(96, dtype=torch.bfloat16)
+    unit = torch.empty_like(m.scales_zeros)
+    unit[..., 0], unit[..., 1] = 1.0, 8.0
+    by_kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, m.packed, 32, unit).T.round().to(torch.uint8)
+    assert torch.equal(m.nibbles(), by_kernel)
 
 
 def test_int4_group_size_must_divide():

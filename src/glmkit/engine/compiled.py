@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import threading
 import time
 import warnings
@@ -74,7 +75,8 @@ def inductor_options(model: Transformer) -> dict:
 
 def package_key(model: Transformer, options: dict) -> str:
     """A hash of everything the compiled code depends on: every weight byte, the configuration, the module
-    types, torch, the CPU's vector capability and the thread count (inductor bakes it into the code)."""
+    types and the source of the code traced, torch, the CPU's vector capability and the thread count
+    (inductor bakes it into the code)."""
     from glmkit import __version__
 
     h = hashlib.sha256()
@@ -83,6 +85,11 @@ def package_key(model: Transformer, options: dict) -> str:
             "options": options, "config": model.config.to_dict(),
             "modules": sorted({type(m).__name__ for m in model.modules()})}
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    import glmkit.model
+    import glmkit.quant
+
+    for module in (glmkit.model, glmkit.quant, sys.modules[KVCache.__module__], sys.modules[__name__]):
+        h.update(Path(module.__file__).read_bytes())  # the code that is traced: a change must not reuse a package
     for name, t in model.state_dict().items():
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
