@@ -374,16 +374,17 @@ def _load(source, device, dtype, quantize, chat_format) -> LLM:
         from glmkit.loaders.gguf import gguf_config
 
         tokenizer, fmt = _tokenizer_and_format(source, reader, gguf_config(reader, source), chat_format)
-    config, tensors, sources = loaders.load(source, keep_int4=quantize == "int4" and dev.type == "cpu",
-                                            gguf_reader=reader, dtype=dtype)
+    config, tensors, sources = loaders.load(source, keep_int4=quantize == "int4", gguf_reader=reader, dtype=dtype)
     if reader is None:
         tokenizer, fmt = _tokenizer_and_format(source, None, config, chat_format)
     reader = None  # the parsed header: let it go before the model is built (peak memory)
-    model = build_model(config, tensors, sources, dev, dtype)  # empties `tensors` as it goes
+    # quantized modules are packed on the CPU (torch's int4 packing op is CPU-only), then moved; on other
+    # devices they run the portable dequantize-then-matmul path
+    model = build_model(config, tensors, sources, torch.device("cpu") if quantize else dev, dtype)  # empties `tensors`
     if quantize is not None:
         from glmkit.quant import quantize_model
 
-        model = quantize_model(model, bits=4 if quantize == "int4" else 8)
+        model = quantize_model(model, bits=4 if quantize == "int4" else 8).to(dev)
     return LLM(model, str(source), tokenizer, fmt)
 
 
