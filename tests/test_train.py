@@ -328,7 +328,8 @@ def test_ptuning_prefix_trains_and_the_engine_uses_it(tmp_path, glm_v1, chat_fil
 
 
 def test_server_keeps_the_ptuning_prefix(tmp_path, glm_v1):
-    """glmkit serve builds its own engine: it must keep the prefix (strong random values here)."""
+    """glmkit serve builds its own engine: it must keep the prefix (strong random values here); so must every
+    row of a growing batch."""
     from test_server import LiveServer
 
     from glmkit.config import ModelConfig
@@ -360,6 +361,12 @@ def test_server_keeps_the_ptuning_prefix(tmp_path, glm_v1):
         plain = torch.log_softmax(llm.logits(t)[0, -1], -1)
     token = int(first.argmax())
     assert abs(float(first[token]) - float(plain[token])) > 1e-2  # the prefix matters for this token
+    # two at once: the engine's cache grows a second row, which must get the prefix too (without it that row
+    # would decode like the plain model, which differs here)
+    out = llm.generate(prompt, max_tokens=6, temperature=0, ignore_eos=True).token_ids
+    assert glmkit.load(base).generate(prompt, max_tokens=6, temperature=0, ignore_eos=True).token_ids != out
+    assert [c.token_ids for c in llm.generate_batch([prompt, prompt], max_tokens=6, temperature=0,
+                                                    ignore_eos=True)] == [out, out]
     server = LiveServer(llm)
     try:
         served = server.client().completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0,
