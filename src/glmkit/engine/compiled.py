@@ -5,8 +5,9 @@ library with the weights inside, called from C++ with no Python-side guards or w
 freezing turns weight-only int8 matmuls into generated C++ micro-kernels; max-autotune picks among C++ GEMM
 templates. One package serves every position and cache length (both are dynamic sizes: the position
 comes in as the length of a marker tensor). Packages live in $GLMKIT_HOME/compiled, named by a hash of
-the weights, the configuration, torch, the CPU and the thread count, so compiling is paid once per model
-and machine (about a minute for the default model) and a later run loads it in under a second. Compiling
+the weights, the configuration, the traced code, torch, the CPU and the thread count, so compiling is paid
+once per model and machine (1.3-1.8 min for the default model here) and a later run loads it in about
+two seconds, weight hashing included. Compiling
 can run in a background thread while the engine keeps decoding eagerly; any failure leaves eager
 decoding in place. The step computes exactly what the model's forward computes; no sampling here.
 """
@@ -32,14 +33,6 @@ from glmkit.model import Transformer
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 PACKAGE_FORMAT = 1  # bump when DecodeStep's inputs or outputs change: old packages are then never picked up
-
-
-def inductor_cache_dir() -> Path:
-    """Where inductor keeps its build files: $TORCHINDUCTOR_CACHE_DIR, which glmkit.llm points at
-    $GLMKIT_HOME/inductor unless it is set already."""
-    from torch._inductor.runtime.runtime_utils import cache_dir
-
-    return Path(cache_dir())
 
 
 def packages_dir() -> Path:
@@ -143,12 +136,12 @@ class CompiledDecoder:
     def _build(self, options: dict) -> None:
         from torch.export import Dim
 
-        c, p = self.model.config, self.model
-        cache = KVCache(c, 1, 16, dtype=p.dtype, device=p.device)
+        c, m = self.model.config, self.model
+        cache = KVCache(c, 1, 16, dtype=m.dtype, device=m.device)
         kv = tuple(cache.k + cache.v)
         shape = (1, 2, 1) if c.positions == "2d" else (1, 1)
-        example = (torch.zeros(1, 1, dtype=torch.long, device=p.device),
-                   torch.full(shape, 5, dtype=torch.long, device=p.device), torch.empty(6, dtype=torch.uint8))
+        example = (torch.zeros(1, 1, dtype=torch.long, device=m.device),
+                   torch.full(shape, 5, dtype=torch.long, device=m.device), torch.empty(6, dtype=torch.uint8))
         attended, max_len = Dim("attended", min=2, max=1 << 20), Dim("max_len", min=2, max=1 << 20)
         dynamic = ({}, {}, {0: attended}, tuple({2: max_len} for _ in kv))
         with torch.no_grad():

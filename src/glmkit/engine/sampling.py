@@ -8,7 +8,6 @@ torch.Generator. NaN/Inf logits are reported, never sampled. Knows nothing about
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 from typing import Callable
 

@@ -195,11 +195,10 @@ def load_gguf(path: str | Path, keep_int4: bool = False, reader=None,
     come in `dtype`. reader: the file's GGUFFile when the caller has opened it already."""
     reader = reader if reader is not None else open_gguf(path)
     config = gguf_config(reader, path)
-    meta = metadata(reader)
     def reader_of(t):
         if keep_int4 and t.tensor_type.name in ("Q4_0", "Q4_1") and t.name.startswith("blk."):
             return lambda: int4_blocks(t)
         return lambda: dequantize(t, dtype)
 
     named = ((t.name, Path(path).name, reader_of(t)) for t in reader.tensors)
-    return (config, *map_tensors(TABLES[meta["general.architecture"]], named, config))
+    return (config, *map_tensors(TABLES[reader.fields["general.architecture"].contents()], named, config))

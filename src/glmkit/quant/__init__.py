@@ -35,11 +35,17 @@ def _cpu_int4_layout_known(N: int, K: int) -> bool:
     pos = torch.arange(N * K).view(N, K)
     for shift in range(0, max(N * K - 1, 1).bit_length(), 4):
         q = ((pos >> shift) & 15).to(torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1).view(N // 64, K, 32)
-        if not torch.equal(torch.stack([packed & 0x0F, packed >> 4], dim=2).permute(0, 2, 3, 1).reshape(N, K),
-                           q.to(torch.uint8)):
+        blocks = _cpu_int4_blocks(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), N, K)
+        if not torch.equal(blocks.transpose(1, 2).reshape(N, K), q.to(torch.uint8)):
             return False
     return True
+
+
+def _cpu_int4_blocks(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """torch's CPU int4 packing (N, K / 2) -> the values as (N / 64, K, 64) uint8, 0..15, when the layout is the
+    one _cpu_int4_layout_known checks: each block is then a K x 64 slice of W^T."""
+    packed = packed.view(N // 64, K, 1, 32)
+    return torch.cat([packed & 0x0F, packed >> 4], dim=2).view(N // 64, K, 64)
 
 
 class Int8Linear(nn.Module):
@@ -109,16 +115,11 @@ class Int4Linear(nn.Module):
         q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).view(N, K)
         return cls(q, scales, lo + 8 * scales, group_size, bias)
 
-    def _blocks(self) -> torch.Tensor:
-        """The stored values as (N / 64, K, 64) uint8, 0..15: torch's CPU packing holds rows 64 b + i (low
-        nibble) and 64 b + 32 + i (high nibble) in byte (b, k, i), so each block is a K x 64 slice of W^T."""
-        packed = self.packed.view(self.out_features // 64, self.in_features, 1, 32)
-        return torch.cat([packed & 0x0F, packed >> 4], dim=2).view(self.out_features // 64, self.in_features, 64)
-
     def nibbles(self) -> torch.Tensor:
         """The stored 4-bit values (N, K), 0..15."""
-        if _cpu_int4_layout_known(self.out_features, self.in_features):
-            return self._blocks().transpose(1, 2).reshape(self.out_features, self.in_features)
+        N, K = self.out_features, self.in_features
+        if _cpu_int4_layout_known(N, K):
+            return _cpu_int4_blocks(self.packed, N, K).transpose(1, 2).reshape(N, K)
         # any other layout: the packed kernel on the identity with scale 1, zero 8
         eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
         unit = torch.empty_like(self.scales_zeros)
@@ -130,7 +131,7 @@ class Int4Linear(nn.Module):
         block by block in the packed order, so every pass reads and writes contiguous memory."""
         N, K, gs = self.out_features, self.in_features, self.group_size
         sz = self.scales_zeros.view(K // gs, N // 64, 1, 64, 2).transpose(0, 1).contiguous()  # (N/64, K/gs, 1, 64, 2)
-        q = self._blocks().view(N // 64, K // gs, gs, 64).to(torch.bfloat16) - 8  # (N / 64, K / gs, gs, 64)
+        q = _cpu_int4_blocks(self.packed, N, K).view(N // 64, K // gs, gs, 64).to(torch.bfloat16) - 8  # (N/64, K/gs, gs, 64)
         w = torch.addcmul(sz[..., 1], q, sz[..., 0])  # (N / 64, K / gs, gs, 64)
         return w.reshape(N // 64, K, 64).transpose(0, 1).reshape(K, N)
 
