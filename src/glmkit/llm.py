@@ -267,7 +267,7 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], sources: 
         bias = state.pop(path + ".bias", None)
         replace_module(model, path, Int4Linear(blocks.q, blocks.scales, blocks.zeros, 32, bias))
     model.load_state_dict(state, strict=False, assign=True)  # completeness was checked above
-    return model.requires_grad_(False)
+    return model.to(device).requires_grad_(False)  # quantized layers were built on the CPU: moved (and repacked)
 
 
 def _official_quantized(model: Transformer, tensors: dict, expected: dict, sources: dict) -> list[str]:
@@ -378,8 +378,7 @@ def _load(source, device, dtype, quantize, chat_format) -> LLM:
     if reader is None:
         tokenizer, fmt = _tokenizer_and_format(source, None, config, chat_format)
     reader = None  # the parsed header: let it go before the model is built (peak memory)
-    # quantized modules are packed on the CPU (torch's int4 packing op is CPU-only), then moved; on other
-    # devices they run the portable dequantize-then-matmul path
+    # quantized modules are built on the CPU, then moved: a move repacks int4 weights for the device's kernel
     model = build_model(config, tensors, sources, torch.device("cpu") if quantize else dev, dtype)  # empties `tensors`
     if quantize is not None:
         from glmkit.quant import quantize_model

@@ -58,8 +58,11 @@ class DecodeStep(torch.nn.Module):
 
 def inductor_options(model: Transformer) -> dict:
     """All-int8 models keep to the C++ GEMM templates (on a busy machine autotuning can wrongly prefer ATen's
-    slower weight-only kernel); float ones may also use ATen's GEMMs."""
+    slower weight-only kernel); float ones may also use ATen's GEMMs. On a GPU: inductor's defaults."""
     from glmkit.quant import Int8Linear
+
+    if model.device.type != "cpu":
+        return {"freezing": True}
 
     linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
     int8 = bool(linears) and all(isinstance(m, Int8Linear) for m in linears)
@@ -75,6 +78,7 @@ def package_key(model: Transformer, options: dict) -> str:
     h = hashlib.sha256()
     meta = {"format": PACKAGE_FORMAT, "glmkit": __version__, "torch": torch.__version__,
             "cpu": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else None,
             "options": options, "config": model.config.to_dict(),
             "modules": sorted({type(m).__name__ for m in model.modules()})}
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())

@@ -3,49 +3,29 @@
 Int8Linear: symmetric per-output-channel int8. Int4Linear: asymmetric group-wise int4 in torch's
 tinygemm layout, w = (q - 8) * scale + zero per group of `group_size` input columns (GGUF Q4_0 / Q4_1
 blocks map onto it exactly). On CPU with bfloat16 activations they call torch's packed kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`); anywhere else they dequantize and matmul, the
-portable (and float32-exact) path. Nothing here loads files or knows about the engine.
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`); on CUDA int4 calls torch's tinygemm kernel
+(`_weight_int4pack_mm`, Ampere or newer, checked once per device) and int8 casts the int8 weights and
+scales the output; anywhere else they dequantize and matmul, the portable (and float32-exact) path.
+Nothing here loads files or knows about the engine.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from glmkit.errors import GlmkitError
+from glmkit.quant import int4_packing as packing
 
 
 # inputs with at least this many rows (prefill) run a bfloat16 GEMM on weights dequantized for the call: at
 # 512 rows oneDNN's bf16 GEMM is 2.6-4.9x faster than the weight-only kernels. Unpacking int4 costs more
-# (~0.25 s for the default model against ~0.02 s for int8), so int4 switches later.
+# (~0.25 s for the default model against ~0.02 s for int8), so int4 switches later. On CUDA the tinygemm
+# int4 kernel is built for few rows (torchao's measurements: slower than a dequantized GEMM from ~64 rows).
 PREFILL_ROWS = 32
 PREFILL_ROWS_INT4 = 256
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_int4_layout_known(N: int, K: int) -> bool:
-    """Whether torch's CPU int4 packing of an (N, K) weight is the layout nibbles() reads (blocks of 64 rows:
-    byte (block, k, i) holds row 64 block + i in its low nibble and row 64 block + 32 + i in its high one),
-    checked once per shape on values that name their own position."""
-    if N % 64:
-        return False
-    pos = torch.arange(N * K).view(N, K)
-    for shift in range(0, max(N * K - 1, 1).bit_length(), 4):
-        q = ((pos >> shift) & 15).to(torch.int32)
-        blocks = _cpu_int4_blocks(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), N, K)
-        if not torch.equal(blocks.transpose(1, 2).reshape(N, K), q.to(torch.uint8)):
-            return False
-    return True
-
-
-def _cpu_int4_blocks(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    """torch's CPU int4 packing (N, K / 2) -> the values as (N / 64, K, 64) uint8, 0..15, when the layout is the
-    one _cpu_int4_layout_known checks: each block is then a K x 64 slice of W^T."""
-    packed = packed.view(N // 64, K, 1, 32)
-    return torch.cat([packed & 0x0F, packed >> 4], dim=2).view(N // 64, K, 64)
+PREFILL_ROWS_CUDA = 64
 
 
 class Int8Linear(nn.Module):
@@ -80,12 +60,17 @@ class Int8Linear(nn.Module):
         elif x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.in_features % 16 == 0:
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.q, self.scales_bf16)
             y = y.view(*x.shape[:-1], self.out_features)
+        elif x.device.type == "cuda" and x.dtype != torch.float32:
+            y = F.linear(x, self.q.to(x.dtype)) * self.scales.to(x.dtype)  # scaled after: no float weight copy
         else:
             y = F.linear(x, self.dequantize().to(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 class Int4Linear(nn.Module):
+    """`packed` holds the 4-bit values in the layout of its device's kernel (`layout`: "cpu", "cuda" or
+    "bytes", see int4_packing); moving the module to another kind of device repacks them."""
+
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None):
         """q (N, K) ints 0..15; scales and zeros (N, K / group_size)."""
@@ -93,8 +78,9 @@ class Int4Linear(nn.Module):
         N, K = q.shape
         self.check(N, K, group_size)
         self.out_features, self.in_features, self.group_size = N, K, group_size
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            q.to(torch.int32).contiguous(), 1))  # (N, K / 2) uint8
+        self.register_buffer("packed", torch.empty(0, dtype=torch.uint8))
+        self.layout = "bytes"
+        self._pack(q)
         self.register_buffer("scales_zeros", torch.stack([scales.float().T, zeros.float().T], dim=-1)
                              .to(torch.bfloat16).contiguous())  # (K / gs, N, 2)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -115,23 +101,52 @@ class Int4Linear(nn.Module):
         q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).view(N, K)
         return cls(q, scales, lo + 8 * scales, group_size, bias)
 
+    def _pack(self, q: torch.Tensor) -> None:
+        """Store q (N, K) in the layout of q's device's kernel, or two per byte where there is none."""
+        N, K = q.shape
+        if q.device.type == "cpu":
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+            self.layout = "cpu"
+        elif (q.device.type == "cuda" and N % 8 == 0 and packing.cuda_inner_k_tiles(K)
+              and packing.cuda_kernel_works(q.device)):
+            self.packed, self.layout = packing.pack_cuda(q), "cuda"
+        else:
+            self.packed, self.layout = packing.to_bytes(q), "bytes"
+
+    def _apply(self, fn, recurse: bool = True):
+        """Module.to() and friends: a move to another kind of device repacks for that device's kernel."""
+        target = fn(torch.empty(0, dtype=torch.uint8, device=self.packed.device)).device
+        if target.type == self.packed.device.type:
+            return super()._apply(fn, recurse)
+        q = self.nibbles()  # (N, K)
+        self.packed = torch.empty(0, dtype=torch.uint8)  # not moved: repacked below
+        super()._apply(fn, recurse)
+        self._pack(q.to(target))
+        return self
+
     def nibbles(self) -> torch.Tensor:
         """The stored 4-bit values (N, K), 0..15."""
         N, K = self.out_features, self.in_features
-        if _cpu_int4_layout_known(N, K):
-            return _cpu_int4_blocks(self.packed, N, K).transpose(1, 2).reshape(N, K)
+        if self.layout == "bytes":
+            return packing.from_bytes(self.packed)
+        if self.layout == "cpu" and packing.cpu_layout_known(N, K):
+            return packing.cpu_blocks(self.packed, N, K).transpose(1, 2).reshape(N, K)
+        if self.layout == "cuda" and packing.cuda_layout_known(self.packed.device, N, K):
+            return packing.cuda_values(self.packed, N, K)
         # any other layout: the packed kernel on the identity with scale 1, zero 8
         eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
         unit = torch.empty_like(self.scales_zeros)
         unit[..., 0], unit[..., 1] = 1.0, 8.0
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, unit).T.round().to(torch.uint8)
+        kernel = (torch.ops.aten._weight_int4pack_mm_for_cpu if self.layout == "cpu"
+                  else torch.ops.aten._weight_int4pack_mm)
+        return kernel(eye, self.packed, self.group_size, unit).T.round().to(torch.uint8)
 
     def bf16_weight_t(self) -> torch.Tensor:
-        """W^T as (K, N) bfloat16, for prefill-sized inputs (a bf16 GEMM beats the int4 kernel there); built
-        block by block in the packed order, so every pass reads and writes contiguous memory."""
+        """W^T as (K, N) bfloat16 from the CPU layout, for prefill-sized inputs (a bf16 GEMM beats the int4
+        kernel there); built block by block in the packed order, so every pass reads and writes contiguous memory."""
         N, K, gs = self.out_features, self.in_features, self.group_size
         sz = self.scales_zeros.view(K // gs, N // 64, 1, 64, 2).transpose(0, 1).contiguous()  # (N/64, K/gs, 1, 64, 2)
-        q = _cpu_int4_blocks(self.packed, N, K).view(N // 64, K // gs, gs, 64).to(torch.bfloat16) - 8  # (N/64, K/gs, gs, 64)
+        q = packing.cpu_blocks(self.packed, N, K).view(N // 64, K // gs, gs, 64).to(torch.bfloat16) - 8  # (N/64, K/gs, gs, 64)
         w = torch.addcmul(sz[..., 1], q, sz[..., 0])  # (N / 64, K / gs, gs, 64)
         return w.reshape(N // 64, K, 64).transpose(0, 1).reshape(K, N)
 
@@ -142,12 +157,17 @@ class Int4Linear(nn.Module):
         return ((g - 8) * sz[..., 0].T[..., None] + sz[..., 1].T[..., None]).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() >= PREFILL_ROWS_INT4 * self.in_features
-                and _cpu_int4_layout_known(self.out_features, self.in_features)):
-            y = x @ self.bf16_weight_t()  # prefill: bf16 GEMM
-        elif x.device.type == "cpu" and x.dtype == torch.bfloat16:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.packed,
-                                                           self.group_size, self.scales_zeros)
+        rows = x.numel() // self.in_features
+        if self.layout == "cpu" and x.dtype == torch.bfloat16:
+            if rows >= PREFILL_ROWS_INT4 and packing.cpu_layout_known(self.out_features, self.in_features):
+                y = x @ self.bf16_weight_t()  # prefill: bf16 GEMM
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.packed,
+                                                               self.group_size, self.scales_zeros)
+                y = y.view(*x.shape[:-1], self.out_features)
+        elif self.layout == "cuda" and x.dtype == torch.bfloat16 and rows < PREFILL_ROWS_CUDA:
+            y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features).contiguous(), self.packed,
+                                                   self.group_size, self.scales_zeros)
             y = y.view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.dequantize().to(x.dtype))

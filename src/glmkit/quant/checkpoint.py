@@ -19,6 +19,7 @@ from torch import nn
 from glmkit.config import ModelConfig
 from glmkit.errors import CheckpointError
 from glmkit.quant import Int4Linear, Int8Linear, TiedInt8Embedding, replace_module
+from glmkit.quant.int4_packing import from_bytes, to_bytes
 
 FORMAT = "glmkit-weight-only-v1"
 
@@ -28,8 +29,7 @@ def save_quantized(model: nn.Module, directory: Path, bits: int, group_size: int
     for name, module in model.named_modules():
         if isinstance(module, Int4Linear):
             modules[name] = "int4"
-            q = module.nibbles()  # (N, K)
-            tensors[f"{name}.qweight"] = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()  # (N, K / 2)
+            tensors[f"{name}.qweight"] = to_bytes(module.nibbles())  # (N, K / 2)
             sz = module.scales_zeros  # bfloat16, as the kernel uses them
             tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = sz[..., 0].T.contiguous(), sz[..., 1].T.contiguous()
         elif isinstance(module, Int8Linear):
@@ -77,9 +77,7 @@ def load_quantized(directory: Path, raw: dict, model_cls, dtype: torch.dtype) ->
         bias = take(f"{name}.bias") if f"{name}.bias" in tensors else None
         try:
             if kind == "int4":
-                packed = take(f"{name}.qweight")
-                q = torch.stack([packed & 0x0F, packed >> 4], dim=-1).view(packed.shape[0], -1)  # (N, K)
-                module = Int4Linear(q, take(f"{name}.scales"), take(f"{name}.zeros"), spec["group_size"], bias)
+                module = Int4Linear(from_bytes(take(f"{name}.qweight")), take(f"{name}.scales"), take(f"{name}.zeros"), spec["group_size"], bias)
             else:
                 module = Int8Linear(take(f"{name}.qweight"), take(f"{name}.scales"), bias)
         except KeyError as e:
