@@ -84,8 +84,10 @@ def package_key(model: Transformer, options: dict) -> str:
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     import glmkit.model
     import glmkit.quant
+    import glmkit.quant.int4_packing
 
-    for module in (glmkit.model, glmkit.quant, sys.modules[KVCache.__module__], sys.modules[__name__]):
+    for module in (glmkit.model, glmkit.quant, glmkit.quant.int4_packing, sys.modules[KVCache.__module__],
+                   sys.modules[__name__]):
         h.update(Path(module.__file__).read_bytes())  # the code that is traced: a change must not reuse a package
     for name, t in model.state_dict().items():
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
