@@ -80,3 +80,18 @@ def test_compiled_step_with_chatglm6b_2d_positions():
     llm = glmkit.load(folder)
     assert llm.compile().ready
     assert greedy(llm, prompt, 12) == expected
+
+
+def test_decode_attention_spelled_out_equals_sdpa(monkeypatch):
+    """Compiled steps use decode_attention's explicit maths instead of SDPA: the same numbers (float32), for
+    grouped and plain heads."""
+    from glmkit.model import decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    for K, G in [(3, 3), (4, 1)]:
+        q, k, v = (torch.randn(2, K, n, 16, generator=g) for n in (G, 37, 37))
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        got = decode_attention(q, k, v)
+        monkeypatch.undo()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -74,6 +74,18 @@ def attention_mask(T: int, S: int, start: int | torch.Tensor, prefix_len: torch.
     return allowed[:, None]  # (1 or B, 1, T, S)
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One new token per row attending every cached key: q (B, K, G, D) holds the G query heads of each kv
+    head, k and v (B, K, S, D) -> (B, K, G, D). Compiled code gets the maths spelled out, which inductor fuses
+    into a few loops (at decode sizes the CPU flash-attention kernel's setup costs ~30 us a layer, far more
+    than the work); eager code calls SDPA."""
+    if not torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v)
+    scores = (q.float()[:, :, :, None] * k.float()[:, :, None]).sum(-1) * q.shape[-1] ** -0.5  # (B, K, G, S)
+    weights = scores.softmax(dim=-1)  # (B, K, G, S)
+    return (weights[..., None] * v.float()[:, :, None]).sum(-2).to(q.dtype)  # (B, K, G, D)
+
+
 # --------------------------------------------------------------------------------------------- layers
 class Norm(nn.Module):
     """RMSNorm or LayerNorm (with bias), computed in float32 whatever the activation dtype."""
@@ -112,8 +124,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin, c), apply_rope(k, cos, sin, c)
         if cache is not None:
             k, v = cache.update(layer, k, v, start, S)  # (B, K, S, D)
-        if T == 1 and mask is None and H != K:  # decode: the H/K query heads of a kv head become its query rows
-            y = F.scaled_dot_product_attention(q.view(B, K, H // K, D), k, v).view(B, H, 1, D)  # (B, H, 1, D)
+        if T == 1 and mask is None:  # decode: the H/K query heads of a kv head become its query rows
+            y = decode_attention(q.view(B, K, H // K, D), k, v).view(B, H, 1, D)  # (B, H, 1, D)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                enable_gqa=H != K)  # (B, H, T, D)
