@@ -380,3 +380,26 @@ def test_quantized_gguf_stays_compact_by_default(tmp_path, random_ids):
         ids = random_ids(1, 12, hf.config.vocab_size)
         a, b = llm.logits(ids), reference.logits(ids)
         assert float((a - b).norm() / b.norm()) < 0.2
+
+
+def test_q8_0_tied_table_becomes_the_int8_head(tmp_path, random_ids):
+    """A tied Q8_0 embedding (as in the default model) goes straight from the file's blocks to the int8 head,
+    which also serves the embedding: no float table on the way, values within one per-row int8 step."""
+    from glmkit.quant import Int8Linear, TiedInt8Embedding
+
+    hf = make_hf_model("llama", LLAMA_CONFIGS["mqa-tied"], hidden_size=96, intermediate_size=64, seed=21)
+    write_gguf(hf, tmp_path / "q8.gguf", "Q8_0")
+    from glmkit.loaders import load
+    from glmkit.loaders.gguf import Int8Rows
+
+    _, tensors, _ = load(tmp_path / "q8.gguf", keep_int8=True)
+    assert isinstance(tensors["embed.weight"], Int8Rows) and isinstance(tensors["layers.0.attn.qkv.weight"], Int8Rows)
+    llm = glmkit.load(tmp_path / "q8.gguf", quantize="int8")
+    assert isinstance(llm.model.lm_head, Int8Linear) and isinstance(llm.model.embed, TiedInt8Embedding)
+    reference = glmkit.load(tmp_path / "q8.gguf", dtype="float32")
+    table = reference.model.embed.weight  # the file's Q8_0 values
+    step = llm.model.lm_head.scales[:, None]  # (V, 1): one int8 step of each row
+    assert float(((llm.model.lm_head.dequantize() - table).abs() / step).max()) <= 0.5 + 1e-3
+    ids = random_ids(1, 12, hf.config.vocab_size)
+    a, b = llm.logits(ids).float(), reference.logits(ids)
+    assert float((a - b).norm() / b.norm()) < 0.05

@@ -239,8 +239,7 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
 def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], sources: dict[str, str],
                 device: torch.device, dtype: torch.dtype) -> Transformer:
     """Meta-device model filled with `assign=True`; every parameter must come from the checkpoint."""
-    with torch.device("meta"):
-        model = Transformer(config)
+    model = Transformer.skeleton(config)
     expected = model.state_dict()
     for path in _official_quantized(model, tensors, expected, sources):  # ChatGLM -int4 / -int8 layers
         expected = {k: v for k, v in expected.items() if k.rsplit(".", 1)[0] != path}
@@ -260,12 +259,15 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], sources: 
     # converted one tensor at a time and taken out of `tensors`, so a checkpoint is never held twice
     packed = [name for name, t in tensors.items() if not isinstance(t, torch.Tensor)]
     state = {name: tensors.pop(name).to(device=device, dtype=dtype) for name in list(tensors) if name not in packed}
-    for name in packed:  # GGUF int4 blocks become int4 modules directly, never float
-        from glmkit.quant import Int4Linear, replace_module
+    for name in packed:  # GGUF int4 / int8 blocks become quantized modules directly, never float
+        from glmkit.quant import TiedInt8Embedding, replace_module
 
         path, blocks = name.rsplit(".", 1)[0], tensors.pop(name)
-        bias = state.pop(path + ".bias", None)
-        replace_module(model, path, Int4Linear(blocks.q, blocks.scales, blocks.zeros, 32, bias))
+        module = blocks.module(state.pop(path + ".bias", None))
+        if path == "embed":  # a tied table kept 8-bit: the int8 head serves the embedding as well
+            model.lm_head, model.embed = module, TiedInt8Embedding(module, dtype)
+        else:
+            replace_module(model, path, module)
     model.load_state_dict(state, strict=False, assign=True)  # completeness was checked above
     return model.to(device).requires_grad_(False)  # quantized layers were built on the CPU: moved (and repacked)
 
@@ -374,7 +376,8 @@ def _load(source, device, dtype, quantize, chat_format) -> LLM:
         from glmkit.loaders.gguf import gguf_config
 
         tokenizer, fmt = _tokenizer_and_format(source, reader, gguf_config(reader, source), chat_format)
-    config, tensors, sources = loaders.load(source, keep_int4=quantize == "int4", gguf_reader=reader, dtype=dtype)
+    config, tensors, sources = loaders.load(source, keep_int4=quantize == "int4", gguf_reader=reader, dtype=dtype,
+                                            keep_int8=quantize is not None)
     if reader is None:
         tokenizer, fmt = _tokenizer_and_format(source, None, config, chat_format)
     reader = None  # the parsed header: let it go before the model is built (peak memory)

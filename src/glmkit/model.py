@@ -178,14 +178,23 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, init: bool = True):
+        """init=False leaves the embedding uninitialised (see skeleton)."""
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        table = None if init else torch.empty(config.vocab_size, config.hidden_size)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size, _weight=table)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = Norm(config)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # training: recompute each block's activations in backward
+
+    @classmethod
+    def skeleton(cls, config: ModelConfig) -> "Transformer":
+        """The model on the meta device, for loaders that assign every parameter. Its embedding skips normal_(),
+        which on meta tensors imports torch's Python decompositions: ~70 MB resident, for nothing."""
+        with torch.device("meta"):
+            return cls(config, init=False)
 
     @property
     def dtype(self) -> torch.dtype:

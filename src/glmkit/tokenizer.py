@@ -195,12 +195,12 @@ class HFTokenizer(Tokenizer):
 
     kind = "tokenizers"
 
-    def __init__(self, path: Path | None = None, *, json_text: str | None = None):
+    def __init__(self, path: Path | None = None, *, built=None):
+        """From a tokenizer.json, or from a `tokenizers.Tokenizer` already built (GGUF vocabularies)."""
         from tokenizers import Tokenizer as _Tok
 
         try:
-            json_text = Path(path).read_text(encoding="utf-8") if json_text is None else json_text
-            self.tok = _Tok.from_str(json_text)
+            self.tok = built if built is not None else _Tok.from_str(Path(path).read_text(encoding="utf-8"))
         except Exception as e:  # the Rust side raises a plain Exception
             raise CheckpointError(f"{path} cannot be read as a tokenizer.json ({e}); re-download it.") from None
         self._mode = threading.Lock()  # encode_special_tokens is per tokenizer: set and encode under one lock
@@ -300,7 +300,7 @@ def gguf_tokenizer(reader) -> Tokenizer:
     if field("tokenizer.ggml.add_bos_token", False) and bos is not None:
         tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A",
                                                           special_tokens=[(tokens[bos], int(bos))])
-    return HFTokenizer(json_text=tok.to_str())
+    return HFTokenizer(built=tok)
 
 
 def _gguf_sentencepiece(field) -> SentencePieceTokenizer:

@@ -1,7 +1,7 @@
 """Read a GGUF file (llama.cpp's format; the container through gguf_file.py, the quantized types through the
 `gguf` package): metadata -> ModelConfig, tensors through a declarative name table per architecture
 ('llama'; 'chatglm' for ChatGLM3 / GLM-4-9B; 'glm4' for GLM-4-0414), quantized types dequantized a few
-rows at a time into the model's float dtype, or Q4_0 / Q4_1 kept as their 4-bit blocks.
+rows at a time into the model's float dtype, or Q4_0 / Q4_1 kept as their 4-bit blocks and Q8_0 as its 8-bit ones.
 
 llama.cpp's converter permuted the q/k rows of llama-architecture models for its interleaved rotary
 layout; we keep those rows as they are and use interleaved rotary, which is the same maths (proven by
@@ -175,6 +175,41 @@ class Int4Blocks:
     def cat(parts: list["Int4Blocks"]) -> "Int4Blocks":
         return Int4Blocks(np.concatenate([p.raw for p in parts]))
 
+    def module(self, bias: torch.Tensor | None):
+        from glmkit.quant import Int4Linear
+
+        return Int4Linear(self.q, self.scales, self.zeros, 32, bias)
+
+
+@dataclass
+class Int8Rows:
+    """GGUF Q8_0 weights kept as the file's bytes until they become an int8 module: one scale per block of 32
+    inputs there, one per output row in Int8Linear, so each row is requantized (a few rows at a time: no
+    float copy of the whole matrix, which for a tied 49k-token table would double the load's peak memory)."""
+    raw: np.ndarray  # (N, K / 32, 34) Q8_0 blocks: d (float16), 32 int8 values
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.raw.shape[0], self.raw.shape[1] * 32
+
+    @staticmethod
+    def cat(parts: list["Int8Rows"]) -> "Int8Rows":
+        return Int8Rows(np.concatenate([p.raw for p in parts]))
+
+    def module(self, bias: torch.Tensor | None):
+        from glmkit.quant import Int8Linear
+
+        N, K = self.shape
+        q, scales = torch.empty(N, K, dtype=torch.int8), torch.empty(N)
+        step = max(1, CHUNK // K)
+        for lo in range(0, N, step):
+            block = self.raw[lo: lo + step]  # (n, K / 32, 34)
+            d = torch.from_numpy(block[..., 0:2].copy().view(np.float16).astype(np.float32))  # (n, K / 32, 1)
+            w = torch.from_numpy(block[..., 2:].copy().view(np.int8)).float() * d  # (n, K / 32, 32)
+            part = Int8Linear.from_float(w.view(-1, K))
+            q[lo: lo + step], scales[lo: lo + step] = part.q, part.scales
+        return Int8Linear(q, scales, bias)
+
 
 def int4_blocks(tensor) -> Int4Blocks:
     N, K = (int(n) for n in reversed(tensor.shape))
@@ -189,15 +224,23 @@ def gguf_config(reader, path) -> ModelConfig:
     return config_from_metadata(metadata(reader), shapes)
 
 
-def load_gguf(path: str | Path, keep_int4: bool = False, reader=None,
-              dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
-    """keep_int4: Q4_0 / Q4_1 linear weights come back as Int4Blocks instead of float tensors; the others
-    come in `dtype`. reader: the file's GGUFFile when the caller has opened it already."""
+def load_gguf(path: str | Path, keep_int4: bool = False, reader=None, dtype: torch.dtype = torch.float32,
+              keep_int8: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """keep_int4: Q4_0 / Q4_1 linear weights come back as Int4Blocks instead of float tensors; keep_int8: Q8_0
+    linear weights (and the output head, or a tied embedding, which the int8 head then serves) as Int8Rows;
+    the others come in `dtype`. reader: the file's GGUFFile when the caller has opened it already."""
     reader = reader if reader is not None else open_gguf(path)
     config = gguf_config(reader, path)
+    linear = lambda name: name.startswith("blk.") and not name.endswith(("norm.weight", ".bias"))  # noqa: E731
+    head = ("output.weight", "token_embd.weight") if config.tie_embeddings else ("output.weight",)
+
     def reader_of(t):
-        if keep_int4 and t.tensor_type.name in ("Q4_0", "Q4_1") and t.name.startswith("blk."):
+        kind = t.tensor_type.name
+        if keep_int4 and kind in ("Q4_0", "Q4_1") and t.name.startswith("blk."):
             return lambda: int4_blocks(t)
+        if keep_int8 and kind == "Q8_0" and (linear(t.name) or t.name in head):
+            N, K = (int(n) for n in reversed(t.shape))
+            return lambda: Int8Rows(t.data.reshape(N, K // 32, 34))
         return lambda: dequantize(t, dtype)
 
     named = ((t.name, Path(path).name, reader_of(t)) for t in reader.tensors)

@@ -61,8 +61,7 @@ def load_quantized(directory: Path, raw: dict, model_cls, dtype: torch.dtype) ->
 
     config = ModelConfig.from_dict(raw["glmkit_config"])
     spec = raw["quantization"]
-    with torch.device("meta"):
-        model = model_cls(config)
+    model = model_cls.skeleton(config)
     try:  # no `with`: the tensors are views of the file's memory map, which must outlive this function
         handle = safe_open(str(directory / "model.safetensors"), framework="pt")
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}

@@ -31,20 +31,29 @@ def from_bytes(packed: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ CPU
-@functools.lru_cache(maxsize=None)
 def cpu_layout_known(N: int, K: int) -> bool:
     """Whether torch's CPU int4 packing of an (N, K) weight is the layout cpu_blocks reads (blocks of 64 rows:
-    byte (block, k, i) holds row 64 block + i in its low nibble and row 64 block + 32 + i in its high one),
-    checked once per shape on values that name their own position."""
-    if N % 64:
-        return False
-    pos = torch.arange(N * K).view(N, K)
-    for shift in range(0, max(N * K - 1, 1).bit_length(), 4):
-        q = ((pos >> shift) & 15).to(torch.int32)
-        blocks = cpu_blocks(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), N, K)
-        if not torch.equal(blocks.transpose(1, 2).reshape(N, K), q.to(torch.uint8)):
+    byte (block, k, i) holds row 64 block + i in its low nibble and row 64 block + 32 + i in its high one).
+    Checked once per width on two blocks of rows (the packing repeats block by block; a full-size check of
+    a large layer would cost tens of MB)."""
+    return N % 64 == 0 and _cpu_probe(min(N, 128), K)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_probe(N: int, K: int) -> bool:
+    for q in _position_codes(N, K, torch.device("cpu")):
+        blocks = cpu_blocks(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1), N, K)
+        if not torch.equal(blocks.transpose(1, 2).reshape(N, K), q):
             return False
     return True
+
+
+def _position_codes(N: int, K: int, device: torch.device):
+    """(N, K) uint8 matrices of 4-bit digits of each element's position: together they name every element,
+    so a layout that reads all of them back correctly reads any matrix back correctly."""
+    pos = torch.arange(N * K, dtype=torch.int32, device=device).view(N, K)
+    for shift in range(0, max(N * K - 1, 1).bit_length(), 4):
+        yield ((pos >> shift) & 15).to(torch.uint8)
 
 
 def cpu_blocks(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
@@ -81,16 +90,15 @@ def cuda_values(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
     return nib.permute(0, 2, 1, 4, 6, 7, 3, 5).reshape(N, K).to(torch.uint8)  # rows (n_tile, lane/4); cols (k_outer, j, a, c, lane%4, h)
 
 
-@functools.lru_cache(maxsize=None)
 def cuda_layout_known(device: torch.device, N: int, K: int) -> bool:
-    """Whether cuda_values reads torch's CUDA packing of an (N, K) weight back exactly (checked on the device
-    once per shape, on values that name their own position)."""
-    pos = torch.arange(N * K, device=device).view(N, K)
-    for shift in range(0, max(N * K - 1, 1).bit_length(), 4):
-        q = ((pos >> shift) & 15).to(torch.uint8)
-        if not torch.equal(cuda_values(pack_cuda(q), N, K), q):
-            return False
-    return True
+    """Whether cuda_values reads torch's CUDA packing of an (N, K) weight back exactly: checked on the device
+    once per width on 64 rows (the packing repeats every 8 rows)."""
+    return N % 8 == 0 and _cuda_probe(device, min(N, 64), K)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_probe(device: torch.device, N: int, K: int) -> bool:
+    return all(torch.equal(cuda_values(pack_cuda(q), N, K), q) for q in _position_codes(N, K, device))
 
 
 @functools.lru_cache(maxsize=None)
