@@ -260,10 +260,15 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], sources: 
     packed = [name for name, t in tensors.items() if not isinstance(t, torch.Tensor)]
     state = {name: tensors.pop(name).to(device=device, dtype=dtype) for name in list(tensors) if name not in packed}
     for name in packed:  # GGUF int4 / int8 blocks become quantized modules directly, never float
-        from glmkit.quant import TiedInt8Embedding, replace_module
+        from glmkit.loaders.gguf import Int4Blocks
+        from glmkit.quant import Int4Linear, Int8Linear, TiedInt8Embedding, replace_module
 
         path, blocks = name.rsplit(".", 1)[0], tensors.pop(name)
-        module = blocks.module(state.pop(path + ".bias", None))
+        bias = state.pop(path + ".bias", None)
+        if isinstance(blocks, Int4Blocks):
+            module = Int4Linear(blocks.q, blocks.scales, blocks.zeros, 32, bias)
+        else:  # Int8Rows
+            module = Int8Linear.from_rows(blocks.shape, blocks.rows, bias)
         if path == "embed":  # a tied table kept 8-bit: the int8 head serves the embedding as well
             model.lm_head, model.embed = module, TiedInt8Embedding(module, dtype)
         else:

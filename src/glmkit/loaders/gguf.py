@@ -175,17 +175,13 @@ class Int4Blocks:
     def cat(parts: list["Int4Blocks"]) -> "Int4Blocks":
         return Int4Blocks(np.concatenate([p.raw for p in parts]))
 
-    def module(self, bias: torch.Tensor | None):
-        from glmkit.quant import Int4Linear
-
-        return Int4Linear(self.q, self.scales, self.zeros, 32, bias)
-
 
 @dataclass
 class Int8Rows:
     """GGUF Q8_0 weights kept as the file's bytes until they become an int8 module: one scale per block of 32
-    inputs there, one per output row in Int8Linear, so each row is requantized (a few rows at a time: no
-    float copy of the whole matrix, which for a tied 49k-token table would double the load's peak memory)."""
+    inputs there, one per output row in Int8Linear, so the caller requantizes each row, reading a few rows
+    at a time (no float copy of the whole matrix, which for a tied 49k-token table would double the load's
+    peak memory)."""
     raw: np.ndarray  # (N, K / 32, 34) Q8_0 blocks: d (float16), 32 int8 values
 
     @property
@@ -196,19 +192,11 @@ class Int8Rows:
     def cat(parts: list["Int8Rows"]) -> "Int8Rows":
         return Int8Rows(np.concatenate([p.raw for p in parts]))
 
-    def module(self, bias: torch.Tensor | None):
-        from glmkit.quant import Int8Linear
-
-        N, K = self.shape
-        q, scales = torch.empty(N, K, dtype=torch.int8), torch.empty(N)
-        step = max(1, CHUNK // K)
-        for lo in range(0, N, step):
-            block = self.raw[lo: lo + step]  # (n, K / 32, 34)
-            d = torch.from_numpy(block[..., 0:2].copy().view(np.float16).astype(np.float32))  # (n, K / 32, 1)
-            w = torch.from_numpy(block[..., 2:].copy().view(np.int8)).float() * d  # (n, K / 32, 32)
-            part = Int8Linear.from_float(w.view(-1, K))
-            q[lo: lo + step], scales[lo: lo + step] = part.q, part.scales
-        return Int8Linear(q, scales, bias)
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) dequantized, (hi - lo, K) float32."""
+        block = self.raw[lo:hi]  # (n, K / 32, 34)
+        d = torch.from_numpy(block[..., 0:2].copy().view(np.float16).astype(np.float32))  # (n, K / 32, 1)
+        return (torch.from_numpy(block[..., 2:].copy().view(np.int8)).float() * d).view(hi - lo, -1)
 
 
 def int4_blocks(tensor) -> Int4Blocks:

@@ -39,14 +39,22 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
-        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)  # (N, K)
-        scales = torch.empty(w.shape[0], device=w.device)  # (N,)
-        step = max(1, (1 << 20) // w.shape[1])  # rows at a time: float32 temporaries stay small for big heads
-        for lo in range(0, w.shape[0], step):
-            rows = w[lo: lo + step].float()  # (n, K)
-            s = (rows.abs().amax(dim=1) / 127).clamp(min=1e-12)  # (n,)
+        return cls.from_rows(w.shape, lambda lo, hi: w[lo:hi], bias, w.device)
+
+    @classmethod
+    def from_rows(cls, shape: tuple[int, int], rows, bias: torch.Tensor | None = None,
+                  device: torch.device | str = "cpu") -> "Int8Linear":
+        """Quantize an (N, K) weight given as rows(lo, hi) -> its rows [lo, hi) as a float tensor, read a few
+        rows at a time: float32 temporaries stay small for big heads, and the whole float matrix need never exist."""
+        N, K = shape
+        q = torch.empty(N, K, dtype=torch.int8, device=device)  # (N, K)
+        scales = torch.empty(N, device=device)  # (N,)
+        step = max(1, (1 << 20) // K)
+        for lo in range(0, N, step):
+            part = rows(lo, min(lo + step, N)).float()  # (n, K)
+            s = (part.abs().amax(dim=1) / 127).clamp(min=1e-12)  # (n,)
             scales[lo: lo + step] = s
-            q[lo: lo + step] = torch.round(rows / s[:, None]).clamp(-127, 127)
+            q[lo: lo + step] = torch.round(part / s[:, None]).clamp(-127, 127)
         return cls(q, scales, bias)
 
     def dequantize(self) -> torch.Tensor:
