@@ -403,3 +403,30 @@ def test_q8_0_tied_table_becomes_the_int8_head(tmp_path, random_ids):
     ids = random_ids(1, 12, hf.config.vocab_size)
     a, b = llm.logits(ids).float(), reference.logits(ids)
     assert float((a - b).norm() / b.norm()) < 0.05
+
+
+def test_q_k_v_pieces_of_different_gguf_types_load_as_float(tmp_path):
+    """llama.cpp's mixed quantizations (Q4_K_M) store some of q / k / v in other types: the pieces of one
+    weight then join as float, equal to each piece's dequantized values."""
+    from gguf import GGMLQuantizationType
+    from gguf import quants
+
+    from glmkit.loaders.gguf import LLAMA, Int4Blocks, Int8Rows
+    from glmkit.loaders.keymap import map_tensors
+
+    rng = np.random.default_rng(3)
+    q_raw = quants.quantize(rng.standard_normal((32, 64)).astype(np.float32), GGMLQuantizationType.Q4_1)
+    k_raw = quants.quantize(rng.standard_normal((16, 64)).astype(np.float32), GGMLQuantizationType.Q8_0)
+    v = torch.randn(16, 64)
+    q = Int4Blocks(q_raw.reshape(32, 2, 20))
+    k = Int8Rows(k_raw, GGMLQuantizationType.Q8_0, 64)
+    named = [("blk.0.attn_q.weight", "f", lambda: q), ("blk.0.attn_k.weight", "f", lambda: k),
+             ("blk.0.attn_v.weight", "f", lambda: v)]
+    tensors, _ = map_tensors(LLAMA, named, config=None)
+    expected = torch.cat([torch.from_numpy(quants.dequantize(q_raw, GGMLQuantizationType.Q4_1)),
+                          torch.from_numpy(quants.dequantize(k_raw, GGMLQuantizationType.Q8_0)), v])
+    torch.testing.assert_close(tensors["layers.0.attn.qkv.weight"], expected, rtol=1e-6, atol=1e-6)
+    same = [("blk.0.attn_q.weight", "f", lambda: q), ("blk.0.attn_k.weight", "f", lambda: q),
+            ("blk.0.attn_v.weight", "f", lambda: q)]
+    joined = map_tensors(LLAMA, same, config=None)[0]["layers.0.attn.qkv.weight"]
+    assert isinstance(joined, Int4Blocks) and joined.shape == (96, 64)  # one kind: stays packed

@@ -129,30 +129,53 @@ def test_quantize_model_rejects_other_widths():
         quantize_model(torch.nn.Linear(4, 4), bits=3)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def gguf_blocks(qtype: str, w):
+    """w (N, K) as GGUF `qtype` bytes: gguf's own quantizer, or for Q4_K (which gguf cannot quantize)
+    random blocks with sensible float16 super-block scales."""
+    import gguf
+    import numpy as np
+    from gguf import quants
+
+    if qtype != "Q4_K":
+        return quants.quantize(w, getattr(gguf.GGMLQuantizationType, qtype))
+    rng = np.random.default_rng(1)
+    N, K = w.shape
+    raw = rng.integers(0, 256, (N, K // 256, 144), dtype=np.uint8)
+    raw[..., 0:4] = rng.uniform(0.001, 0.05, (N, K // 256, 2)).astype(np.float16).view(np.uint8)  # d, dmin
+    return raw.reshape(N, -1)
+
+
+def write_one_tensor(path, name: str, raw, qtype: str) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor(name, raw, raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
 def test_gguf_int4_blocks_repack_exactly(tmp_path, qtype):
-    """GGUF 4-bit blocks become int4 modules without a float detour, equal to their dequantized values."""
+    """GGUF 4-bit blocks become int4 modules without a float detour, equal to their dequantized values
+    (Q4_K's 6-bit group scales and mins included)."""
     import gguf
     import numpy as np
     from gguf import quants
 
     from glmkit.loaders.gguf import dequantize, int4_blocks, open_gguf
 
-    w = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32)
-    writer = gguf.GGUFWriter(str(tmp_path / "w.gguf"), "llama")
-    writer.add_tensor("blk.0.ffn_up.weight", quants.quantize(w, getattr(gguf.GGMLQuantizationType, qtype)),
-                      raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    w = np.random.default_rng(0).standard_normal((64, 512)).astype(np.float32)
+    write_one_tensor(tmp_path / "w.gguf", "blk.0.ffn_up.weight", gguf_blocks(qtype, w), qtype)
     theirs = gguf.GGUFReader(str(tmp_path / "w.gguf")).tensors[0]
     reference = torch.from_numpy(quants.dequantize(np.asarray(theirs.data), theirs.tensor_type))  # gguf's own
     tensor = open_gguf(tmp_path / "w.gguf").tensors[0]
     assert torch.equal(dequantize(tensor), reference)
     blocks = int4_blocks(tensor)
-    formula = ((blocks.q.float().view(64, 4, 32) - 8) * blocks.scales[..., None] + blocks.zeros[..., None]).view(64, 128)
-    assert torch.equal(formula, reference)
+    formula = ((blocks.q.float().view(64, 16, 32) - 8) * blocks.scales[..., None] + blocks.zeros[..., None]).view(64, 512)
+    torch.testing.assert_close(formula, reference, rtol=1e-6, atol=1e-6)  # float32 rounding of the rewritten zero
+    torch.testing.assert_close(blocks.rows(10, 20), reference[10:20], rtol=1e-6, atol=1e-6)
     module = Int4Linear(blocks.q, blocks.scales, blocks.zeros, 32, None)
     assert rel(module.dequantize(), reference) < 5e-3  # scales are stored in bfloat16
 

@@ -1,7 +1,8 @@
 """Read a GGUF file (llama.cpp's format; the container through gguf_file.py, the quantized types through the
 `gguf` package): metadata -> ModelConfig, tensors through a declarative name table per architecture
 ('llama'; 'chatglm' for ChatGLM3 / GLM-4-9B; 'glm4' for GLM-4-0414), quantized types dequantized a few
-rows at a time into the model's float dtype, or Q4_0 / Q4_1 kept as their 4-bit blocks and Q8_0 as its 8-bit ones.
+rows at a time into the model's float dtype, or kept as the file's blocks for quantized modules: Q4_0 / Q4_1 /
+Q4_K (exactly group-wise int4) and the other quantized types (requantized to int8 rows by the caller).
 
 llama.cpp's converter permuted the q/k rows of llama-architecture models for its interleaved rotary
 layout; we keep those rows as they are and use interleaved rotary, which is the same maths (proven by
@@ -10,7 +11,7 @@ the parity tests). Nothing here builds a model or reads the tokenizer (see token
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +141,38 @@ def dequantize(tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return out
 
 
+class PackedRows:
+    """A GGUF tensor kept as the file's bytes, `raw` (N rows, ...), until a quantized module is built from it.
+    Subclasses give `shape` and `rows(lo, hi)`: rows [lo, hi) dequantized to float32. Pieces of one weight
+    (llama's q / k / v) concatenate with `cat` when of one kind, else become float (`to_float`)."""
+    raw: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def layout(self) -> tuple:
+        """Pieces of one layout concatenate row-wise (same class, block size and GGUF type)."""
+        return type(self).__name__, self.raw.shape[1:], getattr(self, "kind", None)
+
+    @classmethod
+    def cat(cls, parts: list["PackedRows"]):
+        return replace(parts[0], raw=np.concatenate([p.raw for p in parts]))
+
+    def to_float(self, dtype: torch.dtype) -> torch.Tensor:
+        N, K = self.shape
+        out, step = torch.empty(N, K, dtype=dtype), max(1, CHUNK // K)
+        for lo in range(0, N, step):
+            out[lo: lo + step] = self.rows(lo, min(lo + step, N))
+        return out
+
+
 @dataclass
-class Int4Blocks:
+class Int4Blocks(PackedRows):
     """GGUF Q4_0 / Q4_1 weights kept as the file's bytes: w = (q - 8) * scale + zero per group of 32 inputs
     (torch's int4 layout). Q4_0: scale d, zero 0; Q4_1: scale d, zero m + 8d. Built into int4 modules by
     the caller instead of being dequantized, so a 4-bit file stays 4-bit in memory."""
@@ -171,36 +202,73 @@ class Int4Blocks:
             return torch.zeros(self.raw.shape[:2])
         return torch.from_numpy(self.raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)) + 8 * self.scales
 
-    @staticmethod
-    def cat(parts: list["Int4Blocks"]) -> "Int4Blocks":
-        return Int4Blocks(np.concatenate([p.raw for p in parts]))
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        part = replace(self, raw=self.raw[lo:hi])
+        n, K = part.shape
+        return ((part.q.float().view(n, -1, 32) - 8) * part.scales[..., None] + part.zeros[..., None]).view(n, K)
 
 
 @dataclass
-class Int8Rows:
-    """GGUF Q8_0 weights kept as the file's bytes until they become an int8 module: one scale per block of 32
-    inputs there, one per output row in Int8Linear, so the caller requantizes each row, reading a few rows
-    at a time (no float copy of the whole matrix, which for a tied 49k-token table would double the load's
-    peak memory)."""
-    raw: np.ndarray  # (N, K / 32, 34) Q8_0 blocks: d (float16), 32 int8 values
+class Q4KBlocks(Int4Blocks):
+    """GGUF Q4_K super-blocks of 256 inputs: 8 groups of 32, each w = d sc q - dmin m with 6-bit sc and m, so
+    exactly group-wise int4: scale d sc, zero 8 d sc - dmin m."""
+    raw: np.ndarray  # (N, K / 256, 144): d, dmin (float16), 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.raw.shape[0], self.raw.shape[1] * 32
+        return self.raw.shape[0], self.raw.shape[1] * 256
 
-    @staticmethod
-    def cat(parts: list["Int8Rows"]) -> "Int8Rows":
-        return Int8Rows(np.concatenate([p.raw for p in parts]))
+    def _scale_min(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, K / 32) float32 each: the group scales d sc and mins dmin m."""
+        d = self.raw[..., 0:2].copy().view(np.float16).astype(np.float32)  # (N, S, 1)
+        dmin = self.raw[..., 2:4].copy().view(np.float16).astype(np.float32)  # (N, S, 1)
+        packed = self.raw[..., 4:16].reshape(*self.raw.shape[:2], 3, 4)  # (N, S, 3, 4)
+        a, b, c = packed[..., 0, :], packed[..., 1, :], packed[..., 2, :]  # (N, S, 4) each
+        sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)], axis=-1)  # (N, S, 8) 6-bit scales
+        mn = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 2) & 0x30)], axis=-1)  # (N, S, 8) 6-bit mins
+        N = self.raw.shape[0]
+        return (torch.from_numpy(d * sc.astype(np.float32)).view(N, -1),
+                torch.from_numpy(dmin * mn.astype(np.float32)).view(N, -1))
+
+    @property
+    def q(self) -> torch.Tensor:
+        """(N, K) values 0..15: each 32 bytes hold two groups, the first in the low nibbles."""
+        qs = self.raw[..., 16:].reshape(*self.raw.shape[:2], 4, 1, 32)  # (N, S, 4, 1, 32)
+        return torch.from_numpy(np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(self.shape))
+
+    @property
+    def scales(self) -> torch.Tensor:
+        return self._scale_min()[0]
+
+    @property
+    def zeros(self) -> torch.Tensor:
+        scale, minimum = self._scale_min()
+        return 8 * scale - minimum
+
+
+@dataclass
+class Int8Rows(PackedRows):
+    """Any other quantized GGUF weight (Q8_0, Q5_*, Q6_K, ...) kept as the file's bytes until it becomes an int8
+    module: the caller requantizes each row to one scale, reading a few rows at a time (no float copy of the
+    whole matrix, which for a tied 49k-token table would double the load's peak memory)."""
+    raw: np.ndarray  # (N, bytes per row)
+    kind: Any  # the GGUF quantization type
+    K: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.raw.shape[0], self.K
 
     def rows(self, lo: int, hi: int) -> torch.Tensor:
-        """Rows [lo, hi) dequantized, (hi - lo, K) float32."""
-        block = self.raw[lo:hi]  # (n, K / 32, 34)
-        d = torch.from_numpy(block[..., 0:2].copy().view(np.float16).astype(np.float32))  # (n, K / 32, 1)
-        return (torch.from_numpy(block[..., 2:].copy().view(np.int8)).float() * d).view(hi - lo, -1)
+        from gguf import quants
+
+        return torch.from_numpy(np.ascontiguousarray(quants.dequantize(self.raw[lo:hi], self.kind), np.float32))
 
 
 def int4_blocks(tensor) -> Int4Blocks:
     N, K = (int(n) for n in reversed(tensor.shape))
+    if tensor.tensor_type.name == "Q4_K":
+        return Q4KBlocks(tensor.data.reshape(N, K // 256, 144))
     return Int4Blocks(tensor.data.reshape(N, K // 32, -1))
 
 
@@ -214,9 +282,9 @@ def gguf_config(reader, path) -> ModelConfig:
 
 def load_gguf(path: str | Path, keep_int4: bool = False, reader=None, dtype: torch.dtype = torch.float32,
               keep_int8: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
-    """keep_int4: Q4_0 / Q4_1 linear weights come back as Int4Blocks instead of float tensors; keep_int8: Q8_0
-    linear weights (and the output head, or a tied embedding, which the int8 head then serves) as Int8Rows;
-    the others come in `dtype`. reader: the file's GGUFFile when the caller has opened it already."""
+    """keep_int4: Q4_0 / Q4_1 / Q4_K linear weights come back as Int4Blocks (exactly int4) instead of float
+    tensors; keep_int8: other quantized linear weights (and the output head, or a tied embedding, which the
+    int8 head then serves) as Int8Rows; the others come in `dtype`. reader: the file's GGUFFile when the caller has opened it already."""
     reader = reader if reader is not None else open_gguf(path)
     config = gguf_config(reader, path)
     linear = lambda name: name.startswith("blk.") and not name.endswith(("norm.weight", ".bias"))  # noqa: E731
@@ -224,11 +292,12 @@ def load_gguf(path: str | Path, keep_int4: bool = False, reader=None, dtype: tor
 
     def reader_of(t):
         kind = t.tensor_type.name
-        if keep_int4 and kind in ("Q4_0", "Q4_1") and t.name.startswith("blk."):
+        if kind not in SUPPORTED_TYPES:
+            return lambda: dequantize(t, dtype)  # which names the tensor and its type
+        if keep_int4 and kind in ("Q4_0", "Q4_1", "Q4_K") and t.name.startswith("blk."):
             return lambda: int4_blocks(t)
-        if keep_int8 and kind == "Q8_0" and (linear(t.name) or t.name in head):
-            N, K = (int(n) for n in reversed(t.shape))
-            return lambda: Int8Rows(t.data.reshape(N, K // 32, 34))
+        if keep_int8 and kind not in ("F32", "F16", "BF16") and (linear(t.name) or t.name in head):
+            return lambda: Int8Rows(t.rows(0, t.n_rows), t.tensor_type, int(t.shape[0]))
         return lambda: dequantize(t, dtype)
 
     named = ((t.name, Path(path).name, reader_of(t)) for t in reader.tensors)

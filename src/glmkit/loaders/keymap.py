@@ -132,7 +132,11 @@ def map_tensors(rules: list[Rule], named: Iterable[tuple[str, str, Callable[[], 
             raise CheckpointError(f"{sources[ours]}: the checkpoint has only some pieces of {ours!r} "
                                   f"(found {sorted(parts)}); the file set is incomplete.")
         ordered = [parts[i] for i in sorted(parts)]
-        # float tensors concatenate; packed weights (e.g. GGUF int4 blocks) bring their own cat
+        # float tensors concatenate; packed weights (GGUF blocks) bring their own cat, and a mix of kinds
+        # (e.g. Q4_K q and k with a Q6_K v) concatenates as float
+        if len({"float" if isinstance(p, torch.Tensor) else p.layout for p in ordered}) > 1:
+            dtype = next((p.dtype for p in ordered if isinstance(p, torch.Tensor)), torch.float32)
+            ordered = [p if isinstance(p, torch.Tensor) else p.to_float(dtype) for p in ordered]
         tensors[ours] = torch.cat(ordered, dim=0) if isinstance(ordered[0], torch.Tensor) else type(ordered[0]).cat(ordered)
     return tensors, sources
 
