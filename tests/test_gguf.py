@@ -430,3 +430,54 @@ def test_q_k_v_pieces_of_different_gguf_types_load_as_float(tmp_path):
             ("blk.0.attn_v.weight", "f", lambda: q)]
     joined = map_tensors(LLAMA, same, config=None)[0]["layers.0.attn.qkv.weight"]
     assert isinstance(joined, Int4Blocks) and joined.shape == (96, 64)  # one kind: stays packed
+
+
+def test_q4_k_model_loads_as_exact_int4(tmp_path, random_ids):
+    """A llama GGUF whose 256-wide linear weights are Q4_K (llama.cpp's most used 4-bit type): loaded by
+    default, those layers are int4 holding exactly the file's values (up to bfloat16 group scales), the rest
+    int8, and the model's logits follow the dequantized float model."""
+    from gguf import GGMLQuantizationType
+
+    from glmkit.quant import Int4Linear
+
+    hf = make_hf_model("llama", LLAMA_CONFIGS["mqa-tied"], hidden_size=256, intermediate_size=256, num_attention_heads=4,
+                       seed=5)
+    c = hf.config
+    w = gguf_writer(tmp_path / "k.gguf", "llama", c, rope_dims=c.head_dim)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    rng = np.random.default_rng(5)
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for key, value in hf.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        if key.startswith("model.layers."):
+            i, rest = key[len("model.layers."):].split(".", 1)
+            name = f"blk.{i}.{names[rest.rsplit('.', 1)[0]]}.weight"
+        else:
+            name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}[key]
+        if name.startswith("blk.") and value.ndim == 2 and value.shape[1] % 256 == 0:
+            N, K = value.shape  # random Q4_K blocks (gguf cannot quantize to Q4_K), finite float16 d and dmin
+            raw = rng.integers(0, 256, (N, K // 256, 144), dtype=np.uint8)
+            raw[..., 0:4] = rng.uniform(0.001, 0.01, (N, K // 256, 2)).astype(np.float16).view(np.uint8)
+            w.add_tensor(name, raw.reshape(N, -1), raw_dtype=GGMLQuantizationType.Q4_K)
+        else:
+            w.add_tensor(name, value.float().numpy())
+    finish(w)
+    from glmkit.loaders import load
+    from glmkit.loaders.gguf import Q4KBlocks
+
+    tensors = load(tmp_path / "k.gguf", keep_int4=True)[1]
+    assert all(isinstance(tensors[f"layers.0.{n}.weight"], Q4KBlocks) for n in ("attn.qkv", "mlp.in_proj", "mlp.out_proj"))
+    llm = glmkit.load(tmp_path / "k.gguf")  # a 4-bit file stays 4-bit
+    reference = glmkit.load(tmp_path / "k.gguf", dtype="float32")  # gguf's own dequantization
+    layer, ref_layer = llm.model.layers[0], reference.model.layers[0]
+    assert isinstance(layer.mlp.in_proj, Int4Linear) and isinstance(layer.mlp.out_proj, Int4Linear)
+    assert isinstance(layer.attn.out, Int4Linear)  # 64 inputs: float in the file, quantized like any float layer
+    for ours, theirs in ((layer.mlp.in_proj, ref_layer.mlp.in_proj), (layer.mlp.out_proj, ref_layer.mlp.out_proj)):
+        assert float((ours.dequantize() - theirs.weight).norm() / theirs.weight.norm()) < 5e-3
+    ids = random_ids(1, 12, c.vocab_size)
+    a, b = llm.logits(ids).float(), reference.logits(ids)
+    assert float((a - b).norm() / b.norm()) < 0.05
