@@ -95,3 +95,25 @@ def test_decode_attention_spelled_out_equals_sdpa(monkeypatch):
         got = decode_attention(q, k, v)
         monkeypatch.undo()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_package_on_disk_is_used_without_compiling(tmp_path):
+    """build=False (what the CLI does without --compile) loads a package that is already on disk, and otherwise
+    stays eager without compiling, writing or warning."""
+    import warnings
+
+    from glmkit.engine.compiled import packages_dir
+
+    make_hf_model("llama", LLAMA_CONFIGS["gqa-bias"], seed=3).save_pretrained(tmp_path / "m")
+    prompt = [5, 9, 13, 2, 40, 7]
+    expected = greedy(glmkit.load(tmp_path / "m"), prompt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        none = glmkit.load(tmp_path / "m").compile(build=False)
+    assert not none.ready and "glmkit compile" in none.error
+    assert not packages_dir().exists() or not list(packages_dir().iterdir())
+    assert glmkit.load(tmp_path / "m").compile().ready  # glmkit compile
+    llm = glmkit.load(tmp_path / "m")
+    found = llm.compile(background=True, build=False)
+    assert found.wait(60) and found.cached
+    assert greedy(llm, prompt) == expected

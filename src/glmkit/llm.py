@@ -55,15 +55,16 @@ class LLM:
             self._engine = Engine(self.model, frozenset(stops), decode, prefix_kv=self.prefix_kv)
         return self._engine
 
-    def compile(self, background: bool = False):
+    def compile(self, background: bool = False, build: bool = True):
         """Compile the one-token decode step (a package cached under $GLMKIT_HOME/compiled); single-sequence
-        decoding uses it once ready and stays eager until then, or if compiling fails. Returns the
-        CompiledDecoder (.ready, .cached, .error, .seconds, .path, .wait())."""
+        decoding uses it once ready and stays eager until then, or if compiling fails. build=False only
+        uses a package already on disk (no compile). Returns the CompiledDecoder (.ready, .cached, .error,
+        .seconds, .path, .wait())."""
         from glmkit.engine.compiled import CompiledDecoder
 
         decoder = CompiledDecoder(self.model)
         self.engine.compiled = decoder
-        return decoder.compile_in_background() if background else decoder.compile()
+        return decoder.compile_in_background(build) if background else decoder.compile(build)
 
     def encode_prompt(self, text: str) -> list[int]:
         """Plain text -> prompt ids, with the special tokens this generation puts around a prompt

@@ -22,12 +22,16 @@ def main(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     llm = load_model(args)
     load = time.perf_counter() - t
-    if args.compile:
-        args.compiled.wait()
-        print(f"compiled decode step: {'ready' if args.compiled.ready else args.compiled.error} "
-              f"({args.compiled.seconds or 0:.0f} s)")
+    compiled = getattr(args, "compiled", None)  # a package on disk, or one built now with --compile
+    step = "eager"
+    if compiled is not None:
+        compiled.wait()  # measured with the decode step it will keep, not one that arrives mid-run
+        if compiled.ready:
+            step = f"compiled ({'from disk' if compiled.cached else 'built'} in {compiled.seconds:.0f} s)"
+        elif args.compile:
+            step = f"eager: {compiled.error}"
     r = measure_llm(llm, runs=args.runs)
-    print(f"{llm.source} ({llm.dtype}, {args.quantize or 'as stored'}{', compiled' if args.compile else ''}): load {load:.1f} s | prefill (512) "
+    print(f"{llm.source} ({llm.dtype}, {args.quantize or 'as stored'}, {step}): load {load:.1f} s | prefill (512) "
           f"{r['prefill_tps']:.0f} tok/s | time to first token (32-token prompt) {r['ttft_s'] * 1000:.0f} ms | "
           f"decode {r['decode_tps']:.1f} tok/s | peak RSS {peak_rss_mb():.0f} MB  (medians of {args.runs})")
     return 0

@@ -18,8 +18,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="use a P-tuning v2 prefix written by glmkit train --ptuning N")
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
                         help="weight-only quantization after loading (a quantized GGUF stays int4/int8 by itself)")
-    parser.add_argument("--compile", action="store_true",
-                        help="compile the one-token decode step in the background (cached on disk; see glmkit compile)")
+    speed = parser.add_mutually_exclusive_group()
+    speed.add_argument("--compile", action="store_true",
+                       help="compile the one-token decode step in the background if it is not on disk yet "
+                            "(see glmkit compile); without this flag a package already on disk is still used")
+    speed.add_argument("--eager", action="store_true", help="never use a compiled decode step")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, *, max_tokens: int) -> None:
@@ -44,6 +47,6 @@ def load_model(args: argparse.Namespace):
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     llm = glmkit.load(args.model, device=args.device, dtype=args.dtype, chat_format=args.chat_format,
                        quantize=args.quantize, lora=args.lora, ptuning=args.ptuning)
-    if args.compile:
-        args.compiled = llm.compile(background=True)  # decoding stays eager until it is ready
+    if not getattr(args, "eager", False):  # decoding stays eager until the package is loaded (or built)
+        args.compiled = llm.compile(background=True, build=args.compile)
     return llm

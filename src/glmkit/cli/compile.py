@@ -16,7 +16,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from glmkit.errors import GlmkitError
 
-    args.compile = False
+    args.eager = True  # compiled below, in the foreground
     llm = load_model(args)
     decoder = llm.compile()
     if not decoder.ready:

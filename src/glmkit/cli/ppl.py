@@ -24,6 +24,7 @@ def main(args: argparse.Namespace) -> int:
         from glmkit.errors import GlmkitError
 
         raise GlmkitError(f"{path} does not exist; pass a text file.")
+    args.eager = True  # whole-window forward passes: a compiled one-token step would not be used
     llm = load_model(args)
     ids = llm.tokenizer.encode_prompt(path.read_text(encoding="utf-8"))
     bos = llm.config.bos_token_id if ids and ids[0] == llm.config.bos_token_id else None

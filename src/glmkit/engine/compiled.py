@@ -109,14 +109,18 @@ class CompiledDecoder:
         self._attended = torch.empty(0, dtype=torch.uint8)
         self._thread: threading.Thread | None = None
 
-    def compile(self) -> "CompiledDecoder":
-        """Load the package from disk, or export and compile it now (blocking); on failure stay eager."""
+    def compile(self, build: bool = True) -> "CompiledDecoder":
+        """Load the package from disk, or export and compile it now (blocking); on failure stay eager.
+        build=False only looks on disk: without a package, decoding stays eager and nothing is said."""
         try:
             t0 = time.perf_counter()
             options = inductor_options(self.model)
             self.path = packages_dir() / f"decode-{package_key(self.model, options)}.pt2"
             runner = self._load() if self.path.exists() else None
             self.cached = runner is not None
+            if runner is None and not build:
+                self.error = "no compiled package on disk (glmkit compile builds one)"
+                return self
             if runner is None:
                 self._build(options)
                 runner = self._load(strict=True)
@@ -161,7 +165,7 @@ class CompiledDecoder:
         finally:
             partial.unlink(missing_ok=True)
 
-    def compile_in_background(self) -> "CompiledDecoder":
+    def compile_in_background(self, build: bool = True) -> "CompiledDecoder":
         def run() -> None:
             # yield the CPU to decoding: the lowest priority for this thread and the compilers it starts, and
             # one compile worker, so eager decoding's threads are not starved while the step compiles
@@ -172,7 +176,7 @@ class CompiledDecoder:
             import torch._inductor.config as inductor
 
             inductor.compile_threads = 1
-            self.compile()
+            self.compile(build)
 
         self._thread = threading.Thread(target=run, name="glmkit-compile", daemon=True)
         self._thread.start()
