@@ -112,6 +112,9 @@ class CompiledDecoder:
     def compile(self, build: bool = True) -> "CompiledDecoder":
         """Load the package from disk, or export and compile it now (blocking); on failure stay eager.
         build=False only looks on disk: without a package, decoding stays eager and nothing is said."""
+        if not build and not any(packages_dir().glob("decode-*.pt2")):  # nothing could match: skip hashing the weights
+            self.error = "no compiled package on disk (glmkit compile builds one)"
+            return self
         try:
             t0 = time.perf_counter()
             options = inductor_options(self.model)
@@ -119,7 +122,7 @@ class CompiledDecoder:
             runner = self._load() if self.path.exists() else None
             self.cached = runner is not None
             if runner is None and not build:
-                self.error = "no compiled package on disk (glmkit compile builds one)"
+                self.error = "no compiled package on disk for this model (glmkit compile builds one)"
                 return self
             if runner is None:
                 self._build(options)

@@ -11,6 +11,7 @@ the parity tests). Nothing here builds a model or reads the tokenizer (see token
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,7 @@ class Q4KBlocks(Int4Blocks):
     def shape(self) -> tuple[int, int]:
         return self.raw.shape[0], self.raw.shape[1] * 256
 
+    @functools.cached_property
     def _scale_min(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, K / 32) float32 each: the group scales d sc and mins dmin m."""
         d = self.raw[..., 0:2].copy().view(np.float16).astype(np.float32)  # (N, S, 1)
@@ -238,11 +240,11 @@ class Q4KBlocks(Int4Blocks):
 
     @property
     def scales(self) -> torch.Tensor:
-        return self._scale_min()[0]
+        return self._scale_min[0]
 
     @property
     def zeros(self) -> torch.Tensor:
-        scale, minimum = self._scale_min()
+        scale, minimum = self._scale_min
         return 8 * scale - minimum
 
 
