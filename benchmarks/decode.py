@@ -113,7 +113,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="a subset of the configurations")
     args = ap.parse_args()
 
-    from glmkit.hub import resolve
+    from glmkit.loaders.hub import resolve
 
     source = str(resolve(args.model))
     kinds = ["glmkit float32", "glmkit bfloat16", "glmkit int8", "glmkit int4", "glmkit bfloat16 compiled",

@@ -59,7 +59,8 @@ def peak():
 out = {{}}
 if kind.startswith("glmkit"):
     from glmkit.config import ModelConfig
-    from glmkit.engine.batch import Engine
+    from glmkit.engine.runner import ModelRunner
+    from glmkit.engine.scheduler import Scheduler
     from glmkit.engine.generate import complete, stream
     from glmkit.engine.sampling import SamplingParams
     from glmkit.model import Transformer
@@ -72,15 +73,16 @@ if kind.startswith("glmkit"):
     out["weights_gib"] = gib(sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]))
     greedy = dict(temperature=0, ignore_eos=True)
     peak_reset()
-    complete(Engine(model, max_batch=1), prompt_ids(2000, c["vocab_size"]), SamplingParams(max_tokens=48, **greedy))
+    complete(Scheduler(ModelRunner(model), max_batch=1), prompt_ids(2000, c["vocab_size"]), SamplingParams(max_tokens=48, **greedy))
     sync(); out["peak_2k_gib"] = peak()
-    engine = Engine(model, max_batch=1)
+    engine = Scheduler(ModelRunner(model), max_batch=1)
     if kind.endswith("compiled"):
         from glmkit.engine.compiled import CompiledDecoder
-        decoder = CompiledDecoder(model).compile()
+        from glmkit.llm import compiled_dir
+        decoder = CompiledDecoder(model, compiled_dir()).compile()
         if not decoder.ready:
             raise SystemExit(decoder.error)
-        engine.compiled, out["compile_s"] = decoder, decoder.seconds
+        engine.runner.compiled, out["compile_s"] = decoder, decoder.seconds
     complete(engine, prompt_ids(32, c["vocab_size"], 99), SamplingParams(max_tokens=8, **greedy))  # warm up
     rates = []
     for r in range(runs):

@@ -94,7 +94,7 @@ def main() -> None:
     args = ap.parse_args()
     levels = [1, 4, 8]
 
-    from glmkit.hub import resolve
+    from glmkit.loaders.hub import resolve
 
     gguf = Path(resolve(args.model))
     rows = {"glmkit serve": serve_and_measure(

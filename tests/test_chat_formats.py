@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from glmkit.chat_format import ChatGLM1Format, ChatGLM2Format, ChatGLM3Format, GLM4Format, choose
-from glmkit.chat_template import JinjaFormat
+from glmkit.chat import ChatGLM1Format, ChatGLM2Format, ChatGLM3Format, GLM4Format, pick
+from glmkit.chat import JinjaFormat
+from glmkit.loaders.hf import template_source, tokenizer_config
 from glmkit.errors import GlmkitError
 from glmkit.tokenizer import load_tokenizer
 
@@ -33,7 +34,9 @@ def dirs(vocab_dirs):
 
 
 def fmt(dirs, folder, **kw):
-    return choose(dirs / folder, load_tokenizer(dirs / folder), **kw)
+    """The chat format glmkit picks for a tokenizer directory, from its files."""
+    d = dirs / folder
+    return pick(load_tokenizer(d), template_source(d, tokenizer_config(d)), tokenizer_config(d), **kw)
 
 
 # ------------------------------------------------------------------------------------- layouts

@@ -47,7 +47,8 @@ def test_compiled_greedy_equals_eager_in_float32(tmp_path, kind, config):
 
 
 def test_compile_failure_or_corrupt_package_leaves_eager_decoding(tmp_path, monkeypatch):
-    from glmkit.engine.compiled import inductor_options, package_key, packages_dir
+    from glmkit.engine.compiled import inductor_options, package_key
+    from glmkit.llm import compiled_dir as packages_dir
 
     d = tmp_path / "m"
     make_hf_model("llama", LLAMA_CONFIGS["mqa-tied"]).save_pretrained(d)
@@ -102,7 +103,7 @@ def test_a_package_on_disk_is_used_without_compiling(tmp_path):
     stays eager without compiling, writing or warning."""
     import warnings
 
-    from glmkit.engine.compiled import packages_dir
+    from glmkit.llm import compiled_dir as packages_dir
 
     make_hf_model("llama", LLAMA_CONFIGS["gqa-bias"], seed=3).save_pretrained(tmp_path / "m")
     prompt = [5, 9, 13, 2, 40, 7]

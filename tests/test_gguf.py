@@ -119,7 +119,7 @@ def test_gguf_errors(tmp_path):
 # ------------------------------------------------------------------------------ the default model
 @pytest.fixture(scope="module")
 def default_model():
-    from glmkit.hub import DEFAULT_MODEL, pull
+    from glmkit.loaders.hub import DEFAULT_MODEL, pull
 
     return pull(DEFAULT_MODEL)
 
@@ -389,10 +389,10 @@ def test_q8_0_tied_table_becomes_the_int8_head(tmp_path, random_ids):
 
     hf = make_hf_model("llama", LLAMA_CONFIGS["mqa-tied"], hidden_size=96, intermediate_size=64, seed=21)
     write_gguf(hf, tmp_path / "q8.gguf", "Q8_0")
-    from glmkit.loaders import load
+    from glmkit.loaders import open as open_checkpoint
     from glmkit.loaders.gguf import Int8Rows
 
-    _, tensors, _ = load(tmp_path / "q8.gguf", keep_int8=True)
+    tensors, _ = open_checkpoint(tmp_path / "q8.gguf").tensors(keep_int8=True)
     assert isinstance(tensors["embed.weight"], Int8Rows) and isinstance(tensors["layers.0.attn.qkv.weight"], Int8Rows)
     llm = glmkit.load(tmp_path / "q8.gguf", quantize="int8")
     assert isinstance(llm.model.lm_head, Int8Linear) and isinstance(llm.model.embed, TiedInt8Embedding)
@@ -411,7 +411,8 @@ def test_q_k_v_pieces_of_different_gguf_types_load_as_float(tmp_path):
     from gguf import GGMLQuantizationType
     from gguf import quants
 
-    from glmkit.loaders.gguf import LLAMA, Int4Blocks, Int8Rows
+    from glmkit.loaders.gguf import Int4Blocks, Int8Rows
+    from glmkit.loaders.layouts import GGUF_LLAMA
     from glmkit.loaders.keymap import map_tensors
 
     rng = np.random.default_rng(3)
@@ -422,13 +423,13 @@ def test_q_k_v_pieces_of_different_gguf_types_load_as_float(tmp_path):
     k = Int8Rows(k_raw, GGMLQuantizationType.Q8_0, 64)
     named = [("blk.0.attn_q.weight", "f", lambda: q), ("blk.0.attn_k.weight", "f", lambda: k),
              ("blk.0.attn_v.weight", "f", lambda: v)]
-    tensors, _ = map_tensors(LLAMA, named, config=None)
+    tensors, _ = map_tensors(GGUF_LLAMA.table, named, config=None)
     expected = torch.cat([torch.from_numpy(quants.dequantize(q_raw, GGMLQuantizationType.Q4_1)),
                           torch.from_numpy(quants.dequantize(k_raw, GGMLQuantizationType.Q8_0)), v])
     torch.testing.assert_close(tensors["layers.0.attn.qkv.weight"], expected, rtol=1e-6, atol=1e-6)
     same = [("blk.0.attn_q.weight", "f", lambda: q), ("blk.0.attn_k.weight", "f", lambda: q),
             ("blk.0.attn_v.weight", "f", lambda: q)]
-    joined = map_tensors(LLAMA, same, config=None)[0]["layers.0.attn.qkv.weight"]
+    joined = map_tensors(GGUF_LLAMA.table, same, config=None)[0]["layers.0.attn.qkv.weight"]
     assert isinstance(joined, Int4Blocks) and joined.shape == (96, 64)  # one kind: stays packed
 
 
@@ -466,10 +467,10 @@ def test_q4_k_model_loads_as_exact_int4(tmp_path, random_ids):
         else:
             w.add_tensor(name, value.float().numpy())
     finish(w)
-    from glmkit.loaders import load
+    from glmkit.loaders import open as open_checkpoint
     from glmkit.loaders.gguf import Q4KBlocks
 
-    tensors = load(tmp_path / "k.gguf", keep_int4=True)[1]
+    tensors = open_checkpoint(tmp_path / "k.gguf").tensors(keep_int4=True)[0]
     assert all(isinstance(tensors[f"layers.0.{n}.weight"], Q4KBlocks) for n in ("attn.qkv", "mlp.in_proj", "mlp.out_proj"))
     llm = glmkit.load(tmp_path / "k.gguf")  # a 4-bit file stays 4-bit
     reference = glmkit.load(tmp_path / "k.gguf", dtype="float32")  # gguf's own dequantization

@@ -13,7 +13,7 @@ import torch
 import glmkit
 from conftest import LLAMA_CONFIGS, make_hf_model
 from glmkit.errors import GlmkitError
-from glmkit.hub import DEFAULT_MODEL, MODELS, model_path, pull
+from glmkit.loaders.hub import DEFAULT_MODEL, MODELS, model_path, pull
 from vocab import CHATML_SPECIALS, SMOLLM2_TEMPLATE, save_hf_tokenizer
 
 OFFLINE = {"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_NO_INDEX": "",

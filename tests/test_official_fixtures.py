@@ -17,8 +17,10 @@ from safetensors.torch import load_file
 import glmkit
 from glmkit.config import ModelConfig
 from glmkit.kv_cache import KVCache
-from glmkit.llm import build_model
-from glmkit.loaders.keymap import THUDM_V1, THUDM_V2, map_tensors
+from glmkit.loaders import fill
+from glmkit.loaders.keymap import map_tensors
+from glmkit.loaders.layouts import THUDM_V1, THUDM_V2
+from glmkit.model import Transformer
 from glmkit.model import attention_mask
 from glmkit.positions import prompt_positions
 
@@ -127,8 +129,8 @@ def test_chatglm_cpp_kv_cache_steps(file, keys, rope_ratio, eps, prefix_shape, a
     config = ModelConfig.from_hf_dict(raw)  # the production config path
     data = _read_data(FIXTURES / "chatglm-official" / file, V1_WEIGHTS if v1 else V2_WEIGHTS, prefix_shape)
     named = [(f"transformer.{n}", file, (lambda t=data[n]: t)) for n, _ in (V1_WEIGHTS if v1 else V2_WEIGHTS)]
-    tensors, sources = map_tensors(THUDM_V1 if v1 else THUDM_V2, named, config)  # the production name table
-    model = build_model(config, tensors, sources, torch.device("cpu"), torch.float32)
+    tensors, sources = map_tensors((THUDM_V1 if v1 else THUDM_V2).table, named, config)  # the production name table
+    model = fill(Transformer.skeleton(config), tensors, sources, torch.device("cpu"), torch.float32)
     P = 0 if prefix_shape is None else prefix_shape[2]
     cache = KVCache(config, 1, P + 8)
     if P:  # layer 0 key, layer 0 value, layer 1 key, ...: extra past positions every token sees, no rotary

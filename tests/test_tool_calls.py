@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from glmkit.tool_calls import format_chatglm3_call, parse_chatglm3, parse_glm4
+from glmkit.chat.tools import format_chatglm3_call, parse_chatglm3, parse_glm4
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}},
          {"type": "function", "function": {"name": "search", "parameters": {}}}]

@@ -2,8 +2,11 @@
 
 The GLM generations (and Llama) differ by a handful of switches; each is a field here whose
 variants are a closed set of strings. `from_hf_dict` reads a checkpoint's config.json in the THUDM
-remote-code spelling or the transformers-native one (4.x and 5.x). Any key that could change the
-maths and is not understood is an error. No torch here.
+remote-code spelling or the transformers-native one (4.x and 5.x); `hf_spelling` is the one rule that
+tells them apart. Any key that could change the maths and is not understood is an error; keys of
+architecture features glmkit does not run yet (experts, latent attention, vision towers, sliding
+windows) are an "unsupported architecture feature" error naming the key. The coming features get
+nested optional sub-configs (MoEConfig, MLAConfig, VisionConfig). No torch here.
 """
 
 from __future__ import annotations
@@ -24,6 +27,45 @@ RopeLayout = Literal["interleaved", "half_split"]  # pairs (2i, 2i+1) (GLM) or (
 PositionKind = Literal["1d", "2d"]  # 2d: position + block position on the two halves of a head
 MaskKind = Literal["causal", "prefix"]  # prefix: tokens before <sop> see each other (ChatGLM-6B)
 FreqDtype = Literal["float32", "float16"]  # ChatGLM-6B rounds its rotary frequencies to float16
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-Experts MLP (GLM-4.5 family): routed experts plus shared ones, the first layers dense."""
+    num_experts: int
+    experts_per_token: int
+    expert_size: int  # each expert's intermediate size
+    shared_experts: int = 0
+    first_dense_layers: int = 0
+    groups: int = 1  # group-limited routing: experts in `groups` groups, the best `topk_groups` kept
+    topk_groups: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (GLM-4.7-Flash, GLM-5): a compressed latent per token in the cache."""
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """A vision tower whose features enter the text model through its embeddings input (GLM-4.1V, 4.5V)."""
+    depth: int
+    hidden_size: int
+    num_heads: int
+    patch_size: int
+    out_hidden_size: int
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+
+
+SUB_CONFIGS = {"moe": MoEConfig, "mla": MLAConfig, "vision": VisionConfig}
 
 
 @dataclass(frozen=True)
@@ -60,8 +102,17 @@ class ModelConfig:
     gmask_token_id: int | None = None  # [gMASK]
     sop_token_id: int | None = None  # <sop>: starts the generated (causal) part in prefix mode
     eop_token_id: int | None = None
+    moe: MoEConfig | None = None  # the sub-configs of what is coming; the model refuses them until it runs them
+    mla: MLAConfig | None = None
+    vision: VisionConfig | None = None
 
     def __post_init__(self) -> None:
+        for name, kind in SUB_CONFIGS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, kind(**value))
+            elif value is not None and not isinstance(value, kind):
+                raise ConfigError(f"ModelConfig.{name} must be a {kind.__name__} or None, got {type(value).__name__}.")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             allowed = _literal_values(f.type)
@@ -104,7 +155,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
-        return d
+        return {k: v for k, v in d.items() if k not in SUB_CONFIGS or v is not None}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -118,18 +169,53 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         """Build from a checkpoint's config.json: THUDM remote-code or transformers-native spelling."""
+        _refuse_unsupported_features(d)
         if d.get("quantization_bit") not in (None, 0, 4, 8):
             raise ConfigError(f"config.json quantization_bit={d['quantization_bit']!r}: official ChatGLM checkpoints "
                               "come as int4 or int8 only.")
-        if "num_layers" in d and ("padded_vocab_size" in d or "inner_hidden_size" in d or "kv_channels" in d):
+        spelling = hf_spelling(d)
+        if spelling in ("thudm_v1", "thudm_v2"):
             return _from_thudm(_Keys(d))
         model_type = d.get("model_type")
-        if model_type in _HF_FAMILIES:
+        if spelling == "transformers":
             return _from_transformers(_Keys(d), model_type)
         archs = d.get("architectures") or []
         raise UnsupportedArchitectureError(
             f"unknown architecture (model_type={model_type!r}, architectures={archs}); glmkit runs ChatGLM-6B/2/3, "
             f"GLM-4 (THUDM layout), and transformers' {', '.join(sorted(_HF_FAMILIES))} models.")
+
+
+def hf_spelling(d: dict[str, Any]) -> str | None:
+    """Which spelling a config.json uses: 'thudm_v1' (ChatGLM-6B remote code), 'thudm_v2' (ChatGLM2/3,
+    GLM-4-9B remote code), 'transformers' (a model_type glmkit reads), or None. The one place that decides
+    whether a checkpoint is THUDM's: layouts, tokenizers, adapters and export all ask this."""
+    if "num_layers" in d and ("padded_vocab_size" in d or "inner_hidden_size" in d or "kv_channels" in d):
+        return "thudm_v1" if d.get("position_encoding_2d") is not None or "inner_hidden_size" in d else "thudm_v2"
+    return "transformers" if d.get("model_type") in _HF_FAMILIES else None
+
+
+# config.json keys of architecture features glmkit does not run yet: a model carrying them would be read as
+# something else, so they are refused by name (a falsy value, as many configs write it, is no feature)
+UNSUPPORTED_FEATURES = {
+    "vision_config": "a vision tower (image input)", "n_routed_experts": "Mixture-of-Experts layers",
+    "num_experts": "Mixture-of-Experts layers", "num_local_experts": "Mixture-of-Experts layers",
+    "experts_per_token": "Mixture-of-Experts layers", "num_experts_per_tok": "Mixture-of-Experts layers",
+    "moe_intermediate_size": "Mixture-of-Experts layers", "kv_lora_rank": "latent attention (MLA)",
+    "q_lora_rank": "latent attention (MLA)", "index_topk": "a sparse-attention indexer (DSA)",
+    "sliding_window": "sliding-window attention", "interleaved_qkv": "per-head interleaved q/k/v rows",
+    "use_qk_norm": "per-head q/k norms", "num_nextn_predict_layers": "next-token-prediction (MTP) layers",
+}
+
+
+def _refuse_unsupported_features(d: dict[str, Any]) -> None:
+    for key, what in UNSUPPORTED_FEATURES.items():
+        value = d.get(key)
+        if key == "sliding_window" and d.get("use_sliding_window") is False:
+            continue  # configured but switched off
+        if value:
+            raise UnsupportedArchitectureError(
+                f"unsupported architecture feature {key!r} ({what}) in config.json: glmkit cannot run this model "
+                "yet, and loading it without that feature would give wrong outputs.")
 
 
 def _literal_values(tp: Any) -> tuple[Any, ...]:
@@ -150,9 +236,9 @@ _IGNORED = {
     "top_k", "repetition_penalty", "num_beams", "prefix_projection", "resid_pdrop", "embd_pdrop", "attn_pdrop",
     "tie_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
     "decoder_start_token_id", "sep_token_id", "unk_token_id", "task_specific_params", "finetuning_task",
-    "_attn_implementation_autoset", "quantization_bit", "num_image_tokens", "image_size", "vision_config",
-    "experts_per_token", "interleaved_qkv", "layer_types", "use_sliding_window", "sliding_window",
-    "max_window_layers", "torchscript", "pruned_heads", "tf_legacy_loss", "use_bfloat16", "output_scores",
+    "_attn_implementation_autoset", "quantization_bit", "num_image_tokens", "image_size",
+    "layer_types", "use_sliding_window", "max_window_layers", *UNSUPPORTED_FEATURES, "torchscript",
+    "pruned_heads", "tf_legacy_loss", "use_bfloat16", "output_scores",
     "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "bad_words_ids",
     "diversity_penalty", "early_stopping", "length_penalty", "min_length", "no_repeat_ngram_size",

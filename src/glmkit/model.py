@@ -1,7 +1,9 @@
 """The one config-driven Transformer for every GLM generation and Llama.
 
-tokens + positions (+ KV cache) -> logits. It samples nothing, tokenizes nothing, reads no files and
-chooses no device: the engine builds positions and owns the cache; loaders fill the weights.
+tokens (or embeddings) + positions (+ KV cache) -> logits. It samples nothing, tokenizes nothing, reads no
+files and chooses no device: the engine builds positions and owns the cache; loaders fill the weights.
+A layer's kind may depend on its index (Block(config, index)); what one forward shares across layers
+(rotary tables, mask, cache, offsets) travels as one `Step`. Sub-configs it does not run yet are refused.
 
 Glossary: B batch, T new tokens, S attended length (cached + new), C hidden size, H query heads,
 K kv heads, D head dim, R rotated dims per rotary block, F ffn size, V vocab.
@@ -12,13 +14,27 @@ in_proj rows are [gate | up].
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
 from glmkit.config import ModelConfig
+from glmkit.errors import UnsupportedArchitectureError
 from glmkit.kv_cache import KVCache
+
+
+class Step(NamedTuple):
+    """What every layer of one forward shares: rotary tables, the mask (None: causal, or every cached key for
+    one new token), the cache (None: no cache), where the new keys go (int or (B,)), the attended length S."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None
+    cache: KVCache | None
+    start: int | torch.Tensor
+    S: int
 
 
 # ---------------------------------------------------------------------------------------------- rope
@@ -88,13 +104,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 # --------------------------------------------------------------------------------------------- layers
 class Norm(nn.Module):
-    """RMSNorm or LayerNorm (with bias), computed in float32 whatever the activation dtype."""
+    """RMSNorm or LayerNorm (with bias) over the last `dim` features, in float32 whatever the activation dtype."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, dim: int, eps: float, kind: str = "rmsnorm"):
         super().__init__()
-        self.eps = config.norm_eps
-        self.weight = nn.Parameter(torch.ones(config.hidden_size))
-        self.bias = nn.Parameter(torch.zeros(config.hidden_size)) if config.norm == "layernorm" else None
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layernorm" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -104,16 +120,19 @@ class Norm(nn.Module):
         return F.layer_norm(xf, xf.shape[-1:], self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
+def model_norm(config: ModelConfig) -> Norm:
+    return Norm(config.hidden_size, config.norm_eps, config.norm)
+
+
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, index: int):
         super().__init__()
-        self.config = config
+        self.config, self.index = config, index
         c = config
         self.qkv = nn.Linear(c.hidden_size, c.qkv_size, bias=c.qkv_bias)
         self.out = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.out_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None, layer: int, start: int | torch.Tensor, S: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
         H, K, D = c.num_heads, c.num_kv_heads, c.head_dim
@@ -121,18 +140,21 @@ class Attention(nn.Module):
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        q, k = apply_rope(q, cos, sin, c), apply_rope(k, cos, sin, c)
-        if cache is not None:
-            k, v = cache.update(layer, k, v, start, S)  # (B, K, S, D)
-        if T == 1 and mask is None:  # decode: the H/K query heads of a kv head become its query rows
+        q, k = apply_rope(q, step.cos, step.sin, c), apply_rope(k, step.cos, step.sin, c)
+        if step.cache is not None:
+            k, v = step.cache.update(self.index, k, v, step.start, step.S)  # (B, K, S, D)
+        if T == 1 and step.mask is None:  # decode: the H/K query heads of a kv head become its query rows
             y = decode_attention(q.view(B, K, H // K, D), k, v).view(B, H, 1, D)  # (B, H, 1, D)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.mask is None and T > 1,
                                                enable_gqa=H != K)  # (B, H, T, D)
         return self.out(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, C)
 
 
 class MLP(nn.Module):
+    """SwiGLU (in_proj rows [gate | up]) or GELU-tanh. Under float16 the activation product and the
+    down-projection run in float32 (DESIGN principle 6): GLM's gate * up products overflow float16's 65504."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.gated = config.mlp == "swiglu"
@@ -142,31 +164,38 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.in_proj(x)  # (B, T, 2F) or (B, T, F)
+        wide = x.dtype == torch.float16 and isinstance(self.out_proj, nn.Linear)
+        if wide:
+            h = h.float()
         if self.gated:
             gate, up = h.chunk(2, dim=-1)  # (B, T, F) each
             h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate="tanh")
+        if wide:  # float32 GEMM, then back to float16 (a sum that overflows there is a real overflow)
+            w, b = self.out_proj.weight, self.out_proj.bias
+            return F.linear(h, w.float(), None if b is None else b.float()).to(x.dtype)  # (B, T, C)
         return self.out_proj(h)  # (B, T, C)
 
 
 class Block(nn.Module):
-    """Pre-norm block; `deepnorm` keeps alpha * normalized input as the residual (ChatGLM-6B);
+    """Pre-norm block `index`; `deepnorm` keeps alpha * normalized input as the residual (ChatGLM-6B);
     `sandwich` adds a norm after each sublayer (GLM-4-0414)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, index: int):
         super().__init__()
+        self.index = index
         self.deepnorm = config.residual == "deepnorm"
         self.alpha = config.residual_alpha
-        self.attn_norm, self.attn = Norm(config), Attention(config)
-        self.mlp_norm, self.mlp = Norm(config), MLP(config)
+        self.attn_norm, self.attn = model_norm(config), Attention(config, index)
+        self.mlp_norm, self.mlp = model_norm(config), MLP(config)
         sandwich = config.extra_norms == "sandwich"
-        self.attn_post_norm = Norm(config) if sandwich else None
-        self.mlp_post_norm = Norm(config) if sandwich else None
+        self.attn_post_norm = model_norm(config) if sandwich else None
+        self.mlp_post_norm = model_norm(config) if sandwich else None
 
-    def forward(self, x: torch.Tensor, cos, sin, mask, cache, layer: int, start, S: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         h = self.attn_norm(x)
-        a = self.attn(h, cos, sin, mask, cache, layer, start, S)
+        a = self.attn(h, step)
         if self.attn_post_norm is not None:
             a = self.attn_post_norm(a)
         x = h * self.alpha + a if self.deepnorm else x + a
@@ -181,11 +210,15 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, init: bool = True):
         """init=False leaves the embedding uninitialised (see skeleton)."""
         super().__init__()
+        for name in ("moe", "mla", "vision"):
+            if getattr(config, name) is not None:
+                raise UnsupportedArchitectureError(f"unsupported architecture feature {name!r}: glmkit's model does "
+                                                   "not run it yet.")
         self.config = config
         table = None if init else torch.empty(config.vocab_size, config.hidden_size)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size, _weight=table)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
-        self.norm = Norm(config)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = model_norm(config)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # training: recompute each block's activations in backward
 
@@ -205,35 +238,42 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.norm.weight.device
 
-    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                      start: int | torch.Tensor = 0, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T), positions (B, T) or (B, 2, T) -> final-normed hidden states (B, T, C).
+    def step(self, T: int, positions: torch.Tensor, cache: KVCache | None, start: int | torch.Tensor,
+             prefix_len: torch.Tensor | None) -> Step:
+        """The Step of T new tokens per row at `start` (see hidden_states)."""
+        cos, sin = rope_cos_sin(positions, self.config)
+        S = T if cache is None else (int(start.max()) if isinstance(start, torch.Tensor) else start) + T
+        if cache is None:
+            start = 0
+        one_step = T == 1 and not isinstance(start, torch.Tensor) and prefix_len is None  # sees every cached key
+        mask = None
+        if (prefix_len is not None or cache is not None) and not one_step:
+            mask = attention_mask(T, S, start, prefix_len, positions.device)
+        return Step(cos, sin, mask, cache, start, S)
+
+    def hidden_states(self, tokens: torch.Tensor | None, positions: torch.Tensor, cache: KVCache | None = None,
+                      start: int | torch.Tensor = 0, prefix_len: torch.Tensor | None = None,
+                      embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) (or embeds (B, T, C) instead, e.g. with image features at image-token positions),
+        positions (B, T) or (B, 2, T) -> final-normed hidden states (B, T, C).
 
         With a cache, row b's new keys land at [start_b, start_b + T) and attention spans [0, start_b + T);
         start is an int, or a (B,) tensor for one-token steps of rows at different offsets.
         prefix_len (B,) makes keys before it visible to every query (ChatGLM-6B's prefix mask)."""
-        B, T = tokens.shape
-        x = self.embed(tokens)  # (B, T, C)
-        cos, sin = rope_cos_sin(positions, self.config)
-        if cache is None:
-            start, S = 0, T
-        else:
-            S = (int(start.max()) if isinstance(start, torch.Tensor) else start) + T
-        mask = None
-        one_step = T == 1 and not isinstance(start, torch.Tensor) and prefix_len is None  # sees every cached key: no mask
-        if (prefix_len is not None or cache is not None) and not one_step:
-            mask = attention_mask(T, S, start, prefix_len, tokens.device)
-        for i, layer in enumerate(self.layers):
+        x = self.embed(tokens) if embeds is None else embeds  # (B, T, C)
+        step = self.step(x.shape[1], positions, cache, start, prefix_len)
+        for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, i, start, S, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, step, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, i, start, S)
+                x = layer(x, step)
         return self.norm(x)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                start: int | torch.Tensor = 0, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor | None, positions: torch.Tensor, cache: KVCache | None = None,
+                start: int | torch.Tensor = 0, prefix_len: torch.Tensor | None = None,
+                embeds: torch.Tensor | None = None) -> torch.Tensor:
         """-> logits (B, T, V) in the model's dtype."""
-        return self.head(self.hidden_states(tokens, positions, cache, start, prefix_len))
+        return self.head(self.hidden_states(tokens, positions, cache, start, prefix_len, embeds))
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final hidden states (B, T, C) -> logits (B, T, V)."""

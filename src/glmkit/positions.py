@@ -3,7 +3,8 @@
 1d: 0..T-1 for every row. 2d (ChatGLM-6B / the GLM objective): with c the index of the first <sop>
 and m the index of the first [gMASK] (else the first [MASK]), tokens before c get (i, 0) and tokens
 from c on get (m, i - c + 1); tokens before c attend to each other bidirectionally (prefix_len = c).
-No model code, no sampling: the engine and the reference path both call these.
+Decode positions continue from a per-sequence anchor. No model code, no sampling: the engine and the
+reference path both call these, so the engine never computes positions inline.
 """
 
 from __future__ import annotations
@@ -38,3 +39,26 @@ def prompt_positions(ids: torch.Tensor, config: ModelConfig) -> tuple[torch.Tens
 
 def _first(row: list[int], token: int | None, default):
     return row.index(token) if token is not None and token in row else default
+
+
+def anchor(positions: torch.Tensor, prefix_len: torch.Tensor | None, config: ModelConfig) -> tuple[int, int] | None:
+    """What a sequence's decode positions hang on, from its prompt's positions (1, T) / (1, 2, T): for 2d the
+    index c of <sop> and the mask position m; None for 1d."""
+    if config.positions != "2d":
+        return None
+    c = int(prefix_len[0])
+    if c == positions.shape[-1]:
+        raise GlmkitError("a ChatGLM-6B prompt must end with [gMASK] <sop> (or contain <sop>) before generation; "
+                          "the chat format adds them.")
+    return c, int(positions[0, 0, c])
+
+
+def decode_positions(indexes: list[int], anchors: list[tuple[int, int] | None], config: ModelConfig,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """The positions of one new token per row, at sequence index indexes[b]: (B, 1) for 1d, (B, 2, 1) for 2d
+    ((m, index - c + 1): generated tokens sit at the mask's position and count block positions from <sop>)."""
+    if config.positions != "2d":
+        return torch.tensor(indexes, device=device)[:, None]  # (B, 1)
+    rows = [[[m], [i - c + 1]] if a is not None else [[0], [0]] for i, a in zip(indexes, anchors)
+            for c, m in [a or (0, 0)]]
+    return torch.tensor(rows, device=device)  # (B, 2, 1)

@@ -227,8 +227,10 @@ class HFTokenizer(Tokenizer):
         return self.tok.decode(ids, skip_special_tokens=skip_special)
 
 
-def load_tokenizer(directory: str | Path) -> Tokenizer | None:
-    """Pick the tokenizer from the files present; None if the directory ships no tokenizer."""
+def load_tokenizer(directory: str | Path, thudm: bool | None = None) -> Tokenizer | None:
+    """Pick the tokenizer from the files present; None if the directory ships no tokenizer. thudm: the
+    checkpoint is in THUDM's layout (ChatGLM2/3's SentencePiece model then gets its specials appended);
+    None reads that from the directory's config.json."""
     directory = Path(directory)
     if (directory / "tokenizer.json").is_file():
         return HFTokenizer(directory / "tokenizer.json")
@@ -239,7 +241,8 @@ def load_tokenizer(directory: str | Path) -> Tokenizer | None:
         head = model.read_bytes()[:256]
         if re.match(rb"^[A-Za-z0-9+/=]+ \d+\r?\n", head):
             return TiktokenTokenizer(model)
-        return SentencePieceTokenizer(model, SentencePieceTokenizer.CHATGLM_SPECIALS if _is_chatglm(directory) else [])
+        thudm = _is_thudm(directory) if thudm is None else thudm
+        return SentencePieceTokenizer(model, SentencePieceTokenizer.CHATGLM_SPECIALS if thudm else [])
     return None
 
 
@@ -253,13 +256,15 @@ def tokenizer_config(directory: str | Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it.") from None
 
 
-def _is_chatglm(directory: Path) -> bool:
-    """ChatGLM2/3 configs come from THUDM's remote code (num_layers + padded_vocab_size)."""
+def _is_thudm(directory: Path) -> bool:
+    """ChatGLM2/3 configs come from THUDM's remote code (config.hf_spelling, the one rule for it)."""
+    from glmkit.config import hf_spelling
+
     try:
         raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
-    return "padded_vocab_size" in raw
+    return isinstance(raw, dict) and (hf_spelling(raw) or "").startswith("thudm")
 
 
 def gguf_tokenizer(reader) -> Tokenizer:

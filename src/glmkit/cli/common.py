@@ -41,7 +41,7 @@ def sampling(args: argparse.Namespace) -> dict:
 
 def load_model(args: argparse.Namespace):
     import glmkit
-    from glmkit.hub import DEFAULT_MODEL
+    from glmkit.loaders.hub import DEFAULT_MODEL
 
     args.model = args.model or DEFAULT_MODEL
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)

@@ -38,12 +38,16 @@ def main(args: argparse.Namespace) -> int:
     quantize_model(llm.model, bits=args.bits, group_size=args.group_size)
     save_quantized(llm.model, dst, args.bits, args.group_size)
     src = Path(llm.source)
+    try:
+        tokenizer = llm.tokenizer
+    except GlmkitError:  # weights only
+        tokenizer = None
     if src.is_dir():
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copy(src / name, dst / name)
-    elif isinstance(llm._tokenizer, HFTokenizer):  # a GGUF: its tokenizer and chat template as files
-        (dst / "tokenizer.json").write_text(llm._tokenizer.tok.to_str())
+    elif isinstance(tokenizer, HFTokenizer):  # a GGUF: its tokenizer and chat template as files
+        (dst / "tokenizer.json").write_text(tokenizer.tok.to_str())
         template = getattr(llm.chat_format, "template", None)
         strings = getattr(llm.chat_format, "special_strings", {})
         (dst / "tokenizer_config.json").write_text(json.dumps({**strings, **({"chat_template": template}

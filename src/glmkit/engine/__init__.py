@@ -1,4 +1,5 @@
-"""The inference engine: sampling, the generation loop, continuous batching and streaming text.
+"""The inference engine: a Scheduler (requests, slots, prefix reuse, stop rules, streamed text) driving a
+ModelRunner (KV cache, positions, the model or its compiled step) through one StepInputs value per step.
 
-It owns the KV cache and positions and calls the pure model; it knows nothing about HTTP or the CLI.
+It calls the pure model; it knows nothing about HTTP, the CLI, tokenizer files or chat formats.
 """

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-from glmkit.hub import home
 from glmkit.kv_cache import KVCache
 from glmkit.model import Transformer
 
@@ -33,10 +32,6 @@ from glmkit.model import Transformer
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 PACKAGE_FORMAT = 1  # bump when DecodeStep's inputs or outputs change: old packages are then never picked up
-
-
-def packages_dir() -> Path:
-    return home() / "compiled"
 
 
 class DecodeStep(torch.nn.Module):
@@ -59,13 +54,11 @@ class DecodeStep(torch.nn.Module):
 def inductor_options(model: Transformer) -> dict:
     """All-int8 models keep to the C++ GEMM templates (on a busy machine autotuning can wrongly prefer ATen's
     slower weight-only kernel); float ones may also use ATen's GEMMs. On a GPU: inductor's defaults."""
-    from glmkit.quant import Int8Linear
-
     if model.device.type != "cpu":
         return {"freezing": True}
 
-    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
-    int8 = bool(linears) and all(isinstance(m, Int8Linear) for m in linears)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) or getattr(m, "bits", None)]
+    int8 = bool(linears) and all(getattr(m, "bits", None) == 8 for m in linears)
     return {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP" if int8 else "CPP,ATEN"}
 
 
@@ -82,24 +75,33 @@ def package_key(model: Transformer, options: dict) -> str:
             "options": options, "config": model.config.to_dict(),
             "modules": sorted({type(m).__name__ for m in model.modules()})}
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
-    import glmkit.model
-    import glmkit.quant
-    import glmkit.quant.int4_packing
-
-    for module in (glmkit.model, glmkit.quant, glmkit.quant.int4_packing, sys.modules[KVCache.__module__],
-                   sys.modules[__name__]):
-        h.update(Path(module.__file__).read_bytes())  # the code that is traced: a change must not reuse a package
+    for file in traced_sources(model):
+        h.update(file.read_bytes())  # the code that is traced: a change must not reuse a package
     for name, t in model.state_dict().items():
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()[:24]
 
 
-class CompiledDecoder:
-    """step(tokens (1, 1), positions, cache rows, start) -> logits (1, V), once `ready`."""
+def traced_sources(model: Transformer) -> list[Path]:
+    """The source files of the code a decode step runs: this module, the cache, and the module of every layer
+    type in the model (a package's whole folder, e.g. quant/ with its packing helpers)."""
+    files = {Path(__file__), Path(sys.modules[KVCache.__module__].__file__)}
+    for kind in {type(m) for m in model.modules()}:
+        source = getattr(sys.modules.get(kind.__module__), "__file__", None)
+        if source is None or not kind.__module__.startswith("glmkit"):
+            continue
+        path = Path(source)
+        files |= set(path.parent.glob("*.py")) if path.name == "__init__.py" else {path}
+    return sorted(files)
 
-    def __init__(self, model: Transformer):
-        self.model = model
+
+class CompiledDecoder:
+    """step(tokens (1, 1), positions, cache rows, start) -> logits (1, V), once `ready`. Packages live in
+    `directory` ($GLMKIT_HOME/compiled as glmkit.load sets it up)."""
+
+    def __init__(self, model: Transformer, directory: Path):
+        self.model, self.directory = model, Path(directory)
         self.ready = False
         self.cached = False  # True when the package came from disk
         self.error: str | None = None
@@ -112,13 +114,13 @@ class CompiledDecoder:
     def compile(self, build: bool = True) -> "CompiledDecoder":
         """Load the package from disk, or export and compile it now (blocking); on failure stay eager.
         build=False only looks on disk: without a package, decoding stays eager and nothing is said."""
-        if not build and not any(packages_dir().glob("decode-*.pt2")):  # nothing could match: skip hashing the weights
+        if not build and not any(self.directory.glob("decode-*.pt2")):  # nothing could match: skip hashing the weights
             self.error = "no compiled package on disk (glmkit compile builds one)"
             return self
         try:
             t0 = time.perf_counter()
             options = inductor_options(self.model)
-            self.path = packages_dir() / f"decode-{package_key(self.model, options)}.pt2"
+            self.path = self.directory / f"decode-{package_key(self.model, options)}.pt2"
             runner = self._load() if self.path.exists() else None
             self.cached = runner is not None
             if runner is None and not build:

@@ -1,6 +1,6 @@
 """Driving the engine: one prompt to a Completion, one prompt as a stream of Chunks, many prompts at once.
 
-All three go through the continuous-batching Engine, so single requests reuse a cached prefix (the
+All three go through the continuous-batching Scheduler, so single requests reuse a cached prefix (the
 previous turn of a chat) exactly as batched ones do. Knows nothing about tokenization or chat formats.
 """
 
@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from glmkit.engine.batch import Engine
+from glmkit.engine.scheduler import Scheduler
 from glmkit.engine.sampling import SamplingParams
 from glmkit.engine.sequence import Chunk, Completion, Sequence
 from glmkit.errors import GlmkitError
 
 
-def stream(engine: Engine, prompt: list[int], params: SamplingParams) -> Iterator[Chunk]:
+def stream(engine: Scheduler, prompt: list[int], params: SamplingParams) -> Iterator[Chunk]:
     """Yield chunks of one sequence until it finishes; closing the iterator cancels it."""
     seq = engine.submit(prompt, params)
     try:
@@ -29,7 +29,7 @@ def stream(engine: Engine, prompt: list[int], params: SamplingParams) -> Iterato
             engine.cancel(seq)
 
 
-def complete(engine: Engine, prompt: list[int], params: SamplingParams) -> Completion:
+def complete(engine: Scheduler, prompt: list[int], params: SamplingParams) -> Completion:
     seq = engine.submit(prompt, params)
     try:
         while not seq.done:
@@ -41,7 +41,7 @@ def complete(engine: Engine, prompt: list[int], params: SamplingParams) -> Compl
     return seq.completion()
 
 
-def complete_batch(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
+def complete_batch(engine: Scheduler, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
     seqs: list[Sequence] = []
     try:
         seqs = [engine.submit(p, sp) for p, sp in zip(prompts, params)]

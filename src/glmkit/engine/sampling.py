@@ -104,3 +104,10 @@ def make_sampler(p: SamplingParams) -> Callable[[torch.Tensor, list[int], list[i
         return int(torch.multinomial(probs, 1, generator=generator))
 
     return sample
+
+
+def top_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, dict[int, float]]:
+    """logits (V,) -> (the log-probability of `token`, {id: log-probability} of the k most likely ids)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(lp, k) if k else None
+    return float(lp[token]), ({} if top is None else dict(zip(top.indices.tolist(), top.values.tolist())))

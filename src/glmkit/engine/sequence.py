@@ -13,7 +13,8 @@ from typing import Callable
 import torch
 
 from glmkit.engine.detokenize import StreamingDetokenizer
-from glmkit.engine.sampling import SamplingParams, make_sampler
+from glmkit.engine.sampling import SamplingParams, make_sampler, top_logprobs
+from glmkit.errors import GlmkitError
 
 
 @dataclass
@@ -63,6 +64,18 @@ class Sequence:
     @property
     def ids(self) -> list[int]:
         return self.prompt + self.output
+
+    def take(self, logits: torch.Tensor) -> Chunk | None:
+        """Sample the next id from this sequence's logits (V,) and accept it; NaN / Inf logits end this
+        sequence only, with the reason."""
+        try:
+            token = self.sample(logits, self.prompt, self.output, self.generator)
+        except GlmkitError as e:
+            self.error = str(e)
+            return self.finish("error")
+        if self.params.logprobs is not None:  # under the model's own distribution, before sampling filters
+            self.logprobs.append(top_logprobs(logits, token, self.params.logprobs))
+        return self.accept(token)
 
     def accept(self, token: int) -> Chunk | None:
         """Take one sampled id; return a chunk of newly safe text (or the final chunk), else None."""

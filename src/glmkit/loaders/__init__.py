@@ -1,30 +1,14 @@
-"""Checkpoint loaders: a source path -> (ModelConfig, our tensors, where each tensor came from).
+"""Checkpoint loaders: `open(source) -> Checkpoint` (layout, config, lazily read tensors, tokenizer files,
+chat template, stored quantization) and `assemble(checkpoint, skeleton, ...)`, the strictly accounted model.
 
-Directories in the Hugging Face layout (THUDM remote-code names or transformers-native names) and
-GGUF files (llama architecture). Nothing here builds a model or runs code from a checkpoint.
+Directories in the Hugging Face layout (THUDM remote-code names, transformers-native names, glmkit's own)
+and GGUF files (llama, chatglm, glm4); packaged aliases and Hugging Face repo ids resolve through hub.py.
+Nothing here runs code from a checkpoint.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from glmkit.loaders.assemble import assemble, fill, pick_device, pick_dtype
+from glmkit.loaders.checkpoint import Checkpoint, open
 
-import torch
-
-from glmkit.config import ModelConfig
-from glmkit.loaders.hf import load_directory
-
-
-def load(source: str | Path, keep_int4: bool = False, gguf_reader=None, dtype: torch.dtype = torch.float32,
-         keep_int8: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
-    """keep_int4: GGUF Q4_0 / Q4_1 linear weights stay packed (loaders.gguf.Int4Blocks); keep_int8: GGUF Q8_0
-    linear and head weights too (loaders.gguf.Int8Rows).
-    gguf_reader: the file's GGUFFile when the caller has opened it already. dtype: what GGUF's quantized
-    types dequantize to (checkpoint directories keep their stored dtypes)."""
-    if str(source).lower().endswith(".gguf"):
-        from glmkit.loaders.gguf import load_gguf
-
-        return load_gguf(source, keep_int4, gguf_reader, dtype, keep_int8)
-    return load_directory(source)
-
-
-__all__ = ["load"]
+__all__ = ["Checkpoint", "assemble", "fill", "open", "pick_device", "pick_dtype"]

@@ -1,6 +1,6 @@
 """Read a GGUF file (llama.cpp's format; the container through gguf_file.py, the quantized types through the
-`gguf` package): metadata -> ModelConfig, tensors through a declarative name table per architecture
-('llama'; 'chatglm' for ChatGLM3 / GLM-4-9B; 'glm4' for GLM-4-0414), quantized types dequantized a few
+`gguf` package): metadata -> ModelConfig, tensors under the file's names (layouts.py holds the module table
+per architecture: 'llama'; 'chatglm' for ChatGLM3 / GLM-4-9B; 'glm4' for GLM-4-0414), quantized types dequantized a few
 rows at a time into the model's float dtype, or kept as the file's blocks for quantized modules: Q4_0 / Q4_1 /
 Q4_K (exactly group-wise int4) and the other quantized types (requantized to int8 rows by the caller).
 
@@ -22,42 +22,8 @@ import torch
 from glmkit.config import ModelConfig
 from glmkit.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
 from glmkit.loaders.gguf_file import GGUFFile
-from glmkit.loaders.keymap import Target, map_tensors
+from glmkit.loaders.layouts import GGUF_LAYOUTS
 
-L = r"(\d+)"
-LLAMA = [
-    (r"token_embd\.weight", "embed.weight"),
-    (rf"blk\.{L}\.attn_norm\.weight", r"layers.\1.attn_norm.weight"),
-    (rf"blk\.{L}\.attn_q\.(weight|bias)", Target(r"layers.\1.attn.qkv.\2", piece=0)),
-    (rf"blk\.{L}\.attn_k\.(weight|bias)", Target(r"layers.\1.attn.qkv.\2", piece=1)),
-    (rf"blk\.{L}\.attn_v\.(weight|bias)", Target(r"layers.\1.attn.qkv.\2", piece=2)),
-    (rf"blk\.{L}\.attn_output\.(weight|bias)", r"layers.\1.attn.out.\2"),
-    (rf"blk\.{L}\.ffn_norm\.weight", r"layers.\1.mlp_norm.weight"),
-    (rf"blk\.{L}\.ffn_gate\.(weight|bias)", Target(r"layers.\1.mlp.in_proj.\2", piece=0)),
-    (rf"blk\.{L}\.ffn_up\.(weight|bias)", Target(r"layers.\1.mlp.in_proj.\2", piece=1)),
-    (rf"blk\.{L}\.ffn_down\.(weight|bias)", r"layers.\1.mlp.out_proj.\2"),
-    (r"output_norm\.weight", "norm.weight"),
-    (r"output\.weight", "lm_head.weight"),
-]
-CHATGLM = [  # ChatGLM3 / GLM-4-9B as llama.cpp's converter writes them: the THUDM tensors, renamed, unpermuted
-    (r"token_embd\.weight", "embed.weight"),
-    (rf"blk\.{L}\.attn_norm\.weight", r"layers.\1.attn_norm.weight"),
-    (rf"blk\.{L}\.attn_qkv\.(weight|bias)", r"layers.\1.attn.qkv.\2"),
-    (rf"blk\.{L}\.attn_output\.weight", r"layers.\1.attn.out.weight"),
-    (rf"blk\.{L}\.ffn_norm\.weight", r"layers.\1.mlp_norm.weight"),
-    (rf"blk\.{L}\.ffn_up\.weight", r"layers.\1.mlp.in_proj.weight"),  # [gate; up], as dense_h_to_4h
-    (rf"blk\.{L}\.ffn_down\.weight", r"layers.\1.mlp.out_proj.weight"),
-    (r"output_norm\.weight", "norm.weight"),
-    (r"output\.weight", "lm_head.weight"),
-]
-GLM4 = CHATGLM + [  # GLM-4-0414: separate q/k/v and the two extra norms
-    (rf"blk\.{L}\.attn_q\.(weight|bias)", Target(r"layers.\1.attn.qkv.\2", piece=0)),
-    (rf"blk\.{L}\.attn_k\.(weight|bias)", Target(r"layers.\1.attn.qkv.\2", piece=1)),
-    (rf"blk\.{L}\.attn_v\.(weight|bias)", Target(r"layers.\1.attn.qkv.\2", piece=2)),
-    (rf"blk\.{L}\.post_attention_norm\.weight", r"layers.\1.attn_post_norm.weight"),
-    (rf"blk\.{L}\.post_ffw_norm\.weight", r"layers.\1.mlp_post_norm.weight"),
-]
-TABLES = {"llama": LLAMA, "chatglm": CHATGLM, "glm4": GLM4}
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
 
 
@@ -89,9 +55,9 @@ def config_from_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]
     """shapes: each tensor's torch shape ([out, in] for weights)."""
     tensor_names = set(shapes)
     arch = meta.get("general.architecture")
-    if arch not in TABLES:
+    if arch not in GGUF_LAYOUTS:
         raise UnsupportedArchitectureError(f"GGUF architecture {arch!r} is not supported; glmkit reads "
-                                           f"{', '.join(map(repr, TABLES))} GGUF files.")
+                                           f"{', '.join(map(repr, GGUF_LAYOUTS))} GGUF files.")
     glm = arch != "llama"
     a = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
     hidden, heads = int(a("embedding_length")), int(a("attention.head_count"))
@@ -282,13 +248,11 @@ def gguf_config(reader, path) -> ModelConfig:
     return config_from_metadata(metadata(reader), shapes)
 
 
-def load_gguf(path: str | Path, keep_int4: bool = False, reader=None, dtype: torch.dtype = torch.float32,
-              keep_int8: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
-    """keep_int4: Q4_0 / Q4_1 / Q4_K linear weights come back as Int4Blocks (exactly int4) instead of float
-    tensors; keep_int8: other quantized linear weights (and the output head, or a tied embedding, which the
-    int8 head then serves) as Int8Rows; the others come in `dtype`. reader: the file's GGUFFile when the caller has opened it already."""
-    reader = reader if reader is not None else open_gguf(path)
-    config = gguf_config(reader, path)
+def named_tensors(reader: GGUFFile, config: ModelConfig, keep_int4: bool = False, keep_int8: bool = False,
+                  dtype: torch.dtype = torch.float32):
+    """(name, file, loader) for every tensor. keep_int4: Q4_0 / Q4_1 / Q4_K linear weights come back as Int4Blocks
+    (exactly int4) instead of float tensors; keep_int8: other quantized linear weights (and the output head, or a
+    tied embedding, which the int8 head then serves) as Int8Rows; the others come in `dtype`."""
     linear = lambda name: name.startswith("blk.") and not name.endswith(("norm.weight", ".bias"))  # noqa: E731
     head = ("output.weight", "token_embd.weight") if config.tie_embeddings else ("output.weight",)
 
@@ -302,5 +266,28 @@ def load_gguf(path: str | Path, keep_int4: bool = False, reader=None, dtype: tor
             return lambda: Int8Rows(t.rows(0, t.n_rows), t.tensor_type, int(t.shape[0]))
         return lambda: dequantize(t, dtype)
 
-    named = ((t.name, Path(path).name, reader_of(t)) for t in reader.tensors)
-    return (config, *map_tensors(TABLES[reader.fields["general.architecture"].contents()], named, config))
+    return ((t.name, reader.path.name, reader_of(t)) for t in reader.tensors)
+
+
+def stored_quantization(reader: GGUFFile) -> str | None:
+    """'int4' / 'int8' for a GGUF whose linear weights are 4-bit / 8-bit quantized, else None."""
+    kinds = [t.tensor_type.name for t in reader.tensors if t.name.endswith("ffn_down.weight")]
+    if kinds and all(k.startswith(("Q4", "Q5", "Q6", "Q2", "Q3", "IQ")) for k in kinds):
+        return "int4"
+    if kinds and all(k == "Q8_0" for k in kinds):
+        return "int8"
+    return None
+
+
+def special_strings(reader: GGUFFile) -> dict[str, str]:
+    """bos_token / eos_token as text, as a tokenizer_config.json would give them to a chat template."""
+    fields = reader.fields
+    if "tokenizer.ggml.tokens" not in fields:
+        return {}
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    out = {}
+    for key in ("bos", "eos"):
+        index = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if index is not None and 0 <= int(index.contents()) < len(tokens):
+            out[f"{key}_token"] = tokens[int(index.contents())]
+    return out

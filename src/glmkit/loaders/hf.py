@@ -1,8 +1,9 @@
-"""Read a Hugging Face style checkpoint directory: config.json + *.safetensors or *.bin (single or sharded).
+"""Read a Hugging Face style checkpoint directory: config.json, *.safetensors or *.bin (single or sharded),
+tokenizer settings and chat template.
 
-Safetensors are memory-mapped; .bin files go through torch.load(weights_only=True). Python files that
-ship with a checkpoint are never imported or executed. Returns our config and our tensors; building
-the model and checking it is filled completely is the caller's job.
+Safetensors are memory-mapped; .bin files go through torch.load(weights_only=True); shard paths from an
+index must stay inside the directory. Python files that ship with a checkpoint are never imported or
+executed. Tensors come back under the checkpoint's own names, read when asked for.
 """
 
 from __future__ import annotations
@@ -14,61 +15,66 @@ from typing import Callable, Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
-from glmkit.config import ModelConfig
-from glmkit.errors import CheckpointError, GlmkitError
-from glmkit.loaders.keymap import GLMKIT, THUDM_V1, THUDM_V2, TRANSFORMERS, Rule, map_tensors
+from glmkit.errors import CheckpointError
 
 Named = Iterator[tuple[str, str, Callable[[], torch.Tensor]]]
 
 
-def read_config(directory: Path) -> tuple[ModelConfig, list[Rule]]:
-    """config.json -> (ModelConfig, the name table for this layout)."""
-    path = directory / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{directory} has no config.json; point glmkit at the checkpoint directory that "
-                              "holds config.json and the weight files.")
+def read_json(path: Path, what: str = "") -> dict:
+    """A JSON object file, or a clear error."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-download or repair it.") from None
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} must hold a JSON object.")
-    if "glmkit_config" in raw:  # glmkit's own spelling (e.g. a model trained from scratch by glmkit train)
-        return ModelConfig.from_dict(raw["glmkit_config"]), GLMKIT
-    config = ModelConfig.from_hf_dict(raw)
-    if "num_layers" not in raw:
-        return config, TRANSFORMERS
-    return config, THUDM_V1 if config.positions == "2d" else THUDM_V2
+        raise CheckpointError(f"{path} must hold a JSON object{what}.")
+    return raw
 
 
-def load_directory(directory: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
-    """-> (config, our tensors, where each came from)."""
-    directory = Path(directory).expanduser()
+def raw_config(directory: Path) -> dict:
     if not directory.exists():
         raise CheckpointError(f"{directory} does not exist; pass the path of a checkpoint directory.")
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a directory; pass the directory that holds config.json "
                               "and the weights.")
-    config, rules = read_config(directory)
-    try:
-        tensors, sources = map_tensors(rules, _named_tensors(directory), config)
-    except GlmkitError:
-        raise
-    except (RuntimeError, ValueError) as e:  # a layout fix that does not fit the stored shape
-        raise CheckpointError(f"a tensor in {directory} does not fit config.json ({e}).") from None
-    return config, tensors, sources
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no config.json; point glmkit at the checkpoint directory that "
+                              "holds config.json and the weight files.")
+    return read_json(path)
 
 
-def _weight_files(directory: Path) -> list[Path]:
+def tokenizer_config(directory: Path) -> dict:
+    path = directory / "tokenizer_config.json"
+    return read_json(path) if path.is_file() else {}
+
+
+def template_source(directory: Path, tok_config: dict) -> str | None:
+    """The checkpoint's Jinja chat template: chat_template.jinja, chat_template.json or tokenizer_config.json."""
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    source = tok_config.get("chat_template")
+    if (directory / "chat_template.json").is_file():
+        source = read_json(directory / "chat_template.json").get("chat_template")
+    if isinstance(source, list):  # named templates: take the default one
+        source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None)
+    return source if isinstance(source, str) and source.strip() else None
+
+
+def weight_files(directory: Path) -> list[Path]:
     for index_name, pattern in (("model.safetensors.index.json", "*.safetensors"),
                                 ("pytorch_model.bin.index.json", "*.bin")):
         index = directory / index_name
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (KeyError, TypeError, json.JSONDecodeError) as e:
+                names = sorted(set(weight_map.values()))
+            except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"{index} is not a valid shard index ({e}); re-download it.") from None
-            files = [directory / name for name in sorted(set(weight_map.values()))]
+            files = [directory / name for name in names]
+            outside = [n for n, f in zip(names, files) if f.resolve().parent != directory.resolve()]
+            if outside:
+                raise CheckpointError(f"{index.name} names shard {outside[0]!r} outside {directory}; refusing it.")
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise CheckpointError(f"{index.name} lists shard(s) {missing} that are not in {directory}; "
@@ -84,20 +90,23 @@ def _weight_files(directory: Path) -> list[Path]:
                           "config.json.")
 
 
-def _named_tensors(directory: Path) -> Named:
-    for file in _weight_files(directory):
+def named_tensors(directory: Path) -> Named:
+    for file in weight_files(directory):
         if file.suffix == ".safetensors":
             yield from _safetensors(file)
         else:
             yield from _torch_bin(file)
 
 
-def _safetensors(file: Path) -> Named:
+def open_safetensors(file: Path):
     try:
-        handle = safe_open(str(file), framework="pt")
-        names = list(handle.keys())
+        return safe_open(str(file), framework="pt")
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file} is truncated or corrupt ({e}); re-download it.") from None
+
+
+def _safetensors(file: Path) -> Named:
+    handle = open_safetensors(file)
 
     def loader(name: str) -> Callable[[], torch.Tensor]:
         def load() -> torch.Tensor:
@@ -108,7 +117,7 @@ def _safetensors(file: Path) -> Named:
                                       "or corrupt, re-download it.") from None
         return load
 
-    for name in names:
+    for name in list(handle.keys()):
         yield name, file.name, loader(name)
 
 

@@ -1,32 +1,50 @@
-"""Checkpoint name tables: source tensor name -> glmkit parameter name, as data.
+"""Checkpoint module tables: one per source layout, from which loading, export and adapter names all derive.
 
-Each table is a list of (regex over the source name, target). A target is our name (with regex
-back-references), a `Target` that also says which piece of a fused parameter the tensor is or which
-named layout fix it needs, or None: "drop this tensor on purpose". `map_tensors` applies a table
-strictly: a name no rule matches is an error. No file I/O here.
+A table is a list of `Module(ours, theirs)`: our module path and the source's, `{i}` standing for the
+layer index. A tuple `theirs` lists pieces stacked along dim 0 into one of our parameters (q, k, v into
+attn.qkv; gate, up into mlp.in_proj), declared once: loading concatenates them, export splits them, LoRA
+maps a PEFT module onto its rows. `transform` names a row-order fix (and its inverse); `export=False`
+marks an alternative spelling that is read but never written; `drops` are source names (regexes)
+dropped on purpose. `map_tensors` applies a table strictly: a name it does not know is an error.
+No file I/O here.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Callable, Iterable, Union
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 import torch
 
 from glmkit.config import ModelConfig
 from glmkit.errors import CheckpointError
 
+W, WB, WBS = ("weight",), ("weight", "bias"), ("weight", "bias", "weight_scale")  # weight_scale: official -int4/-int8
+
+
+@dataclass(frozen=True)
+class Module:
+    ours: str  # e.g. "layers.{i}.attn.qkv"
+    theirs: str | tuple[str, ...]  # a tuple: pieces stacked along dim 0
+    params: tuple[str, ...] = WB
+    transform: str | None = None  # key of TRANSFORMS / INVERSE_TRANSFORMS
+    split: str | None = None  # how our rows divide into the pieces: key of SPLITS
+    linear: bool = False  # a linear layer: adapters may target it
+    export: bool = True
+
+    @property
+    def pieces(self) -> tuple[str, ...]:
+        return self.theirs if isinstance(self.theirs, tuple) else (self.theirs,)
+
 
 @dataclass(frozen=True)
 class Target:
-    name: str
-    piece: int | None = None  # index among tensors concatenated along dim 0 (q, k, v / gate, up)
-    transform: str | None = None  # key of TRANSFORMS
-
-
-Rule = tuple[str, Union[str, Target, None]]
-L = r"(\d+)"  # layer index
+    name: str  # our parameter name
+    piece: int | None = None  # index among the pieces of a fused parameter
+    transform: str | None = None
+    split: str | None = None
+    count: int = 1  # how many pieces the parameter has
 
 
 def _v1_qkv(t: torch.Tensor, c: ModelConfig) -> torch.Tensor:
@@ -43,80 +61,115 @@ def _v1_qkv_inverse(t: torch.Tensor, c: ModelConfig) -> torch.Tensor:
 
 TRANSFORMS: dict[str, Callable[[torch.Tensor, ModelConfig], torch.Tensor]] = {"v1_qkv": _v1_qkv}
 INVERSE_TRANSFORMS: dict[str, Callable[[torch.Tensor, ModelConfig], torch.Tensor]] = {"v1_qkv": _v1_qkv_inverse}
-
-THUDM_V1: list[Rule] = [
-    (r"transformer\.word_embeddings\.weight", "embed.weight"),
-    (rf"transformer\.layers\.{L}\.input_layernorm\.(weight|bias)", r"layers.\1.attn_norm.\2"),
-    (rf"transformer\.layers\.{L}\.attention\.query_key_value\.(weight|bias|weight_scale)",
-     Target(r"layers.\1.attn.qkv.\2", transform="v1_qkv")),
-    (rf"transformer\.layers\.{L}\.attention\.dense\.(weight|bias|weight_scale)", r"layers.\1.attn.out.\2"),
-    (rf"transformer\.layers\.{L}\.attention\.rotary_emb\.inv_freq", None),  # recomputed from the config
-    (rf"transformer\.layers\.{L}\.post_attention_layernorm\.(weight|bias)", r"layers.\1.mlp_norm.\2"),
-    (rf"transformer\.layers\.{L}\.mlp\.dense_h_to_4h\.(weight|bias|weight_scale)", r"layers.\1.mlp.in_proj.\2"),
-    (rf"transformer\.layers\.{L}\.mlp\.dense_4h_to_h\.(weight|bias|weight_scale)", r"layers.\1.mlp.out_proj.\2"),
-    (r"transformer\.final_layernorm\.(weight|bias)", r"norm.\1"),
-    (r"lm_head\.weight", "lm_head.weight"),
-]
-
-THUDM_V2: list[Rule] = [  # ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B
-    (r"transformer\.embedding\.word_embeddings\.weight", "embed.weight"),
-    (rf"transformer\.encoder\.layers\.{L}\.input_layernorm\.(weight|bias)", r"layers.\1.attn_norm.\2"),
-    (rf"transformer\.encoder\.layers\.{L}\.self_attention\.query_key_value\.(weight|bias|weight_scale)",
-     r"layers.\1.attn.qkv.\2"),
-    (rf"transformer\.encoder\.layers\.{L}\.self_attention\.dense\.(weight|bias|weight_scale)", r"layers.\1.attn.out.\2"),
-    (rf"transformer\.encoder\.layers\.{L}\.post_attention_layernorm\.(weight|bias)", r"layers.\1.mlp_norm.\2"),
-    (rf"transformer\.encoder\.layers\.{L}\.mlp\.dense_h_to_4h\.(weight|bias|weight_scale)", r"layers.\1.mlp.in_proj.\2"),
-    (rf"transformer\.encoder\.layers\.{L}\.mlp\.dense_4h_to_h\.(weight|bias|weight_scale)", r"layers.\1.mlp.out_proj.\2"),
-    (r"transformer\.encoder\.final_layernorm\.(weight|bias)", r"norm.\1"),
-    (r"transformer\.output_layer\.weight", "lm_head.weight"),
-    (r"transformer\.rotary_pos_emb\.inv_freq", None),  # recomputed from the config
-]
-
-TRANSFORMERS: list[Rule] = [  # GlmForCausalLM, Glm4ForCausalLM, LlamaForCausalLM
-    (r"model\.embed_tokens\.weight", "embed.weight"),
-    (rf"model\.layers\.{L}\.input_layernorm\.weight", r"layers.\1.attn_norm.weight"),
-    (rf"model\.layers\.{L}\.self_attn\.q_proj\.(weight|bias)", Target(r"layers.\1.attn.qkv.\2", piece=0)),
-    (rf"model\.layers\.{L}\.self_attn\.k_proj\.(weight|bias)", Target(r"layers.\1.attn.qkv.\2", piece=1)),
-    (rf"model\.layers\.{L}\.self_attn\.v_proj\.(weight|bias)", Target(r"layers.\1.attn.qkv.\2", piece=2)),
-    (rf"model\.layers\.{L}\.self_attn\.o_proj\.(weight|bias)", r"layers.\1.attn.out.\2"),
-    (rf"model\.layers\.{L}\.self_attn\.rotary_emb\.inv_freq", None),  # old Llama checkpoints; recomputed
-    (rf"model\.layers\.{L}\.post_self_attn_layernorm\.weight", r"layers.\1.attn_post_norm.weight"),
-    (rf"model\.layers\.{L}\.post_attention_layernorm\.weight", r"layers.\1.mlp_norm.weight"),
-    (rf"model\.layers\.{L}\.post_mlp_layernorm\.weight", r"layers.\1.mlp_post_norm.weight"),
-    (rf"model\.layers\.{L}\.mlp\.gate_up_proj\.(weight|bias)", r"layers.\1.mlp.in_proj.\2"),
-    (rf"model\.layers\.{L}\.mlp\.gate_proj\.(weight|bias)", Target(r"layers.\1.mlp.in_proj.\2", piece=0)),
-    (rf"model\.layers\.{L}\.mlp\.up_proj\.(weight|bias)", Target(r"layers.\1.mlp.in_proj.\2", piece=1)),
-    (rf"model\.layers\.{L}\.mlp\.down_proj\.(weight|bias)", r"layers.\1.mlp.out_proj.\2"),
-    (r"model\.norm\.weight", "norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
-]
+SPLITS: dict[str, Callable[[ModelConfig, int], list[int]]] = {
+    "qkv": lambda c, rows: [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim],
+    "halves": lambda c, rows: [rows // 2, rows // 2],
+}
 
 
-GLMKIT: list[Rule] = [  # glmkit's own parameter names (config.json {"glmkit_config": ...})
-    (r"(embed\.weight|norm\.(?:weight|bias)|lm_head\.weight|layers\.\d+\.[a-z_.]+\.(?:weight|bias))", r"\1"),
-]
+def qkv(ours: str, q: str, k: str, v: str, params=WB) -> Module:
+    return Module(ours, (q, k, v), params, split="qkv", linear=True)
 
 
-def map_tensors(rules: list[Rule], named: Iterable[tuple[str, str, Callable[[], torch.Tensor]]],
-                config: ModelConfig) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def gate_up(ours: str, gate: str, up: str, export: bool = True) -> Module:
+    return Module(ours, (gate, up), WB, split="halves", linear=True, export=export)
+
+
+@dataclass(frozen=True)
+class Table:
+    modules: tuple[Module, ...]
+    drops: tuple[str, ...] = ()  # source-name regexes dropped on purpose (recomputed buffers)
+    config_drops: Callable[[ModelConfig], list[str]] | None = None  # e.g. MTP layers past num_layers
+    by_name: dict = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        index = {}
+        for m in self.modules:
+            for p, theirs in enumerate(m.pieces):
+                piece = p if len(m.pieces) > 1 else None
+                for param in m.params:
+                    index.setdefault(f"{theirs}.{param}", Target(f"{m.ours}.{param}", piece, m.transform, m.split,
+                                                                 len(m.pieces)))
+        object.__setattr__(self, "by_name", index)
+
+    def target(self, name: str, config: ModelConfig | None = None) -> Target | None | object:
+        """Our Target for a source tensor name, None when dropped on purpose, NO_MATCH when unknown."""
+        template, i = _template(name)
+        target = self.by_name.get(template)
+        if target is not None:
+            return Target(target.name.replace("{i}", i or ""), target.piece, target.transform, target.split,
+                          target.count)
+        drops = list(self.drops) + (self.config_drops(config) if self.config_drops and config else [])
+        return None if any(re.fullmatch(d, name) for d in drops) else NO_MATCH
+
+    def exported(self, ours: str) -> Module | None:
+        """The Module that writes our module path `ours` (layer index as {i})."""
+        return next((m for m in self.modules if m.ours == ours and m.export), None)
+
+    def linear_names(self, config: ModelConfig) -> dict[str, Target]:
+        """Every source module name (PEFT's names for adapters) of a linear layer -> our Target (weight)."""
+        out = {}
+        for i in range(config.num_layers):
+            for m in self.modules:
+                for p, theirs in enumerate(m.pieces if m.linear else ()):
+                    t = Target(m.ours.replace("{i}", str(i)) + ".weight", p if len(m.pieces) > 1 else None,
+                               m.transform, m.split, len(m.pieces))
+                    out.setdefault(theirs.replace("{i}", str(i)), t)
+        return out
+
+
+NO_MATCH = object()
+
+
+def _template(name: str) -> tuple[str, str | None]:
+    """'model.layers.3.mlp.down_proj.weight' -> ('model.layers.{i}.mlp.down_proj.weight', '3')."""
+    m = re.search(r"(?<=\.)\d+(?=\.)", name)
+    return (name, None) if m is None else (name[: m.start()] + "{i}" + name[m.end():], m.group())
+
+
+def piece_rows(target: Target, config: ModelConfig, rows: int) -> tuple[int, int]:
+    """The rows [lo, hi) of our parameter that a piece of it fills."""
+    if target.piece is None:
+        return 0, rows
+    sizes = SPLITS[target.split](config, rows)
+    return sum(sizes[: target.piece]), sum(sizes[: target.piece + 1])
+
+
+def export_tensors(table: Table, state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict -> the layout's tensor names (pieces split, row-order fixes undone)."""
+    out = {}
+    for name, t in state.items():
+        path, _, param = name.rpartition(".")
+        template, i = _template(path + ".")
+        module = table.exported(template[:-1])
+        if module is None:
+            raise CheckpointError(f"the layout has no name for {name!r}; write the checkpoint in glmkit's own layout.")
+        if module.transform:
+            t = INVERSE_TRANSFORMS[module.transform](t, config)
+        parts = t.split(SPLITS[module.split](config, t.shape[0])) if len(module.pieces) > 1 else [t]
+        for theirs, part in zip(module.pieces, parts):
+            out[f"{theirs.replace('{i}', i or '')}.{param}"] = part
+    return out
+
+
+def map_tensors(table: Table, named: Iterable[tuple[str, str, Callable[[], torch.Tensor]]],
+                config: ModelConfig | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Apply a table to (source name, file, loader) triples.
 
     Returns our tensors and, for error messages, where each came from ("file: source name").
     With tied embeddings an `lm_head.weight` in the file is dropped: the embedding serves as the head."""
-    compiled = [(re.compile(pattern), target) for pattern, target in rules]
     tensors: dict[str, torch.Tensor] = {}
     sources: dict[str, str] = {}
     pieces: dict[str, dict[int, torch.Tensor]] = {}
+    counts: dict[str, int] = {}
     for name, file, load in named:
-        target = _match(compiled, name)
-        if target is _NO_MATCH:
+        target = table.target(name, config)
+        if target is NO_MATCH:
             raise CheckpointError(f"unexpected tensor {name!r} in {file}: glmkit has no place for it in this "
                                   "architecture. The checkpoint may belong to a different model or be damaged.")
-        if target is None:
+        if target is None or (target.name == "lm_head.weight" and config is not None and config.tie_embeddings):
             continue
         ours = target.name
-        if ours == "lm_head.weight" and config.tie_embeddings:
-            continue
         if ours in sources and target.piece is None:
             raise CheckpointError(f"tensor {name!r} in {file} fills {ours!r}, which {sources[ours]} already filled.")
         sources.setdefault(ours, f"{file}: {name}")
@@ -127,31 +180,19 @@ def map_tensors(rules: list[Rule], named: Iterable[tuple[str, str, Callable[[], 
             tensors[ours] = tensor
         else:
             pieces.setdefault(ours, {})[target.piece] = tensor
+            counts[ours] = target.count
     for ours, parts in pieces.items():
-        if sorted(parts) != list(range(len(parts))) or len(parts) < (3 if ".attn.qkv." in ours else 2):
+        if sorted(parts) != list(range(counts[ours])):
             raise CheckpointError(f"{sources[ours]}: the checkpoint has only some pieces of {ours!r} "
                                   f"(found {sorted(parts)}); the file set is incomplete.")
-        ordered = [parts[i] for i in sorted(parts)]
-        # float tensors concatenate; packed weights (GGUF blocks) bring their own cat, and a mix of kinds
-        # (e.g. Q4_K q and k with a Q6_K v) concatenates as float
-        if len({"float" if isinstance(p, torch.Tensor) else p.layout for p in ordered}) > 1:
-            dtype = next((p.dtype for p in ordered if isinstance(p, torch.Tensor)), torch.float32)
-            ordered = [p if isinstance(p, torch.Tensor) else p.to_float(dtype) for p in ordered]
-        tensors[ours] = torch.cat(ordered, dim=0) if isinstance(ordered[0], torch.Tensor) else type(ordered[0]).cat(ordered)
+        tensors[ours] = _join([parts[i] for i in sorted(parts)])
     return tensors, sources
 
 
-_NO_MATCH = object()
-
-
-def _match(compiled, name: str):
-    for pattern, target in compiled:
-        m = pattern.fullmatch(name)
-        if m is None:
-            continue
-        if target is None:
-            return None
-        if isinstance(target, str):
-            return Target(m.expand(target))
-        return Target(m.expand(target.name), target.piece, target.transform)
-    return _NO_MATCH
+def _join(ordered: list) -> torch.Tensor:
+    """Pieces of one parameter, stacked: float tensors concatenate; packed weights (GGUF blocks) bring their own
+    cat, and a mix of kinds (e.g. Q4_K q and k with a Q6_K v) concatenates as float."""
+    if len({"float" if isinstance(p, torch.Tensor) else p.layout for p in ordered}) > 1:
+        dtype = next((p.dtype for p in ordered if isinstance(p, torch.Tensor)), torch.float32)
+        ordered = [p if isinstance(p, torch.Tensor) else p.to_float(dtype) for p in ordered]
+    return torch.cat(ordered, dim=0) if isinstance(ordered[0], torch.Tensor) else type(ordered[0]).cat(ordered)

@@ -29,6 +29,8 @@ PREFILL_ROWS_CUDA = 64
 
 
 class Int8Linear(nn.Module):
+    bits = 8  # weight-only bits: what the compiler's options and the engine ask of a layer
+
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = q.shape
@@ -78,6 +80,8 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """`packed` holds the 4-bit values in the layout of its device's kernel (`layout`: "cpu", "cuda" or
     "bytes", see int4_packing); moving the module to another kind of device repacks them."""
+
+    bits = 4
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None):

@@ -1,4 +1,4 @@
-"""The engine thread: one thread owns the (single-threaded) Engine and drives its steps; HTTP handlers
+"""The engine thread: one thread owns the (single-threaded) engine Scheduler and drives its steps; HTTP handlers
 talk to it through a command queue and get chunks back on their own asyncio queues.
 
 Admission is bounded: at most max_batch sequences run and max_queue wait; beyond that `submit`
@@ -14,9 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
-
-from glmkit.engine.batch import Engine
+from glmkit.engine.scheduler import Scheduler
 from glmkit.engine.sampling import SamplingParams
 from glmkit.engine.sequence import Sequence
 
@@ -35,7 +33,7 @@ class Handle:
 
 
 class EngineWorker:
-    def __init__(self, engine: Engine, max_queue: int = 64):
+    def __init__(self, engine: Scheduler, max_queue: int = 64):
         self.engine, self.max_queue = engine, max_queue
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.handles: dict[int, Handle] = {}  # id(seq) -> handle
@@ -63,7 +61,8 @@ class EngineWorker:
             self.commands.put(("cancel", handle))
 
     def call(self, fn: Callable[[], Any]) -> "asyncio.Future":
-        """Run fn on the engine thread (e.g. a reference forward pass) and await its result."""
+        """Run fn on the engine thread (e.g. a reference forward pass, which sets its own inference mode) and
+        await its result."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.commands.put(("call", fn, future, loop))
@@ -110,8 +109,7 @@ class EngineWorker:
         elif kind == "call":
             _, fn, future, loop = cmd
             try:
-                with torch.inference_mode():
-                    result = fn()
+                result = fn()
                 loop.call_soon_threadsafe(lambda: future.done() or future.set_result(result))
             except Exception as e:  # noqa: BLE001 - handed to the awaiting handler
                 loop.call_soon_threadsafe(lambda e=e: future.done() or future.set_exception(e))

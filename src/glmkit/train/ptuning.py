@@ -4,7 +4,7 @@ layer's attention, the base model frozen.
 The prefix is one embedding table of P rows, each row (layers, 2, kv heads, head dim) as in ChatGLM's
 PrefixEncoder (no projection); it is saved under the official tensor name
 `transformer.prefix_encoder.embedding.weight` in OUTPUT/final/prefix_encoder.safetensors with
-ptuning_config.json, and `glmkit.load(base, ptuning=DIR)` hands it to the engine as its prefix cache.
+ptuning_config.json, and `glmkit.load(base, ptuning=DIR)` hands it to the engine as its prefix cache (glmkit.adapters reads it).
 Prefix keys carry no rotary embedding, as in the official code. No training loop here.
 """
 
@@ -14,13 +14,13 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from glmkit.adapters import PREFIX_TENSOR as TENSOR, load_prefix, prefix_kv
 from glmkit.config import ModelConfig
-from glmkit.errors import CheckpointError
 
-TENSOR = "transformer.prefix_encoder.embedding.weight"
+__all__ = ["PrefixEncoder", "forward_with_prefix", "load_prefix"]
 
 
 class PrefixEncoder(nn.Module):
@@ -33,33 +33,13 @@ class PrefixEncoder(nn.Module):
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """-> keys, values, each (L, K, P, D)."""
-        c = self.config
-        rows = self.embedding.weight.view(self.length, c.num_layers, 2, c.num_kv_heads, c.head_dim)  # (P, L, 2, K, D)
-        kv = rows.permute(1, 2, 3, 0, 4)  # (L, 2, K, P, D)
-        return kv[:, 0], kv[:, 1]
+        return prefix_kv(self.embedding.weight, self.config)
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file({TENSOR: self.embedding.weight.detach().float().contiguous()}, directory / "prefix_encoder.safetensors")
         (directory / "ptuning_config.json").write_text(json.dumps({"pre_seq_len": self.length}, indent=2))
-
-
-def load_prefix(directory: str | Path, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """A saved prefix -> (keys, values), each (L, K, P, D), for Engine(prefix_kv=...)."""
-    directory = Path(directory)
-    path = directory / "prefix_encoder.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"{directory} holds no prefix_encoder.safetensors; pass the directory that "
-                              "`glmkit train --ptuning N` wrote (OUTPUT/final).")
-    weight = load_file(path).get(TENSOR)
-    width = config.num_layers * 2 * config.num_kv_heads * config.head_dim
-    if weight is None or weight.dim() != 2 or weight.shape[1] != width:
-        raise CheckpointError(f"{path} does not fit this model: it needs {TENSOR!r} of shape (P, {width}).")
-    encoder = PrefixEncoder(config, weight.shape[0])
-    encoder.embedding.weight.data = weight.float()
-    k, v = encoder()
-    return k.detach().contiguous(), v.detach().contiguous()
 
 
 class _PrefixKeys:

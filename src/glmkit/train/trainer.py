@@ -124,8 +124,10 @@ def init_weights(model: Transformer, seed: int) -> None:
 
 
 def _base(cfg: TrainConfig, device: torch.device):
-    """(model, tokenizer, chat format, config.json dict for the final checkpoint, tokenizer dir)."""
-    from glmkit.chat_format import choose
+    """(model, tokenizer, chat format, config.json dict for the final checkpoint, tokenizer dir, the layout whose
+    names adapters use)."""
+    from glmkit.chat import pick
+    from glmkit.loaders import hf
     from glmkit.tokenizer import load_tokenizer
 
     if (cfg.model is None) == (cfg.init is None):
@@ -139,17 +141,20 @@ def _base(cfg: TrainConfig, device: torch.device):
         tokenizer = load_tokenizer(cfg.tokenizer)
         if tokenizer is None:
             raise GlmkitError(f"{cfg.tokenizer} holds no tokenizer files.")
-        fmt = choose(cfg.tokenizer, tokenizer, config.eos_token_ids, cfg.chat_format)
+        tok_config = hf.tokenizer_config(Path(cfg.tokenizer))
+        fmt = pick(tokenizer, hf.template_source(Path(cfg.tokenizer), tok_config), tok_config, config.eos_token_ids,
+                   cfg.chat_format)
         with torch.device(device):
             model = Transformer(config)
         init_weights(model, cfg.seed)
-        return model, tokenizer, fmt, raw, cfg.tokenizer
+        return model, tokenizer, fmt, raw, cfg.tokenizer, "transformers"
     import glmkit
 
     llm = glmkit.load(cfg.model, device=device.type, dtype="float32", chat_format=cfg.chat_format)
     raw_path = Path(llm.source) / "config.json"
     raw = json.loads(raw_path.read_text(encoding="utf-8")) if raw_path.is_file() else None
-    return llm.model, llm.tokenizer, llm.chat_format, raw, llm.source if raw is not None else None
+    return (llm.model, llm.tokenizer, llm.chat_format, raw, llm.source if raw is not None else None,
+            llm.layout.adapter_names)
 
 
 def build_dataset(cfg: TrainConfig, tokenizer, fmt, config: ModelConfig) -> Dataset:
@@ -218,14 +223,14 @@ def train(cfg: TrainConfig) -> dict:
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model, tokenizer, fmt, raw, tok_dir = _base(cfg, device)
+    model, tokenizer, fmt, raw, tok_dir, layout = _base(cfg, device)
     config: ModelConfig = model.config
     if tokenizer is None:
         raise GlmkitError(f"{cfg.model} has no tokenizer; training needs one to read the data.")
     dataset = build_dataset(cfg, tokenizer, fmt, config)
     if len(dataset) == 0:
         raise GlmkitError("the training data gave no samples (conversations need an assistant reply).")
-    model, trainable, prefix, layout = _trainable(cfg, model)
+    model, trainable, prefix = _trainable(cfg, model, layout)
     model.train()
     model.gradient_checkpointing = cfg.gradient_checkpointing
     wrapped = _wrap(model, cfg, world)
@@ -233,11 +238,7 @@ def train(cfg: TrainConfig) -> dict:
     manual_sync = world > 1 and prefix is not None  # nothing wraps the prefix: average its gradients here
     if sharded:  # fully_shard turned the parameters into sharded DTensors
         trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(cfg))
+    optimizer, scheduler = _optimizer(cfg, trainable)
     out = Path(cfg.output)
     step = _resume(out, model, prefix, optimizer, scheduler, cfg, sharded)
     pad = config.pad_token_id if config.pad_token_id is not None else 0
@@ -303,26 +304,35 @@ def _sample(dataset: Dataset, position: int):
     return dataset.sample(dataset.order(epoch)[i], epoch)
 
 
-def _trainable(cfg: TrainConfig, model: Transformer):
-    """Freeze what is not trained; add LoRA layers or a prefix encoder. -> (model, params, prefix, layout)."""
-    from glmkit.train.lora import LoRASettings, add_lora, checkpoint_layout
+def _optimizer(cfg: TrainConfig, trainable: list):
+    """AdamW (no weight decay on vectors) and the learning-rate schedule."""
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(cfg))
+
+
+def _trainable(cfg: TrainConfig, model: Transformer, layout: str):
+    """Freeze what is not trained; add LoRA layers (named as in `layout`) or a prefix encoder.
+    -> (model, params, prefix)."""
+    from glmkit.adapters import LoRASettings, add_lora
     from glmkit.train.ptuning import PrefixEncoder
 
     if cfg.lora_r and cfg.ptuning:
         raise GlmkitError("choose LoRA (--lora-r) or P-tuning (--ptuning), not both.")
-    layout = checkpoint_layout(cfg.model or "", model.config) if cfg.model else "transformers"
     if cfg.lora_r:
         model.requires_grad_(False)
         settings = LoRASettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
         add_lora(model, layout, settings)
         model.lora_settings = settings
-        return model, [p for n, p in model.named_parameters() if ".lora_" in n], None, layout
+        return model, [p for n, p in model.named_parameters() if ".lora_" in n], None
     if cfg.ptuning:
         model.requires_grad_(False)
         prefix = PrefixEncoder(model.config, cfg.ptuning).to(next(model.parameters()).device)
-        return model, list(prefix.parameters()), prefix, layout
+        return model, list(prefix.parameters()), prefix
     model.requires_grad_(True)
-    return model, list(model.parameters()), None, layout
+    return model, list(model.parameters()), None
 
 
 def _wrap(model: nn.Module, cfg: TrainConfig, world: int) -> nn.Module:
@@ -403,7 +413,11 @@ def _resume(out: Path, model, prefix, optimizer, scheduler, cfg: TrainConfig, sh
     path = latest_checkpoint(out)
     if path is None:
         return 0
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)  # our own file
+    try:  # plain tensors and Python values only: a crafted run directory cannot run code here
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors of every kind
+        raise GlmkitError(f"{path / 'state.pt'} cannot be resumed from ({type(e).__name__}); it is damaged or holds "
+                          "more than tensors and plain values. Remove it or choose a new --output.") from None
     if sharded:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)

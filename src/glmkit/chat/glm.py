@@ -3,71 +3,17 @@
 The loss mask is True on tokens the assistant produces (its replies and the token that ends each
 reply), so the same function serves chat, the server and fine-tuning. Each format also knows its
 stop ids and how to read tool calls out of a reply. User text is always encoded as plain text: it
-can never become a role or stop token. Checkpoints with a Jinja template use `chat_template.py`.
-No torch, no model.
+can never become a role or stop token. Checkpoints with a Jinja template use jinja.py. No torch, no model.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any
 
+from glmkit.chat.base import ChatFormat, Ids, normalize
+from glmkit.chat.tools import arguments_of, format_chatglm3_call, parse_chatglm3, parse_glm4
 from glmkit.errors import GlmkitError
 from glmkit.tokenizer import Tokenizer
-from glmkit.tool_calls import arguments_of, format_chatglm3_call, parse_chatglm3, parse_glm4
-
-ROLES = ("system", "user", "assistant", "tool")
-
-
-def normalize(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Check OpenAI-style messages and flatten list-of-parts content into text."""
-    if not isinstance(messages, list) or not messages:
-        raise GlmkitError("messages must be a non-empty list of {'role': ..., 'content': ...} objects.")
-    out = []
-    for n, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            role = m.get("role") if isinstance(m, dict) else None
-            raise GlmkitError(f"message {n} has role {role!r}; each message needs a role out of {', '.join(ROLES)}.")
-        content = m.get("content")
-        if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        if content is not None and not isinstance(content, str):
-            raise GlmkitError(f"message {n} content must be text, got {type(content).__name__}.")
-        out.append({**m, "content": content or ""})
-    return out
-
-
-class _Ids:
-    """Token ids with a parallel loss mask."""
-
-    def __init__(self):
-        self.ids: list[int] = []
-        self.mask: list[bool] = []
-
-    def add(self, ids: list[int], train: bool = False) -> None:
-        self.ids += ids
-        self.mask += [train] * len(ids)
-
-
-class ChatFormat:
-    name = "base"
-    stop_ids: frozenset[int] = frozenset()
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tok = tokenizer
-
-    def render(self, messages, tools=None, add_generation_prompt: bool = True) -> tuple[list[int], list[bool]]:
-        raise NotImplementedError
-
-    def parse_reply(self, text: str, tools: list[dict] | None = None) -> dict[str, Any]:
-        """The generated text as an OpenAI assistant message (content, or tool_calls)."""
-        return {"role": "assistant", "content": text.strip()}
-
-    def wrap_plain(self, ids: list[int]) -> list[int]:
-        """Token ids of plain text -> a prompt as this generation's tokenizer builds one (no chat format)."""
-        return ids
-
 
 class _RoundsFormat(ChatFormat):
     """ChatGLM-6B and ChatGLM2-6B: a text prompt of '[Round N]' blocks of 问 / 答."""
@@ -112,6 +58,7 @@ class ChatGLM1Format(_RoundsFormat):
     """ChatGLM-6B: prompt text, then [gMASK] <sop>; replies end with <eop>. A first turn is the bare query."""
 
     name = "chatglm1"
+    needs = ("[gMASK]", "<sop>", "<eop>")
 
     def __init__(self, tokenizer: Tokenizer):
         super().__init__(tokenizer)
@@ -121,7 +68,7 @@ class ChatGLM1Format(_RoundsFormat):
         if tools:
             raise GlmkitError("the chatglm1 chat format has no tool calls; use a ChatGLM3 or GLM-4 model for tools.")
         pairs, query, answer = self._rounds(normalize(messages))
-        out = _Ids()
+        out = Ids()
         out.add(self.tok.encode(self._prompt(pairs, query) if pairs else query))
         out.add([self.tok.token_id("[gMASK]"), self.tok.token_id("<sop>")])
         if answer is not None:
@@ -136,6 +83,7 @@ class ChatGLM2Format(_RoundsFormat):
     """ChatGLM2-6B: [gMASK] sop, then rounds from 1 separated by blank lines; replies end with </s>."""
 
     name = "chatglm2"
+    needs = ("[gMASK]", "sop")
     first_round = 1
     sep = "\n\n"
 
@@ -148,7 +96,7 @@ class ChatGLM2Format(_RoundsFormat):
         if tools:
             raise GlmkitError("the chatglm2 chat format has no tool calls; use a ChatGLM3 or GLM-4 model for tools.")
         pairs, query, answer = self._rounds(normalize(messages))
-        out = _Ids()
+        out = Ids()
         out.add([self.tok.token_id("[gMASK]"), self.tok.token_id("sop")])
         out.add(self.tok.encode(self._prompt(pairs, query)))
         if answer is not None:
@@ -178,7 +126,7 @@ class _RoleTokenFormat(ChatFormat):
         messages = normalize(messages)
         if tools:  # as the official servers do: the tools go first, in a system message of their own
             messages = [{"role": "system", "content": self._tools_system(tools)}] + messages
-        out = _Ids()
+        out = Ids()
         out.add([self.tok.token_id("[gMASK]"), self.tok.token_id(self.sop)])
         reply_open = False  # the previous message was the assistant's: the next role token ends its reply
         for m in messages:
@@ -204,6 +152,7 @@ class ChatGLM3Format(_RoleTokenFormat):
     """ChatGLM3-6B: tools as indented JSON after the system text; calls as a ```python tool_call(...)``` block."""
 
     name = "chatglm3"
+    needs = ("[gMASK]", "sop", "<|user|>", "<|assistant|>", "<|observation|>")
     TOOLS_TEXT = "Answer the following questions as best as you can. You have access to the following tools:"
 
     def __init__(self, tokenizer: Tokenizer):
@@ -231,6 +180,7 @@ class GLM4Format(_RoleTokenFormat):
     """GLM-4-9B: [gMASK]<sop> once; tools in a system message; calls as 'name\\n{json}'; results as <|observation|>."""
 
     name = "glm4"
+    needs = ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|observation|>", "<|endoftext|>")
     sop = "<sop>"
 
     def __init__(self, tokenizer: Tokenizer):
@@ -256,71 +206,3 @@ class GLM4Format(_RoleTokenFormat):
 
 
 FORMATS = {f.name: f for f in (ChatGLM1Format, ChatGLM2Format, ChatGLM3Format, GLM4Format)}
-
-
-def template_source(directory: Path, tok_config: dict) -> str | None:
-    """The checkpoint's Jinja chat template: chat_template.jinja, chat_template.json or tokenizer_config.json."""
-    if (directory / "chat_template.jinja").is_file():
-        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
-    source = tok_config.get("chat_template")
-    if (directory / "chat_template.json").is_file():
-        source = json.loads((directory / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
-    if isinstance(source, list):  # named templates: take the default one
-        source = next((t.get("template") for t in source if t.get("name") == "default"), None)
-    return source if isinstance(source, str) and source.strip() else None
-
-
-def special_strings(tok_config: dict) -> dict[str, str]:
-    """bos_token, eos_token, ... as plain strings, as transformers hands them to templates."""
-    out = {}
-    for key in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
-        value = tok_config.get(key)
-        value = value.get("content") if isinstance(value, dict) else value
-        if isinstance(value, str):
-            out[key] = value
-    return out
-
-
-def choose(directory: str | Path, tokenizer: Tokenizer, eos_ids: tuple[int, ...] = (),
-           name: str | None = None) -> ChatFormat | None:
-    """The chat format of a checkpoint, from its tokenizer files; `name` forces one (e.g. 'chatglm2').
-
-    ChatGLM2 and ChatGLM3 share one tokenizer: a ChatGLM SentencePiece vocabulary counts as ChatGLM3
-    when tokenizer_config.json has a chat template or mentions its role tokens, else as ChatGLM2."""
-    from glmkit.tokenizer import tokenizer_config
-
-    directory = Path(directory)
-    tok_config = tokenizer_config(directory)
-    return pick(tokenizer, template_source(directory, tok_config), tok_config, eos_ids, name)
-
-
-def pick(tokenizer: Tokenizer, template: str | None, tok_config: dict, eos_ids: tuple[int, ...] = (),
-         name: str | None = None) -> ChatFormat | None:
-    """The chat format for a tokenizer, its Jinja template (if any) and its tokenizer_config-style settings."""
-    from glmkit.chat_template import JinjaFormat
-    from glmkit.tokenizer import ChatGLM1Tokenizer, SentencePieceTokenizer, TiktokenTokenizer
-
-    def jinja() -> JinjaFormat:
-        strings = special_strings(tok_config)
-        stops = set(eos_ids) | ({tokenizer.special[strings["eos_token"]]}
-                                if strings.get("eos_token") in tokenizer.special else set())
-        return JinjaFormat(tokenizer, template, strings, stops)
-
-    if name is not None:
-        if name == "jinja" and template:
-            return jinja()
-        if name not in FORMATS:
-            raise GlmkitError(f"unknown chat format {name!r}; use one of {', '.join(FORMATS)} or 'jinja'.")
-        return FORMATS[name](tokenizer)
-    if isinstance(tokenizer, ChatGLM1Tokenizer):
-        return ChatGLM1Format(tokenizer)
-    if isinstance(tokenizer, SentencePieceTokenizer) and "[gMASK]" in tokenizer.special:
-        v3 = template is not None or "<|user|>" in json.dumps(tok_config, ensure_ascii=False)
-        return ChatGLM3Format(tokenizer) if v3 else ChatGLM2Format(tokenizer)
-    if isinstance(tokenizer, TiktokenTokenizer):
-        return GLM4Format(tokenizer)
-    if template:
-        return jinja()
-    if all(t in tokenizer.special for t in ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|endoftext|>")):
-        return GLM4Format(tokenizer)
-    return None

@@ -16,7 +16,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from glmkit.chat_format import ChatFormat, normalize
+from glmkit.chat.base import ChatFormat, normalize
 from glmkit.errors import GlmkitError
 from glmkit.tokenizer import Tokenizer
 

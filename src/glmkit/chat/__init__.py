@@ -1,0 +1,76 @@
+"""Chat formats: messages -> prompt ids (native GLM renderers and Jinja templates), tool calls, and `ChatTurn`,
+the one reading of a streamed reply used by LLM.chat, the server and the CLI.
+
+`pick` chooses a checkpoint's format from its tokenizer and template (never from its name); reading the
+files is the loaders' job. No torch, no model.
+"""
+
+from __future__ import annotations
+
+import json
+
+from glmkit.chat.base import ChatFormat, normalize
+from glmkit.chat.glm import FORMATS, ChatGLM1Format, ChatGLM2Format, ChatGLM3Format, GLM4Format
+from glmkit.chat.jinja import JinjaFormat
+from glmkit.chat.turn import ChatTurn, fit_conversation
+from glmkit.errors import GlmkitError
+from glmkit.tokenizer import ChatGLM1Tokenizer, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
+
+
+def special_strings(tok_config: dict) -> dict[str, str]:
+    """bos_token, eos_token, ... as plain strings, as transformers hands them to templates."""
+    out = {}
+    for key in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
+        value = tok_config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+def pick(tokenizer: Tokenizer, template: str | None, tok_config: dict, eos_ids: tuple[int, ...] = (),
+         name: str | None = None) -> ChatFormat | None:
+    """The chat format for a tokenizer, its Jinja template (if any) and its tokenizer_config-style settings;
+    `name` forces one ('chatglm1', 'chatglm2', 'chatglm3', 'glm4', 'jinja'), refused clearly when it does not fit.
+
+    ChatGLM2 and ChatGLM3 share one tokenizer: a ChatGLM SentencePiece vocabulary counts as ChatGLM3
+    when tokenizer_config.json has a chat template or mentions its role tokens, else as ChatGLM2."""
+    def jinja() -> JinjaFormat:
+        strings = special_strings(tok_config)
+        stops = set(eos_ids) | ({tokenizer.special[strings["eos_token"]]}
+                                if strings.get("eos_token") in tokenizer.special else set())
+        return JinjaFormat(tokenizer, template, strings, stops)
+
+    if name is not None:
+        return _forced(name, tokenizer, template, jinja)
+    if isinstance(tokenizer, ChatGLM1Tokenizer):
+        return ChatGLM1Format(tokenizer)
+    if isinstance(tokenizer, SentencePieceTokenizer) and "[gMASK]" in tokenizer.special:
+        v3 = template is not None or "<|user|>" in json.dumps(tok_config, ensure_ascii=False)
+        return ChatGLM3Format(tokenizer) if v3 else ChatGLM2Format(tokenizer)
+    if isinstance(tokenizer, TiktokenTokenizer):
+        return GLM4Format(tokenizer)
+    if template:
+        return jinja()
+    if GLM4Format.misfit(tokenizer) is None:
+        return GLM4Format(tokenizer)
+    return None
+
+
+def _forced(name: str, tokenizer: Tokenizer, template: str | None, jinja) -> ChatFormat:
+    if name == "jinja":
+        if not template:
+            raise GlmkitError("chat format 'jinja' was asked for, but this checkpoint has no chat template; "
+                              f"use one of {', '.join(FORMATS)} or leave chat_format unset.")
+        return jinja()
+    if name not in FORMATS:
+        raise GlmkitError(f"unknown chat format {name!r}; use one of {', '.join(FORMATS)} or 'jinja'.")
+    why = FORMATS[name].misfit(tokenizer)
+    if why is not None:
+        raise GlmkitError(f"chat format {name!r} does not fit this checkpoint: {why}. Leave chat_format unset to use "
+                          "the checkpoint's own format.")
+    return FORMATS[name](tokenizer)
+
+
+__all__ = ["FORMATS", "ChatFormat", "ChatGLM1Format", "ChatGLM2Format", "ChatGLM3Format", "ChatTurn", "GLM4Format",
+           "JinjaFormat", "fit_conversation", "normalize", "pick", "special_strings"]

@@ -1,0 +1,85 @@
+"""The base of every chat format: message checks, the (ids, loss mask) builder and the ChatFormat interface.
+
+`normalize` checks OpenAI-style messages and flattens text parts; an image or other non-text part is a clear
+error (glmkit's models read text only), never silently dropped. No torch, no model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from glmkit.errors import GlmkitError
+from glmkit.tokenizer import Tokenizer
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def normalize(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Check OpenAI-style messages and flatten list-of-parts content into text."""
+    if not isinstance(messages, list) or not messages:
+        raise GlmkitError("messages must be a non-empty list of {'role': ..., 'content': ...} objects.")
+    out = []
+    for n, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            role = m.get("role") if isinstance(m, dict) else None
+            raise GlmkitError(f"message {n} has role {role!r}; each message needs a role out of {', '.join(ROLES)}.")
+        content = m.get("content")
+        if isinstance(content, list):
+            content = "".join(_text_part(n, p) for p in content)
+        if content is not None and not isinstance(content, str):
+            raise GlmkitError(f"message {n} content must be text, got {type(content).__name__}.")
+        out.append({**m, "content": content or ""})
+    return out
+
+
+def _text_part(n: int, part: Any) -> str:
+    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+    if kind == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    if kind in ("image_url", "image", "input_image", "video_url", "video", "input_audio", "audio", "file"):
+        raise GlmkitError(f"message {n} has an {kind!r} part, but this model reads text only; send text parts, "
+                          "or use a vision model.")
+    raise GlmkitError(f"message {n} has a content part of type {kind!r}; content parts must be "
+                      "{'type': 'text', 'text': ...}.")
+
+
+class Ids:
+    """Token ids with a parallel loss mask."""
+
+    def __init__(self):
+        self.ids: list[int] = []
+        self.mask: list[bool] = []
+
+    def add(self, ids: list[int], train: bool = False) -> None:
+        self.ids += ids
+        self.mask += [train] * len(ids)
+
+
+class ChatFormat:
+    name = "base"
+    stop_ids: frozenset[int] = frozenset()
+    needs: tuple[str, ...] = ()  # special tokens the format writes: a tokenizer without them cannot serve it
+
+    @classmethod
+    def misfit(cls, tokenizer: Tokenizer) -> str | None:
+        """Why this format cannot run on `tokenizer`, or None when it can."""
+        missing = [t for t in cls.needs if t not in tokenizer.special]
+        if missing:
+            return f"its tokenizer has no {', '.join(missing)} token{'s' if len(missing) > 1 else ''}"
+        if cls.name in ("chatglm2", "chatglm3") and getattr(tokenizer, "eos_id", -1) < 0:
+            return "its tokenizer has no end-of-sequence id"
+        return None
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+
+    def render(self, messages, tools=None, add_generation_prompt: bool = True) -> tuple[list[int], list[bool]]:
+        raise NotImplementedError
+
+    def parse_reply(self, text: str, tools: list[dict] | None = None) -> dict[str, Any]:
+        """The generated text as an OpenAI assistant message (content, or tool_calls)."""
+        return {"role": "assistant", "content": text.strip()}
+
+    def wrap_plain(self, ids: list[int]) -> list[int]:
+        """Token ids of plain text -> a prompt as this generation's tokenizer builds one (no chat format)."""
+        return ids

@@ -1,0 +1,98 @@
+"""The tensor side of the engine: `ModelRunner.step(StepInputs) -> logits`.
+
+It owns the KV cache (grown in rows and length with use, the P-tuning prefix written into every row on
+creation and growth), computes positions through positions.py for prompts and decode steps alike, and
+runs the model, or the compiled one-token step when one is ready and the step has one row. It knows
+nothing of requests, sampling or text: the scheduler says which ids go to which cache row. This is the
+seam a tensor-parallel rank, a vision input or a draft model plugs into.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from glmkit.kv_cache import KVCache
+from glmkit.model import Transformer
+from glmkit.positions import anchor, decode_positions, prompt_positions
+
+CACHE_STEP = 256  # the cache grows in steps of this many positions
+
+
+@dataclass
+class StepInputs:
+    """One step of work. A prefill: one cache row, `tokens` the prompt ids not cached yet, `prompt` the whole
+    prompt (2d positions and the prefix mask depend on all of it), `reserve` the positions to make room for.
+    A decode step: rows 0..n-1, one id each (an idle row's id is 0 and its start points past what it keeps).
+    `starts[r]` is the sequence index of row r's first id (its cached length)."""
+    rows: list[int]
+    tokens: list[list[int]]
+    starts: list[int]
+    prompt: list[int] | None = None
+    reserve: int = 0
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.prompt is not None
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """prefix_kv: P-tuning v2 prefix keys and values, each (L, K, P, D), seen by every token as P extra past
+        positions (real tokens keep their own positions)."""
+        self.model, self.config = model, model.config
+        self.device, self.dtype = model.device, model.dtype
+        self.prefix = prefix_kv
+        self.P = 0 if prefix_kv is None else prefix_kv[0].shape[2]
+        self.cache: KVCache | None = None
+        self.anchors: dict[int, tuple[int, int] | None] = {}  # cache row -> what its decode positions hang on
+        self.compiled = None  # a CompiledDecoder (engine/compiled.py) for one-row decode steps
+
+    @property
+    def max_len(self) -> int:
+        """Sequence positions a row can hold now (beyond the prefix)."""
+        return 0 if self.cache is None else self.cache.max_len - self.P
+
+    def reserve(self, length: int, rows: int) -> None:
+        """Room for `length` positions in rows [0, rows): the cache grows with use, so one conversation holds
+        one row, not max_batch."""
+        length = min(-(-(length + self.P) // CACHE_STEP) * CACHE_STEP, self.config.max_seq_len + self.P)
+        if self.cache is None:
+            self.cache = KVCache(self.config, rows, length, dtype=self.dtype, device=self.device)
+            if self.prefix is not None:
+                self.cache.write_prefix(*self.prefix)
+            return
+        new_rows = self.cache.grow(length, rows)
+        if self.prefix is not None and new_rows:
+            self.cache.rows(new_rows.start, new_rows.stop).write_prefix(*self.prefix)
+
+    @torch.inference_mode()
+    def step(self, inputs: StepInputs) -> torch.Tensor:
+        """-> the logits after each row's last id, (rows, V)."""
+        return self._prefill(inputs) if inputs.is_prefill else self._decode(inputs)
+
+    def _prefill(self, inputs: StepInputs) -> torch.Tensor:
+        row, common = inputs.rows[0], inputs.starts[0]
+        self.reserve(inputs.reserve, row + 1)
+        ids = torch.tensor([inputs.prompt], device=self.device)  # (1, T)
+        positions, prefix_len = prompt_positions(ids, self.config)
+        self.anchors[row] = anchor(positions, prefix_len, self.config)
+        if prefix_len is not None:
+            prefix_len = prefix_len + self.P
+        h = self.model.hidden_states(ids[:, common:], positions[..., common:], self.cache.rows(row, row + 1),
+                                     self.P + common, prefix_len)  # (1, T, C)
+        return self.model.head(h[:, -1:])[:, -1]  # only the last position's logits are needed: (1, V)
+
+    def _decode(self, inputs: StepInputs) -> torch.Tensor:
+        n = len(inputs.rows)
+        tokens = torch.tensor([t[0] for t in inputs.tokens], device=self.device)[:, None]  # (n, 1)
+        anchors = [self.anchors.get(r) for r in inputs.rows]
+        positions = decode_positions(inputs.starts, anchors, self.config, self.device)  # (n, 1) or (n, 2, 1)
+        if n == 1:  # one row: a plain offset (no per-row scatter, no mask)
+            start = self.P + inputs.starts[0]
+            if self.compiled is not None and self.compiled.usable(start):  # the compiled one-token step
+                return self.compiled(tokens, positions, self.cache.rows(0, 1), start)  # (1, V)
+        else:
+            start = torch.tensor(inputs.starts, device=self.device) + self.P  # (n,)
+        return self.model(tokens, positions, self.cache.rows(0, n), start)[:, -1]  # (n, V)

@@ -1,0 +1,198 @@
+"""`assemble(checkpoint, skeleton, device, dtype, quantize)`: the model, filled with strict accounting.
+
+`skeleton(config)` builds the model on the meta device (llm passes Transformer.skeleton: loaders never import
+the model) and every parameter is assigned from the checkpoint: every tensor used
+or dropped on purpose, every parameter filled, shapes checked. This is the one place quantized modules are
+built from disk data: GGUF int4 blocks and other quantized rows, official ChatGLM -int4 / -int8 layers,
+glmkit's quantized checkpoints, and tied int8 heads; `quantize` then converts what is still float.
+Quantized models are built on the CPU and moved (a move repacks int4 for the device's kernel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from typing import Callable
+
+import torch
+from torch import nn
+
+from glmkit.config import ModelConfig
+from glmkit.errors import CheckpointError, GlmkitError
+from glmkit.loaders.checkpoint import Checkpoint
+from glmkit.quant import Int4Linear, Int8Linear, TiedInt8Embedding, quantize_model, replace_module
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise GlmkitError(f"device {device!r} is not supported; use 'cpu' or 'cuda'.")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise GlmkitError("device 'cuda' was asked for but this torch build sees no CUDA GPU; use device='cpu' "
+                          "or install a CUDA build of torch (see the README).")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype not in DTYPES:
+        raise GlmkitError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+Skeleton = Callable[[ModelConfig], nn.Module]
+
+
+def assemble(checkpoint: Checkpoint, skeleton: Skeleton, device: str | None = None,
+             dtype: str | torch.dtype | None = None, quantize: str | None = None) -> nn.Module:
+    """quantize: None, 'int8' or 'int4'. A quantized GGUF stays quantized on the CPU unless a dtype is asked
+    for; quantized models default to bfloat16 activations (what the weight-only kernels run fastest with)."""
+    if quantize not in (None, "int8", "int4"):
+        raise GlmkitError(f"quantize={quantize!r} is not supported; use None, 'int8' or 'int4'.")
+    dev = pick_device(device)
+    if checkpoint.layout.name == "glmkit_quantized":
+        with lean_heap():
+            model = _glmkit_quantized(checkpoint, skeleton(checkpoint.config), pick_dtype(dtype or "bfloat16", dev))
+            return model.to(dev)
+    if quantize is None and dtype is None and dev.type == "cpu" and checkpoint.gguf is not None:
+        quantize = checkpoint.quantization
+    dtype = pick_dtype("bfloat16" if quantize is not None and dtype is None else dtype, dev)
+    with lean_heap():
+        tensors, sources = checkpoint.tensors(keep_int4=quantize == "int4", keep_int8=quantize is not None,
+                                              dtype=dtype)
+        model = fill(skeleton(checkpoint.config), tensors, sources, torch.device("cpu") if quantize else dev, dtype)
+        if quantize is not None:
+            model = quantize_model(model, bits=4 if quantize == "int4" else 8).to(dev)
+    return model
+
+
+def fill(model: nn.Module, tensors: dict, sources: dict[str, str], device: torch.device,
+         dtype: torch.dtype) -> nn.Module:
+    """A meta-device model filled with `assign=True`; every parameter must come from the checkpoint. Empties
+    `tensors` as it goes, so a checkpoint is never held twice."""
+    expected = model.state_dict()
+    for path in _official_quantized(model, tensors, expected, sources):  # ChatGLM -int4 / -int8 layers
+        expected = {k: v for k, v in expected.items() if k.rsplit(".", 1)[0] != path}
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{sources[unexpected[0]]} has no place in this model (it would fill "
+                              f"{unexpected[0]!r}); config.json and the weights disagree.")
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise CheckpointError(f"the checkpoint has no tensor for {missing[0]!r}"
+                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; the download is "
+                              "incomplete or config.json does not match the weights.")
+    for name, param in expected.items():
+        if tuple(tensors[name].shape) != tuple(param.shape):
+            raise CheckpointError(f"{sources[name]} has shape {tuple(tensors[name].shape)} but config.json implies "
+                                  f"{tuple(param.shape)} for {name!r}; config.json and the weights disagree.")
+    packed = [name for name, t in tensors.items() if not isinstance(t, torch.Tensor)]
+    state = {name: tensors.pop(name).to(device=device, dtype=dtype) for name in list(tensors) if name not in packed}
+    for name in packed:  # GGUF int4 / int8 blocks become quantized modules directly, never float
+        _packed_module(model, name.rsplit(".", 1)[0], tensors.pop(name), state, dtype)
+    model.load_state_dict(state, strict=False, assign=True)  # completeness was checked above
+    return model.to(device).requires_grad_(False)  # quantized layers were built on the CPU: moved (and repacked)
+
+
+def _packed_module(model: nn.Module, path: str, blocks, state: dict, dtype: torch.dtype) -> None:
+    from glmkit.loaders.gguf import Int4Blocks
+
+    bias = state.pop(path + ".bias", None)
+    if isinstance(blocks, Int4Blocks):
+        module = Int4Linear(blocks.q, blocks.scales, blocks.zeros, 32, bias)
+    else:  # Int8Rows
+        module = Int8Linear.from_rows(blocks.shape, blocks.rows, bias)
+    if path == "embed":  # a tied table kept 8-bit: the int8 head serves the embedding as well
+        model.lm_head, model.embed = module, TiedInt8Embedding(module, dtype)
+    else:
+        replace_module(model, path, module)
+
+
+def _official_quantized(model: nn.Module, tensors: dict, expected: dict, sources: dict) -> list[str]:
+    """Official ChatGLM -int8 / -int4 layers: an int8 `weight` (int4: two values per byte, first in the high
+    nibble) with a per-row `weight_scale` (row absmax / 127 or / 7) become int8 / int4 modules directly."""
+    done = []
+    for scale_name in [n for n in tensors if n.endswith(".weight_scale")]:
+        path = scale_name[: -len(".weight_scale")]
+        scale, weight = tensors.pop(scale_name).float(), tensors.pop(path + ".weight", None)
+        if weight is None or path + ".weight" not in expected:
+            raise CheckpointError(f"{sources[scale_name]} has no quantized weight to go with it.")
+        N, K = expected[path + ".weight"].shape
+        bias = tensors.pop(path + ".bias", None)
+        if tuple(weight.shape) == (N, K):
+            module = Int8Linear(weight.to(torch.int8), scale, bias)
+        elif tuple(weight.shape) == (N, K // 2):
+            packed = weight.to(torch.int8).view(torch.uint8).to(torch.int16)
+            signed = torch.stack([packed >> 4, packed & 15], dim=-1).view(N, K)  # (N, K), 0..15 two's complement
+            values = torch.where(signed >= 8, signed - 16, signed)  # -8..7
+            module = Int4Linear((values + 8).to(torch.uint8), scale[:, None].expand(N, K // 32).contiguous(),
+                                torch.zeros(N, K // 32), 32, bias)
+        else:
+            raise CheckpointError(f"{sources[path + '.weight']} has shape {tuple(weight.shape)}; a quantized layer of "
+                                  f"{(N, K)} needs {(N, K)} (int8) or {(N, K // 2)} (int4).")
+        replace_module(model, path, module)
+        done.append(path)
+    return done
+
+
+def _glmkit_quantized(checkpoint: Checkpoint, model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A checkpoint written by `glmkit quantize`: float parameters assigned, the recorded quantized modules
+    rebuilt (int4 as portable nibbles plus scales and zeros, int8 with per-channel scales)."""
+    from glmkit.quant.int4_packing import from_bytes
+
+    spec = checkpoint.raw_config["quantization"]
+    tensors, _ = checkpoint.tensors()
+
+    def take(key: str) -> torch.Tensor:
+        # a fresh, aligned copy: the packed kernels read with vector loads that a file's memory map
+        # (8-byte aligned tensors) does not guarantee
+        return tensors.pop(key).clone()
+
+    for name, kind in spec["modules"].items():
+        bias = take(f"{name}.bias") if f"{name}.bias" in tensors else None
+        try:
+            if kind == "int4":
+                module = Int4Linear(from_bytes(take(f"{name}.qweight")), take(f"{name}.scales"),
+                                    take(f"{name}.zeros"), spec["group_size"], bias)
+            else:
+                module = Int8Linear(take(f"{name}.qweight"), take(f"{name}.scales"), bias)
+        except KeyError as e:
+            raise CheckpointError(f"{checkpoint.source} lacks tensor {e.args[0]!r} for quantized layer {name!r}.") from None
+        replace_module(model, name, module)
+    if spec.get("embedding") == "lm_head":
+        model.embed = TiedInt8Embedding(model.lm_head, dtype)
+    state = {k: v.to(dtype) if v.is_floating_point() else v.clone() for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if m.rsplit(".", 1)[0] not in spec["modules"]  # those were built above
+               and not (m == "embed.weight" and spec.get("embedding") == "lm_head")]
+    if unexpected or missing:
+        raise CheckpointError(f"{checkpoint.source} does not match its config.json (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}).")
+    return model.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def lean_heap():
+    """While loading, give every allocation of 64 KiB or more its own mapping (glibc's M_MMAP_THRESHOLD), so
+    the loader's large temporaries go back to the system when freed instead of fragmenting the heap (the
+    default model's peak RSS: ~700 -> ~490 MB). Afterwards both thresholds are fixed where glibc's own adaptive
+    ones end up (32 MiB, and 64 MiB for trimming), since fresh pages for every large activation would slow
+    prefill. Elsewhere than glibc, a no-op."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        libc.malloc_trim(0)
+        libc.mallopt(-3, 32 << 20)
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD, as glibc's adaptive mode would set it (twice the above)

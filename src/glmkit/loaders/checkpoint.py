@@ -1,0 +1,97 @@
+"""`open(source) -> Checkpoint`: everything a source holds, read lazily, nothing built.
+
+A source is a checkpoint directory, a .gguf file, a packaged alias (pulled on first use) or a Hugging Face repo
+id (fetched when online). The Checkpoint says its layout, config, stored quantization, where its tokenizer
+lives (a directory, or the GGUF metadata), its chat template and special-token strings, and reads its
+tensors under our names only when `tensors()` is called. No model is built and no code from disk runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glmkit.config import ModelConfig
+from glmkit.errors import CheckpointError, GlmkitError
+import glmkit.loaders.hf as hf
+from glmkit.loaders.gguf_file import GGUFFile
+from glmkit.loaders.keymap import map_tensors
+from glmkit.loaders.layouts import GGUF_LAYOUTS, Layout, detect, read_config
+
+
+@dataclass
+class Checkpoint:
+    source: str
+    layout: Layout
+    config: ModelConfig
+    quantization: str | None = None  # 'int4' / 'int8' when the weights on disk are stored quantized
+    directory: Path | None = None  # tokenizer files of a directory checkpoint
+    gguf: GGUFFile | None = None  # the parsed header of a GGUF file (tokenizer metadata, tensor descriptors)
+    tokenizer_config: dict[str, Any] = field(default_factory=dict)  # tokenizer_config.json (GGUF: special strings)
+    chat_template: str | None = None
+    raw_config: dict[str, Any] = field(default_factory=dict)
+
+    def named(self, keep_int4: bool = False, keep_int8: bool = False, dtype: torch.dtype = torch.float32):
+        """(source name, file, loader) triples under the checkpoint's own names."""
+        if self.gguf is not None:
+            from glmkit.loaders.gguf import named_tensors
+
+            return named_tensors(self.gguf, self.config, keep_int4, keep_int8, dtype)
+        return hf.named_tensors(self.directory)
+
+    def tensors(self, keep_int4: bool = False, keep_int8: bool = False,
+                dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Our tensors (name -> tensor, or GGUF blocks kept packed) and where each came from, for errors.
+        keep_int4 / keep_int8: GGUF quantized weights stay as the file's blocks (loaders.gguf.Int4Blocks /
+        Int8Rows); dtype: what GGUF's quantized types dequantize to (directories keep their stored dtypes)."""
+        named = self.named(keep_int4, keep_int8, dtype)
+        if self.layout.table is None:  # glmkit's own names
+            tensors, sources = {}, {}
+            for name, file, load in named:
+                tensors[name], sources[name] = load(), f"{file}: {name}"
+            return tensors, sources
+        try:
+            return map_tensors(self.layout.table, named, self.config)
+        except GlmkitError:
+            raise
+        except (RuntimeError, ValueError) as e:  # a layout fix that does not fit the stored shape
+            raise CheckpointError(f"a tensor in {self.source} does not fit its config ({e}).") from None
+
+    def release_metadata(self) -> None:
+        """Drop the GGUF header's key/values (the vocabulary) once the tokenizer is built: peak memory."""
+        if self.gguf is not None:
+            self.gguf.fields = {}
+
+
+def open(source: str | Path | None = None) -> Checkpoint:  # noqa: A001 - the loaders' verb
+    """A checkpoint directory, .gguf file, packaged alias (None: the default model) or Hugging Face repo id."""
+    from glmkit.loaders.hub import resolve
+
+    path = Path(resolve(source)).expanduser()
+    if str(path).lower().endswith(".gguf"):
+        return _open_gguf(path)
+    raw = hf.raw_config(path)
+    layout = detect(raw)
+    config = read_config(layout, raw)
+    quantization = None
+    if layout.name == "glmkit_quantized":
+        quantization = "int4" if raw["quantization"].get("bits") == 4 else "int8"
+    elif raw.get("quantization_bit") in (4, 8):  # official ChatGLM -int4 / -int8
+        quantization = f"int{raw['quantization_bit']}"
+    tok_config = hf.tokenizer_config(path)
+    return Checkpoint(str(path), layout, config, quantization, path, None, tok_config,
+                      hf.template_source(path, tok_config), raw)
+
+
+def _open_gguf(path: Path) -> Checkpoint:
+    from glmkit.loaders.gguf import gguf_config, open_gguf, special_strings, stored_quantization
+
+    reader = open_gguf(path)
+    config = gguf_config(reader, path)
+    layout = GGUF_LAYOUTS[reader.fields["general.architecture"].contents()]
+    template = reader.fields.get("tokenizer.chat_template")
+    return Checkpoint(str(path), layout, config, stored_quantization(reader), None, reader, special_strings(reader),
+                      template.contents() if template is not None else None)

@@ -1,0 +1,130 @@
+"""The source layouts glmkit reads, each with how to detect it, how to read its config and ONE module table.
+
+Directories: THUDM remote code v1 (ChatGLM-6B) and v2 (ChatGLM2/3, GLM-4-9B), transformers' Glm / Glm4 and
+Llama, glmkit's own names, and glmkit's quantized checkpoints. GGUF files: llama, chatglm (ChatGLM3 /
+GLM-4-9B) and glm4 (GLM-4-0414). `adapter_names` says which layout's module names LoRA adapters for
+these weights use (PEFT adapters for GGUF and glmkit files are made on the transformers model).
+No file I/O here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from glmkit.config import ModelConfig, hf_spelling
+from glmkit.errors import CheckpointError
+from glmkit.loaders.keymap import W, WBS, Module, Table, gate_up, qkv
+from glmkit.quant.checkpoint import FORMAT as QUANTIZED_FORMAT
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    table: Table | None  # None: glmkit's own parameter names, read as they are
+    adapter_names: str  # the layout whose module names adapters use
+    format: str  # "hf" (a directory) or "gguf"
+
+
+_V1 = "transformer.layers.{i}"
+THUDM_V1 = Layout("thudm_v1", Table((
+    Module("embed", "transformer.word_embeddings", W),
+    Module("layers.{i}.attn_norm", f"{_V1}.input_layernorm"),
+    Module("layers.{i}.attn.qkv", f"{_V1}.attention.query_key_value", WBS, transform="v1_qkv", linear=True),
+    Module("layers.{i}.attn.out", f"{_V1}.attention.dense", WBS, linear=True),
+    Module("layers.{i}.mlp_norm", f"{_V1}.post_attention_layernorm"),
+    Module("layers.{i}.mlp.in_proj", f"{_V1}.mlp.dense_h_to_4h", WBS, linear=True),
+    Module("layers.{i}.mlp.out_proj", f"{_V1}.mlp.dense_4h_to_h", WBS, linear=True),
+    Module("norm", "transformer.final_layernorm"),
+    Module("lm_head", "lm_head", W),
+), drops=(r"transformer\.layers\.\d+\.attention\.rotary_emb\.inv_freq",)), "thudm_v1", "hf")
+
+_V2 = "transformer.encoder.layers.{i}"
+THUDM_V2 = Layout("thudm_v2", Table((  # ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B
+    Module("embed", "transformer.embedding.word_embeddings", W),
+    Module("layers.{i}.attn_norm", f"{_V2}.input_layernorm"),
+    Module("layers.{i}.attn.qkv", f"{_V2}.self_attention.query_key_value", WBS, linear=True),
+    Module("layers.{i}.attn.out", f"{_V2}.self_attention.dense", WBS, linear=True),
+    Module("layers.{i}.mlp_norm", f"{_V2}.post_attention_layernorm"),
+    Module("layers.{i}.mlp.in_proj", f"{_V2}.mlp.dense_h_to_4h", WBS, linear=True),
+    Module("layers.{i}.mlp.out_proj", f"{_V2}.mlp.dense_4h_to_h", WBS, linear=True),
+    Module("norm", "transformer.encoder.final_layernorm"),
+    Module("lm_head", "transformer.output_layer", W),
+), drops=(r"transformer\.rotary_pos_emb\.inv_freq",)), "thudm_v2", "hf")
+
+_HF = "model.layers.{i}"
+
+
+def _transformers(name: str, fused_gate_up: bool) -> Layout:
+    """GlmForCausalLM / Glm4ForCausalLM write gate_up_proj fused, LlamaForCausalLM gate and up apart; both
+    spellings are read."""
+    return Layout(name, Table((
+        Module("embed", "model.embed_tokens", W),
+        Module("layers.{i}.attn_norm", f"{_HF}.input_layernorm", W),
+        qkv("layers.{i}.attn.qkv", f"{_HF}.self_attn.q_proj", f"{_HF}.self_attn.k_proj", f"{_HF}.self_attn.v_proj"),
+        Module("layers.{i}.attn.out", f"{_HF}.self_attn.o_proj", linear=True),
+        Module("layers.{i}.attn_post_norm", f"{_HF}.post_self_attn_layernorm", W),
+        Module("layers.{i}.mlp_norm", f"{_HF}.post_attention_layernorm", W),
+        Module("layers.{i}.mlp_post_norm", f"{_HF}.post_mlp_layernorm", W),
+        Module("layers.{i}.mlp.in_proj", f"{_HF}.mlp.gate_up_proj", linear=True, export=fused_gate_up),
+        gate_up("layers.{i}.mlp.in_proj", f"{_HF}.mlp.gate_proj", f"{_HF}.mlp.up_proj", export=not fused_gate_up),
+        Module("layers.{i}.mlp.out_proj", f"{_HF}.mlp.down_proj", linear=True),
+        Module("norm", "model.norm", W),
+        Module("lm_head", "lm_head", W),
+    ), drops=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)), "transformers", "hf")
+
+
+TRANSFORMERS_GLM = _transformers("transformers", fused_gate_up=True)
+TRANSFORMERS_LLAMA = _transformers("transformers_llama", fused_gate_up=False)
+GLMKIT = Layout("glmkit", None, "transformers", "hf")
+GLMKIT_QUANTIZED = Layout("glmkit_quantized", None, "transformers", "hf")
+
+_B = "blk.{i}"
+_GGUF_COMMON = (
+    Module("embed", "token_embd", W),
+    Module("layers.{i}.attn_norm", f"{_B}.attn_norm", W),
+    Module("layers.{i}.attn.out", f"{_B}.attn_output", linear=True),
+    Module("layers.{i}.mlp_norm", f"{_B}.ffn_norm", W),
+    Module("layers.{i}.mlp.out_proj", f"{_B}.ffn_down", linear=True),
+    Module("norm", "output_norm", W),
+    Module("lm_head", "output", W),
+)
+_GGUF_QKV = qkv("layers.{i}.attn.qkv", f"{_B}.attn_q", f"{_B}.attn_k", f"{_B}.attn_v")
+GGUF_LLAMA = Layout("gguf_llama", Table(_GGUF_COMMON + (
+    _GGUF_QKV, gate_up("layers.{i}.mlp.in_proj", f"{_B}.ffn_gate", f"{_B}.ffn_up"))), "transformers", "gguf")
+_GGUF_CHATGLM = (  # ChatGLM3 / GLM-4-9B as llama.cpp's converter writes them: the THUDM tensors, renamed
+    Module("layers.{i}.attn.qkv", f"{_B}.attn_qkv", linear=True),
+    Module("layers.{i}.mlp.in_proj", f"{_B}.ffn_up", linear=True),  # [gate; up], as dense_h_to_4h
+)
+GGUF_CHATGLM = Layout("gguf_chatglm", Table(_GGUF_COMMON + _GGUF_CHATGLM), "transformers", "gguf")
+GGUF_GLM4 = Layout("gguf_glm4", Table(_GGUF_COMMON + _GGUF_CHATGLM + (  # GLM-4-0414: q/k/v apart, two more norms
+    _GGUF_QKV, Module("layers.{i}.attn_post_norm", f"{_B}.post_attention_norm", W),
+    Module("layers.{i}.mlp_post_norm", f"{_B}.post_ffw_norm", W))), "transformers", "gguf")
+GGUF_LAYOUTS = {"llama": GGUF_LLAMA, "chatglm": GGUF_CHATGLM, "glm4": GGUF_GLM4}
+LAYOUTS = {layout.name: layout for layout in (THUDM_V1, THUDM_V2, TRANSFORMERS_GLM, TRANSFORMERS_LLAMA, GLMKIT,
+                                              GLMKIT_QUANTIZED, *GGUF_LAYOUTS.values())}
+
+
+def detect(raw: dict[str, Any]) -> Layout:
+    """The layout of a checkpoint directory from its config.json (the one place this is decided)."""
+    if "glmkit_config" in raw:
+        quantized = isinstance(raw.get("quantization"), dict) and raw["quantization"].get("format") == QUANTIZED_FORMAT
+        return GLMKIT_QUANTIZED if quantized else GLMKIT
+    spelling = hf_spelling(raw)
+    if spelling in ("thudm_v1", "thudm_v2"):
+        return LAYOUTS[spelling]
+    if spelling == "transformers":
+        return TRANSFORMERS_LLAMA if raw.get("model_type") == "llama" else TRANSFORMERS_GLM
+    ModelConfig.from_hf_dict(raw)  # raises the unknown- or unsupported-architecture error
+    raise CheckpointError("config.json describes no layout glmkit reads.")
+
+
+def read_config(layout: Layout, raw: dict[str, Any]) -> ModelConfig:
+    """config.json -> ModelConfig in the layout's spelling."""
+    if layout in (GLMKIT, GLMKIT_QUANTIZED):
+        return ModelConfig.from_dict(raw["glmkit_config"])
+    return ModelConfig.from_hf_dict(raw)
+
+
+def adapter_table(layout: Layout) -> Table:
+    return LAYOUTS[layout.adapter_names].table

@@ -1,0 +1,142 @@
+"""The routes of the OpenAI-compatible API and the page, as module-level functions over the app's ServerState:
+/v1/chat/completions, /v1/models, /tokenize, /detokenize, /tokenizer_info, /health, /metrics and `/`
+(/v1/completions lives in completions.py). Model output is only parsed, never executed.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+
+from glmkit.chat import ChatTurn
+from glmkit.errors import GlmkitError
+from glmkit.server.schema import ChatRequest, DetokenizeRequest, TokenizeRequest, error_body
+from glmkit.server.state import ApiError, ServerState, sse, state_of
+
+STATIC = Path(__file__).parent / "static"
+router = APIRouter()
+
+
+@router.get("/health")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get("/")
+async def page():
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@router.get("/metrics")
+async def get_metrics(request: Request):
+    return PlainTextResponse(state_of(request).metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    s = state_of(request)
+    return {"object": "list", "data": [{"id": s.model_name, "object": "model", "created": 0, "owned_by": "glmkit",
+                                        "max_model_len": s.ctx}]}
+
+
+@router.post("/v1/chat/completions")
+async def chat(body: ChatRequest, request: Request):
+    s = state_of(request)
+    s.check_model(body.model)
+    s.metrics.requests.labels("chat").inc()
+    if s.llm.chat_format is None:
+        raise ApiError(400, "this model has no chat format; use /v1/completions.")
+    tools = None if body.tool_choice == "none" else body.tools
+    try:
+        ids = s.llm.apply_chat_template(body.messages, tools)
+    except GlmkitError as e:
+        raise ApiError(400, str(e)) from None
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    params = s.sampling(body, max_tokens if max_tokens is not None else s.ctx - len(ids), len(ids))
+    started = time.time()
+    handle = s.admit(ids, params)
+    turn = ChatTurn(s.llm.chat_format, tools, len(ids))
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(started), "model": s.model_name}
+    if body.stream:
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        return StreamingResponse(_chat_stream(s, handle, turn, base, started, request, include_usage),
+                                 media_type="text/event-stream")
+    async for c in s.chunks(handle, started, request):
+        turn.feed(c.text, len(c.token_ids), c.finish_reason)
+    message, reason, usage = turn.finish()
+    return {**base, "object": "chat.completion", "usage": usage,
+            "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}]}
+
+
+async def _chat_stream(s: ServerState, handle, turn: ChatTurn, base: dict, started: float, request: Request,
+                       include_usage: bool):
+    head = {**base, "object": "chat.completion.chunk"}
+
+    def delta(d: dict, reason: str | None = None) -> str:
+        return sse({**head, "choices": [{"index": 0, "delta": d, "finish_reason": reason}]})
+
+    yield delta({"role": "assistant", "content": ""})
+    try:
+        async for c in s.chunks(handle, started, request):
+            piece = turn.feed(c.text, len(c.token_ids), c.finish_reason)
+            if piece:
+                yield delta({"content": piece})
+    except ApiError as e:
+        yield sse(error_body(e.message, e.kind))
+        yield sse("[DONE]")
+        return
+    message, reason, usage = turn.finish()
+    closing = turn.closing_delta(message)
+    if closing is not None:
+        yield delta(closing)
+    yield delta({}, reason)
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": usage})
+    yield sse("[DONE]")
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request):
+    s = state_of(request)
+    s.check_model(body.model)
+    llm = s.llm
+    try:
+        if body.messages is not None:
+            ids = llm.apply_chat_template(body.messages)
+        elif body.prompt is not None:
+            # a raw tokenizer endpoint, like HF's and vLLM's: special-token text is parsed (lm-evaluation-harness
+            # finds the EOS id this way); chat messages stay protected by their renderers
+            ids = llm.tokenizer.encode(body.prompt, allow_special=True)
+            if body.add_special_tokens and llm.chat_format is not None:
+                ids = llm.chat_format.wrap_plain(ids)
+        else:
+            raise ApiError(400, "give 'prompt' (text) or 'messages'.")
+    except GlmkitError as e:
+        raise ApiError(400, str(e)) from None
+    return {"tokens": ids, "count": len(ids), "max_model_len": s.ctx}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request):
+    s = state_of(request)
+    s.check_model(body.model)
+    if any(t < 0 or t >= s.llm.config.vocab_size for t in body.tokens):
+        raise ApiError(400, f"token ids must lie in 0..{s.llm.config.vocab_size - 1}.")
+    return {"prompt": s.llm.tokenizer.decode(body.tokens)}
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request):
+    s = state_of(request)
+    llm = s.llm
+    tok, eos = llm.tokenizer, sorted(s.worker.engine.stop_ids)
+    name = lambda i: None if i is None else tok.decode([i])  # noqa: E731
+    return {"tokenizer_class": type(tok).__name__, "model_max_length": s.ctx, "vocab_size": tok.vocab_size,
+            "eos_token": name(eos[0]) if eos else None, "eos_token_ids": eos,
+            "bos_token": name(llm.config.bos_token_id), "pad_token": name(llm.config.pad_token_id),
+            "chat_format": llm.chat_format.name if llm.chat_format else None,
+            "chat_template": getattr(llm.chat_format, "template", None)}

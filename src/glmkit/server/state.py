@@ -1,0 +1,112 @@
+"""What every route of the server shares: the LLM, the engine the server owns (built from the LLM's public
+settings), its worker thread, the metrics and the limits, with the helpers routes use to validate sampling
+settings, admit a request and read its chunks. No routes here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+
+from glmkit.engine.sampling import SamplingParams
+from glmkit.engine.sequence import Chunk
+from glmkit.errors import GlmkitError
+from glmkit.server.metrics import Metrics
+from glmkit.server.worker import Busy, EngineWorker, Handle
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", headers=None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.headers = status, message, kind, headers
+
+
+@dataclass
+class ServerState:
+    llm: Any
+    model_name: str
+    worker: EngineWorker
+    request_timeout: float = 600.0
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self):
+        engine = self.worker.engine
+        self.metrics = Metrics(lambda: engine.running, lambda: len(engine.waiting))
+
+    @property
+    def ctx(self) -> int:
+        return self.llm.config.max_seq_len
+
+    def check_model(self, name: str | None) -> None:
+        if name not in (None, "", self.model_name):
+            raise ApiError(404, f"model {name!r} is not served here; this server serves {self.model_name!r}.",
+                           "not_found_error")
+
+    def sampling(self, body, max_tokens: int, prompt_len: int, **extra) -> SamplingParams:
+        """A request's sampling settings, checked against the context."""
+        ctx = self.ctx
+        if prompt_len >= ctx:
+            raise ApiError(400, f"the prompt has {prompt_len} tokens but the model's context is {ctx} tokens; "
+                                "shorten it.")
+        if max_tokens < 0:
+            raise ApiError(400, f"max_tokens must be at least 0, got {max_tokens}.")
+        if prompt_len + max_tokens > ctx:
+            raise ApiError(400, f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                                f"model's context of {ctx} tokens; lower max_tokens.")
+        try:
+            return SamplingParams(
+                max_tokens=max(1, max_tokens), temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                min_p=body.min_p, presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+                stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []), seed=body.seed,
+                ignore_eos=body.ignore_eos, **extra)
+        except GlmkitError as e:
+            raise ApiError(400, str(e)) from None
+
+    def admit(self, prompt: list[int], params: SamplingParams) -> Handle:
+        try:
+            handle = self.worker.submit(prompt, params)
+        except Busy:
+            raise ApiError(503, "the server is at capacity; retry shortly.", "server_busy",
+                           headers={"Retry-After": "1"}) from None
+        self.metrics.prompt_tokens.inc(len(prompt))
+        return handle
+
+    async def chunks(self, handle: Handle, started: float, request: Request | None = None) -> AsyncIterator[Chunk]:
+        """A sequence's chunks; cancels it if the consumer stops early or the client goes away."""
+        first, last, deadline = True, started, started + self.request_timeout
+        try:
+            while True:
+                if request is not None and await request.is_disconnected():
+                    return  # the client left: the finally below frees its slot now
+                try:
+                    item = await asyncio.wait_for(handle.chunks.get(), timeout=max(0.01, deadline - time.time()))
+                except asyncio.TimeoutError:
+                    raise ApiError(504, f"the request took longer than {self.request_timeout:.0f} s.") from None
+                if isinstance(item, Exception):
+                    raise ApiError(400 if isinstance(item, GlmkitError) else 500, str(item))
+                now = time.time()
+                if item.token_ids:
+                    (self.metrics.ttft if first else self.metrics.tpot).observe(now - (started if first else last))
+                    self.metrics.generation_tokens.inc(len(item.token_ids))
+                    first, last = False, now
+                if handle.seq is not None and handle.seq.error:
+                    raise ApiError(500, handle.seq.error)
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            self.worker.cancel(handle)
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.glmkit
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
