@@ -95,3 +95,46 @@ def test_dict_round_trip():
     assert ModelConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ConfigError, match="unknown ModelConfig field"):
         ModelConfig.from_dict({**c.to_dict(), "colour": "red"})
+
+
+@pytest.mark.parametrize("key,value,what", [
+    ("vision_config", {"depth": 24, "hidden_size": 1536}, "a vision tower"),
+    ("n_routed_experts", 128, "Mixture-of-Experts"),
+    ("num_experts_per_tok", 8, "Mixture-of-Experts"),
+    ("kv_lora_rank", 512, "latent attention"),
+    ("index_topk", 2048, "a sparse-attention indexer"),
+    ("sliding_window", 4096, "sliding-window"),
+])
+def test_unsupported_architecture_features_are_refused_by_name(key, value, what):
+    """A GLM-4-shaped config carrying a key of a feature glmkit does not run yet is refused naming the key,
+    never read as a plainer model."""
+    from glmkit.errors import UnsupportedArchitectureError
+
+    with pytest.raises(UnsupportedArchitectureError, match=rf"unsupported architecture feature '{key}' \({what}"):
+        ModelConfig.from_hf_dict({**GLM_4_9B_CHAT, key: value})
+    transformers_glm4 = {"model_type": "glm4", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
+                         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, key: value}
+    with pytest.raises(UnsupportedArchitectureError, match=f"'{key}'"):
+        ModelConfig.from_hf_dict(transformers_glm4)
+    ModelConfig.from_hf_dict({**transformers_glm4, key: None})  # switched off: nothing to refuse
+
+
+def test_switched_off_sliding_window_is_accepted():
+    c = ModelConfig.from_hf_dict({"model_type": "llama", "vocab_size": 100, "hidden_size": 32,
+                                  "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                  "sliding_window": 4096, "use_sliding_window": False})
+    assert c.num_layers == 2
+
+
+def test_sub_configs_round_trip_and_the_model_refuses_them():
+    from glmkit.config import MoEConfig
+    from glmkit.errors import UnsupportedArchitectureError
+    from glmkit.model import Transformer
+
+    base = ModelConfig.from_hf_dict(GLM_4_9B_CHAT).to_dict()
+    assert "moe" not in base  # absent sub-configs stay out of glmkit's spelling
+    moe = ModelConfig.from_dict({**base, "num_layers": 1, "moe": {"num_experts": 8, "experts_per_token": 2,
+                                                                  "expert_size": 64}})
+    assert isinstance(moe.moe, MoEConfig) and ModelConfig.from_dict(moe.to_dict()) == moe
+    with pytest.raises(UnsupportedArchitectureError, match="'moe'"):
+        Transformer.skeleton(moe)

@@ -1,4 +1,5 @@
-"""The import rules of DESIGN.md, and the console entry point."""
+"""The import rules of DESIGN.md (both columns: what a module may import, and what it must not), and the
+console entry point."""
 
 from __future__ import annotations
 
@@ -11,44 +12,101 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "glmkit"
 
-# module (file or package under src/glmkit) -> import prefixes it must not use
-FORBIDDEN = {
+# DESIGN.md's table. Every module may also import the standard library (unless MUST_NOT says otherwise),
+# glmkit.errors and glmkit.config (the bottom layers), and its own package. "model" stands for the model
+# group of the table's row (model, positions, kv_cache). loaders' third-party extras: numpy (gguf's arrays)
+# and huggingface_hub (hub.py's downloads).
+MODEL = ["glmkit.model", "glmkit.positions", "glmkit.kv_cache"]
+MAY = {
+    "config": [],
+    "model": ["torch", "glmkit.kv_cache"],
+    "positions": ["torch"],
+    "kv_cache": ["torch"],
+    "loaders": ["torch", "safetensors", "gguf", "numpy", "huggingface_hub", "glmkit.quant"],
+    "quant": ["torch"],
+    "chat": ["jinja2", "glmkit.tokenizer"],
+    "engine": ["torch", *MODEL],
+    "llm": ["torch", "glmkit.loaders", *MODEL, "glmkit.chat", "glmkit.engine", "glmkit.tokenizer", "glmkit.quant",
+            "glmkit.adapters"],
+    "server": ["glmkit.llm", "glmkit.engine", "glmkit.chat", "glmkit.tokenizer", "fastapi", "uvicorn", "starlette",
+               "pydantic", "prometheus_client"],
+    "train": ["torch", "safetensors", "tqdm", *MODEL, "glmkit.loaders", "glmkit.tokenizer", "glmkit.chat",
+              "glmkit.adapters"],
+    # not rows of DESIGN's table, held to the same standard
+    "tokenizer": ["sentencepiece", "tiktoken", "tokenizers", "google.protobuf"],
+    "adapters": ["torch", "safetensors", "glmkit.loaders", "glmkit.quant"],
+}
+MUST_NOT = {
     "config": ["torch", "glmkit.model", "glmkit.engine", "glmkit.loaders", "glmkit.llm"],
-    "presets": ["torch", "glmkit.model", "glmkit.engine"],
-    "chat_format": ["torch", "glmkit.model", "glmkit.engine"],
+    "chat": ["torch", "glmkit.model", "glmkit.engine"],
     "errors": ["torch"],
     "model": ["glmkit.loaders", "glmkit.tokenizer", "glmkit.engine", "glmkit.server", "glmkit.train", "glmkit.llm",
               "safetensors", "json", "pathlib", "os"],
+    "positions": ["glmkit.loaders", "glmkit.tokenizer", "glmkit.engine", "json", "pathlib", "os"],
     "kv_cache": ["glmkit.loaders", "glmkit.tokenizer", "glmkit.engine", "glmkit.server", "glmkit.model"],
     "loaders": ["glmkit.engine", "glmkit.server", "glmkit.train", "glmkit.model", "glmkit.llm"],
-    "quant": ["glmkit.engine", "glmkit.server"],
-    "engine": ["glmkit.server", "glmkit.cli", "glmkit.train", "fastapi", "uvicorn", "starlette", "httpx"],
-    "server": ["glmkit.train"],
-    "train": ["glmkit.server"],
+    "quant": ["glmkit.engine", "glmkit.server", "glmkit.train"],
+    "engine": ["glmkit.server", "glmkit.cli", "glmkit.train", "glmkit.loaders", "fastapi", "uvicorn", "starlette",
+               "httpx"],
+    "llm": ["glmkit.server", "glmkit.cli", "glmkit.train"],
+    "server": ["glmkit.train", "glmkit.cli"],
+    "train": ["glmkit.server", "glmkit.cli"],
 }
+EVERYONE = ["__future__", "glmkit.errors", "glmkit.config", "glmkit.__version__"]
 
 
 def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at the top or inside functions ('from glmkit import x' counts as glmkit.x)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
+            if node.module == "glmkit":
+                names.update(f"glmkit.{a.name}" for a in node.names)
+            else:
+                names.add(node.module)
     return names
 
 
 def _files(module: str) -> list[Path]:
-    return [SRC / f"{module}.py"] if (SRC / f"{module}.py").exists() else sorted((SRC / module).rglob("*.py"))
+    """The files of a module or package, entry points (__main__.py) aside."""
+    if (SRC / f"{module}.py").exists():
+        return [SRC / f"{module}.py"]
+    return sorted(p for p in (SRC / module).rglob("*.py") if p.name != "__main__.py")
 
 
-@pytest.mark.parametrize("module", list(FORBIDDEN))
-def test_import_rules(module):
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+@pytest.mark.parametrize("module", sorted(set(MAY) | set(MUST_NOT)))
+def test_rule_names_a_module_that_exists(module):
+    assert _files(module), f"the import rules name {module!r}, which is not a module of src/glmkit"
+    for allowed in (MAY.get(module, []) + MUST_NOT.get(module, [])):
+        if allowed.startswith("glmkit."):
+            assert _files(allowed.split(".")[1]), f"the rule for {module} names {allowed}, which does not exist"
+
+
+@pytest.mark.parametrize("module", sorted(MUST_NOT))
+def test_must_not_import(module):
     for path in _files(module):
         for name in _imports(path):
-            for bad in FORBIDDEN[module]:
-                assert not (name == bad or name.startswith(bad + ".")), \
-                    f"{path.relative_to(SRC)} imports {name}, which DESIGN.md forbids for {module}"
+            for bad in MUST_NOT[module]:
+                assert not _under(name, bad), f"{path.relative_to(SRC)} imports {name}, which DESIGN.md forbids"
+
+
+@pytest.mark.parametrize("module", sorted(MAY))
+def test_may_import_only_what_the_table_allows(module):
+    allowed = MAY[module] + EVERYONE + [f"glmkit.{module}"]
+    for path in _files(module):
+        for name in _imports(path):
+            top = name.split(".")[0]
+            if top != "glmkit" and top in sys.stdlib_module_names:
+                continue
+            assert name != "glmkit", f"{path.relative_to(SRC)} imports the glmkit package itself"
+            assert any(_under(name, ok) for ok in allowed), \
+                f"{path.relative_to(SRC)} imports {name}, which DESIGN.md does not allow {module} to import"
 
 
 def test_nothing_imports_cli():

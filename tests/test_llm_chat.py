@@ -48,3 +48,40 @@ def test_unknown_chat_format_is_refused(tmp_path):
     save_hf_tokenizer(tmp_path, CHATML_SPECIALS, SMOLLM2_TEMPLATE, eos_token="<|im_end|>")
     with pytest.raises(GlmkitError, match="unknown chat format 'vicuna'"):
         glmkit.load(tmp_path, chat_format="vicuna")
+
+
+IMAGE_MESSAGE = [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                               {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}]}]
+
+
+def test_image_part_to_a_text_model_is_a_clear_error(tmp_path):
+    """Never silently dropped: Jinja and native formats alike refuse it, naming the part."""
+    make_hf_model("llama", LLAMA_CONFIGS["mqa-tied"], vocab_size=500).save_pretrained(tmp_path / "jinja")
+    save_hf_tokenizer(tmp_path / "jinja", CHATML_SPECIALS, SMOLLM2_TEMPLATE, eos_token="<|im_end|>")
+    write_thudm_glm(make_hf_model("glm", GLM_CONFIGS["mqa-untied"], vocab_size=700), tmp_path / "v3")
+    train_sentencepiece(tmp_path / "v3" / "tokenizer.model")
+    for llm in (glmkit.load(tmp_path / "jinja"), glmkit.load(tmp_path / "v3", chat_format="chatglm3")):
+        with pytest.raises(GlmkitError, match="'image_url' part, but this model reads text only"):
+            llm.chat(IMAGE_MESSAGE, max_tokens=2)
+        with pytest.raises(GlmkitError, match="part of type 'audio_blob'"):
+            llm.apply_chat_template([{"role": "user", "content": [{"type": "audio_blob"}]}])
+        text_parts = [{"role": "user", "content": [{"type": "text", "text": "what is this?"}]}]
+        assert llm.apply_chat_template(text_parts) == llm.apply_chat_template(
+            [{"role": "user", "content": "what is this?"}])
+
+
+@pytest.mark.parametrize("name", ["chatglm1", "chatglm2", "chatglm3", "glm4"])
+def test_forced_chat_format_that_does_not_fit_the_tokenizer(tmp_path, name):
+    """A tokenizer.json checkpoint has none of the ChatGLM special tokens: forcing a ChatGLM format says so."""
+    make_hf_model("llama", LLAMA_CONFIGS["mqa-tied"], vocab_size=500).save_pretrained(tmp_path)
+    save_hf_tokenizer(tmp_path, CHATML_SPECIALS, SMOLLM2_TEMPLATE, eos_token="<|im_end|>")
+    with pytest.raises(GlmkitError, match=rf"chat format '{name}' does not fit this checkpoint: its tokenizer has "
+                                          r"no \[gMASK\]"):
+        glmkit.load(tmp_path, chat_format=name)
+
+
+def test_forced_jinja_without_a_template(tmp_path):
+    write_thudm_glm(make_hf_model("glm", GLM_CONFIGS["mqa-untied"], vocab_size=700), tmp_path)
+    train_sentencepiece(tmp_path / "tokenizer.model")
+    with pytest.raises(GlmkitError, match="chat format 'jinja' was asked for, but this checkpoint has no chat template"):
+        glmkit.load(tmp_path, chat_format="jinja")

@@ -130,6 +130,10 @@ BAD = [
     ("too long", dict(json={"messages": [{"role": "user", "content": "hello " * 600}]}), 400,
      r"the prompt has \d+ tokens but the model's context is 512"),
     ("bad role", dict(json={"messages": [{"role": "robot", "content": "x"}]}), 400, "role 'robot'"),
+    ("image part", dict(json={"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is in this picture?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]}), 400,
+     "'image_url' part, but this model reads text only"),
     ("too large", dict(content=b"x" * (5 << 20), headers={"content-type": "application/json"}), 413, "limit"),
 ]
 

@@ -145,11 +145,13 @@ def test_thudm_v2_layout_round_trips(tmp_path):
 @pytest.mark.parametrize("kind,fmt", [("v1", "chatglm1"), ("v3", "chatglm2"), ("v3", "chatglm3"), ("glm4", "glm4"),
                                       ("chatml", "jinja"), ("glm4-hf", "jinja")])
 def test_sft_labels_are_the_assistant_tokens_only(vocab_dirs, kind, fmt):
-    from glmkit.chat_format import choose
+    from glmkit.chat import pick
+    from glmkit.loaders.hf import template_source, tokenizer_config
     from glmkit.tokenizer import load_tokenizer
 
     tok = load_tokenizer(vocab_dirs[kind])
-    f = choose(vocab_dirs[kind], tok, (), fmt)
+    d = vocab_dirs[kind]
+    f = pick(tok, template_source(d, tokenizer_config(d)), tokenizer_config(d), (), fmt)
     ids, mask = f.render(CONVERSATIONS[1], add_generation_prompt=False)
     s = sft_sample(ids, mask, max_len=1000)
     trained = "".join(tok.decode([t for t in s.labels if t != IGNORE], skip_special=True).split())
@@ -165,7 +167,7 @@ def test_sft_runs_on_v1_with_its_2d_positions(tmp_path, glm_v1, chat_file):
 
     cfg = TrainConfig(output=str(tmp_path), data=[str(chat_file)], objective="sft", init=str(glm_v1 / "config.json"),
                       tokenizer=str(glm_v1))
-    model, tok, fmt, _, _ = _base(cfg, torch.device("cpu"))
+    model, tok, fmt, *_ = _base(cfg, torch.device("cpu"))
     data = build_dataset(cfg, tok, fmt, model.config)
     batch = collate([data.sample(0), data.sample(1)], 0, model.config)
     sop = model.config.sop_token_id

@@ -9,7 +9,6 @@ engine from its public settings (the server owns one that way). No sampling, loa
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -17,7 +16,7 @@ import torch
 
 from glmkit import loaders
 from glmkit.adapters import apply_lora, load_prefix
-from glmkit.chat import ChatFormat, ChatTurn, fit_conversation, pick
+from glmkit.chat import ChatFormat, ChatTurn, fit_conversation, tokenizer_and_format
 from glmkit.config import ModelConfig
 from glmkit.engine.generate import complete, complete_batch, stream as stream_chunks
 from glmkit.engine.runner import ModelRunner
@@ -29,7 +28,7 @@ from glmkit.loaders.hub import home
 from glmkit.loaders.layouts import Layout
 from glmkit.model import Transformer
 from glmkit.positions import prompt_positions
-from glmkit.tokenizer import Tokenizer, gguf_tokenizer, load_tokenizer
+from glmkit.tokenizer import Tokenizer
 
 # compiled decode steps are cached with glmkit's files (torch would otherwise pick /tmp, often wiped, and
 # fixes the directory the first time anything touches its compiler, which loading can already do)
@@ -214,30 +213,13 @@ def load(source: str | Path | None = None, *, device: str | None = None, dtype: 
     adapter directory, merged into float weights (kept beside quantized ones). `ptuning`: a P-tuning v2 prefix
     written by `glmkit train --ptuning N` (the engine's generation uses it; `logits()` does not)."""
     checkpoint = loaders.open(source)
-    tokenizer, fmt = _tokenizer_and_format(checkpoint, chat_format)
+    tokenizer, fmt = tokenizer_and_format(checkpoint, chat_format)
     checkpoint.release_metadata()  # the vocabulary's header copy goes before the weights arrive (peak memory)
     model = loaders.assemble(checkpoint, Transformer.skeleton, device, dtype, quantize)
     if lora is not None:
         apply_lora(model, checkpoint.layout.adapter_names, lora)
     prefix = None if ptuning is None else load_prefix(ptuning, model.config)
     return LLM(model, checkpoint.source, tokenizer, fmt, layout=checkpoint.layout, prefix_kv=prefix)
-
-
-def _tokenizer_and_format(checkpoint: loaders.Checkpoint, name: str | None):
-    """The checkpoint's tokenizer (from its directory, or its GGUF metadata) and chat format."""
-    if checkpoint.gguf is None:
-        tokenizer = load_tokenizer(checkpoint.directory, thudm=checkpoint.layout.name.startswith("thudm"))
-    else:
-        kind = checkpoint.gguf.fields.get("tokenizer.ggml.model")
-        kind = None if kind is None else kind.contents()  # None: weights only, generate from token ids
-        if kind not in (None, "gpt2", "llama"):
-            warnings.warn(f"{checkpoint.source}: GGUF tokenizers of type {kind!r} are not supported yet; the model "
-                          "loads without a tokenizer (generate from token ids).", stacklevel=3)
-        tokenizer = gguf_tokenizer(checkpoint.gguf) if kind in ("gpt2", "llama") else None
-    if tokenizer is None:
-        return None, None
-    return tokenizer, pick(tokenizer, checkpoint.chat_template, checkpoint.tokenizer_config,
-                           checkpoint.config.eos_token_ids, name)
 
 
 def _params(sampling: dict[str, Any]) -> SamplingParams:

@@ -1,20 +1,22 @@
 """Chat formats: messages -> prompt ids (native GLM renderers and Jinja templates), tool calls, and `ChatTurn`,
 the one reading of a streamed reply used by LLM.chat, the server and the CLI.
 
-`pick` chooses a checkpoint's format from its tokenizer and template (never from its name); reading the
-files is the loaders' job. No torch, no model.
+`pick` chooses a checkpoint's format from its tokenizer and template (never from its name); the loaders
+find the files, `tokenizer_and_format` builds both from an opened checkpoint. No torch, no model.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 
 from glmkit.chat.base import ChatFormat, normalize
 from glmkit.chat.glm import FORMATS, ChatGLM1Format, ChatGLM2Format, ChatGLM3Format, GLM4Format
 from glmkit.chat.jinja import JinjaFormat
 from glmkit.chat.turn import ChatTurn, fit_conversation
 from glmkit.errors import GlmkitError
-from glmkit.tokenizer import ChatGLM1Tokenizer, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
+from glmkit.tokenizer import (ChatGLM1Tokenizer, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, gguf_tokenizer,
+                              load_tokenizer)
 
 
 def special_strings(tok_config: dict) -> dict[str, str]:
@@ -72,5 +74,23 @@ def _forced(name: str, tokenizer: Tokenizer, template: str | None, jinja) -> Cha
     return FORMATS[name](tokenizer)
 
 
+def tokenizer_and_format(checkpoint, name: str | None = None):
+    """A checkpoint's tokenizer (from its directory, or its GGUF metadata) and chat format (`name` forces one);
+    (None, None) when it ships no tokenizer. `checkpoint` is a loaders.Checkpoint (read, not imported)."""
+    if checkpoint.gguf is None:
+        tokenizer = load_tokenizer(checkpoint.directory, thudm=checkpoint.layout.name.startswith("thudm"))
+    else:
+        kind = checkpoint.gguf.fields.get("tokenizer.ggml.model")
+        kind = None if kind is None else kind.contents()  # None: weights only, generate from token ids
+        if kind not in (None, "gpt2", "llama"):
+            warnings.warn(f"{checkpoint.source}: GGUF tokenizers of type {kind!r} are not supported yet; the model "
+                          "loads without a tokenizer (generate from token ids).", stacklevel=3)
+        tokenizer = gguf_tokenizer(checkpoint.gguf) if kind in ("gpt2", "llama") else None
+    if tokenizer is None:
+        return None, None
+    return tokenizer, pick(tokenizer, checkpoint.chat_template, checkpoint.tokenizer_config,
+                           checkpoint.config.eos_token_ids, name)
+
+
 __all__ = ["FORMATS", "ChatFormat", "ChatGLM1Format", "ChatGLM2Format", "ChatGLM3Format", "ChatTurn", "GLM4Format",
-           "JinjaFormat", "fit_conversation", "normalize", "pick", "special_strings"]
+           "JinjaFormat", "fit_conversation", "normalize", "pick", "special_strings", "tokenizer_and_format"]

@@ -59,9 +59,11 @@ class JinjaFormat(ChatFormat):
         self._marked_re = re.compile(f"{START}({self._special_re.pattern}){END}|[{START}{END}]")
 
     def render_text(self, messages, tools=None, add_generation_prompt=True) -> str:
-        if messages:
-            normalize(messages)  # the same checks as every format (roles, content types); rendered as given
-        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # as transformers does
+        # the same checks as every format (roles, content types); lists of text parts become their text, which
+        # every template reads; None values are dropped, as transformers does
+        flat = normalize(messages) if messages else []
+        messages = [{k: v for k, v in {**m, **({"content": f["content"]} if isinstance(m.get("content"), list)
+                                               else {})}.items() if v is not None} for m, f in zip(messages, flat)]
         import jinja2
 
         try:
@@ -70,6 +72,9 @@ class JinjaFormat(ChatFormat):
                 add_generation_prompt=add_generation_prompt, **self.special_strings)
         except jinja2.exceptions.TemplateError as e:
             raise GlmkitError(f"the chat template refused these messages: {e}") from None
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+            raise GlmkitError(f"the chat template cannot render these messages ({type(e).__name__}: {e}); check "
+                              "the message fields it reads.") from None
 
     def _mark(self, obj: Any) -> Any:
         if isinstance(obj, str):

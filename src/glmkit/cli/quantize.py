@@ -27,7 +27,7 @@ def main(args: argparse.Namespace) -> int:
     import glmkit
     from glmkit.errors import GlmkitError
     from glmkit.quant import quantize_model
-    from glmkit.quant.checkpoint import save_quantized
+    from glmkit.loaders.quantized import save_quantized
     from glmkit.tokenizer import HFTokenizer
 
     dst = Path(args.dst)

@@ -15,7 +15,7 @@ from typing import Any
 from glmkit.config import ModelConfig, hf_spelling
 from glmkit.errors import CheckpointError
 from glmkit.loaders.keymap import W, WBS, Module, Table, gate_up, qkv
-from glmkit.quant.checkpoint import FORMAT as QUANTIZED_FORMAT
+from glmkit.loaders.quantized import FORMAT as QUANTIZED_FORMAT
 
 
 @dataclass(frozen=True)

@@ -148,13 +148,15 @@ def _base(cfg: TrainConfig, device: torch.device):
             model = Transformer(config)
         init_weights(model, cfg.seed)
         return model, tokenizer, fmt, raw, cfg.tokenizer, "transformers"
-    import glmkit
+    from glmkit import loaders
+    from glmkit.chat import tokenizer_and_format
 
-    llm = glmkit.load(cfg.model, device=device.type, dtype="float32", chat_format=cfg.chat_format)
-    raw_path = Path(llm.source) / "config.json"
-    raw = json.loads(raw_path.read_text(encoding="utf-8")) if raw_path.is_file() else None
-    return (llm.model, llm.tokenizer, llm.chat_format, raw, llm.source if raw is not None else None,
-            llm.layout.adapter_names)
+    checkpoint = loaders.open(cfg.model)
+    tokenizer, fmt = tokenizer_and_format(checkpoint, cfg.chat_format)
+    model = loaders.assemble(checkpoint, Transformer.skeleton, device.type, "float32")
+    raw = checkpoint.raw_config or None  # a directory's config.json, kept for the final checkpoint
+    return (model, tokenizer, fmt, raw, checkpoint.source if raw is not None else None,
+            checkpoint.layout.adapter_names)
 
 
 def build_dataset(cfg: TrainConfig, tokenizer, fmt, config: ModelConfig) -> Dataset:

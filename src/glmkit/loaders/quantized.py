@@ -1,4 +1,4 @@
-"""glmkit's own quantized checkpoints: save a quantized model (loaders/assemble.py rebuilds one from disk).
+"""glmkit's own quantized checkpoints: the writer (loaders/assemble.py rebuilds a model from one).
 
 config.json holds {"glmkit_config": ModelConfig fields, "quantization": {"bits", "group_size",
 "modules": {name: "int4" | "int8"}}}; model.safetensors holds glmkit's parameter names, with int4
