@@ -26,31 +26,29 @@ class Layout:
     format: str  # "hf" (a directory) or "gguf"
 
 
-_V1 = "transformer.layers.{i}"
-THUDM_V1 = Layout("thudm_v1", Table((
-    Module("embed", "transformer.word_embeddings", W),
-    Module("layers.{i}.attn_norm", f"{_V1}.input_layernorm"),
-    Module("layers.{i}.attn.qkv", f"{_V1}.attention.query_key_value", WBS, transform="v1_qkv", linear=True),
-    Module("layers.{i}.attn.out", f"{_V1}.attention.dense", WBS, linear=True),
-    Module("layers.{i}.mlp_norm", f"{_V1}.post_attention_layernorm"),
-    Module("layers.{i}.mlp.in_proj", f"{_V1}.mlp.dense_h_to_4h", WBS, linear=True),
-    Module("layers.{i}.mlp.out_proj", f"{_V1}.mlp.dense_4h_to_h", WBS, linear=True),
-    Module("norm", "transformer.final_layernorm"),
-    Module("lm_head", "lm_head", W),
-), drops=(r"transformer\.layers\.\d+\.attention\.rotary_emb\.inv_freq",)), "thudm_v1", "hf")
+def _thudm(name: str, layer: str, attention: str, embed: str, final_norm: str, head: str,
+           qkv_fix: str | None) -> Layout:
+    """THUDM remote code: v1 (ChatGLM-6B, qkv rows per head) and v2 (ChatGLM2/3, GLM-4-9B) name the same modules
+    under other prefixes."""
+    return Layout(name, Table((
+        Module("embed", embed, W),
+        Module("layers.{i}.attn_norm", f"{layer}.input_layernorm"),
+        Module("layers.{i}.attn.qkv", f"{layer}.{attention}.query_key_value", WBS, transform=qkv_fix, linear=True),
+        Module("layers.{i}.attn.out", f"{layer}.{attention}.dense", WBS, linear=True),
+        Module("layers.{i}.mlp_norm", f"{layer}.post_attention_layernorm"),
+        Module("layers.{i}.mlp.in_proj", f"{layer}.mlp.dense_h_to_4h", WBS, linear=True),
+        Module("layers.{i}.mlp.out_proj", f"{layer}.mlp.dense_4h_to_h", WBS, linear=True),
+        Module("norm", final_norm),
+        Module("lm_head", head, W),
+    ), drops=(r"transformer\.layers\.\d+\.attention\.rotary_emb\.inv_freq", r"transformer\.rotary_pos_emb\.inv_freq")),
+        name, "hf")
 
-_V2 = "transformer.encoder.layers.{i}"
-THUDM_V2 = Layout("thudm_v2", Table((  # ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B
-    Module("embed", "transformer.embedding.word_embeddings", W),
-    Module("layers.{i}.attn_norm", f"{_V2}.input_layernorm"),
-    Module("layers.{i}.attn.qkv", f"{_V2}.self_attention.query_key_value", WBS, linear=True),
-    Module("layers.{i}.attn.out", f"{_V2}.self_attention.dense", WBS, linear=True),
-    Module("layers.{i}.mlp_norm", f"{_V2}.post_attention_layernorm"),
-    Module("layers.{i}.mlp.in_proj", f"{_V2}.mlp.dense_h_to_4h", WBS, linear=True),
-    Module("layers.{i}.mlp.out_proj", f"{_V2}.mlp.dense_4h_to_h", WBS, linear=True),
-    Module("norm", "transformer.encoder.final_layernorm"),
-    Module("lm_head", "transformer.output_layer", W),
-), drops=(r"transformer\.rotary_pos_emb\.inv_freq",)), "thudm_v2", "hf")
+
+THUDM_V1 = _thudm("thudm_v1", "transformer.layers.{i}", "attention", "transformer.word_embeddings",
+                  "transformer.final_layernorm", "lm_head", qkv_fix="v1_qkv")
+THUDM_V2 = _thudm("thudm_v2", "transformer.encoder.layers.{i}", "self_attention",  # ChatGLM2/3, GLM-4-9B
+                  "transformer.embedding.word_embeddings", "transformer.encoder.final_layernorm",
+                  "transformer.output_layer", qkv_fix=None)
 
 _HF = "model.layers.{i}"
 
