@@ -41,8 +41,9 @@ if kind.startswith("glmkit"):
     out = {{**measure_llm(llm, runs=runs), **extra}}
 else:  # transformers LlamaForCausalLM on the same (dequantized) weights
     from transformers import LlamaConfig, LlamaForCausalLM
-    from glmkit.loaders.gguf import load_gguf
-    config, tensors, _ = load_gguf(source)
+    from glmkit.loaders import open as open_checkpoint
+    checkpoint = open_checkpoint(source)
+    config, tensors = checkpoint.config, checkpoint.tensors()[0]
     dtype = torch.bfloat16 if "bfloat16" in kind else torch.float32
     c = config
     cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size,

@@ -212,10 +212,11 @@ def load(source: str | Path | None = None, *, device: str | None = None, dtype: 
     `chat_format` forces a format ('chatglm1', 'chatglm2', 'chatglm3', 'glm4', 'jinja'). `lora`: a PEFT LoRA
     adapter directory, merged into float weights (kept beside quantized ones). `ptuning`: a P-tuning v2 prefix
     written by `glmkit train --ptuning N` (the engine's generation uses it; `logits()` does not)."""
-    checkpoint = loaders.open(source)
-    tokenizer, fmt = tokenizer_and_format(checkpoint, chat_format)
-    checkpoint.release_metadata()  # the vocabulary's header copy goes before the weights arrive (peak memory)
-    model = loaders.assemble(checkpoint, Transformer.skeleton, device, dtype, quantize)
+    with loaders.lean_heap():  # the whole load, tokenizer included, with glibc's heap tuned for it
+        checkpoint = loaders.open(source)
+        tokenizer, fmt = tokenizer_and_format(checkpoint, chat_format)
+        checkpoint.release_metadata()  # the vocabulary's header copy goes before the weights arrive (peak memory)
+        model = loaders.assemble(checkpoint, Transformer.skeleton, device, dtype, quantize)
     if lora is not None:
         apply_lora(model, checkpoint.layout.adapter_names, lora)
     prefix = None if ptuning is None else load_prefix(ptuning, model.config)

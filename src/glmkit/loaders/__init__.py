@@ -8,7 +8,7 @@ Nothing here runs code from a checkpoint.
 
 from __future__ import annotations
 
-from glmkit.loaders.assemble import assemble, fill, pick_device, pick_dtype
+from glmkit.loaders.assemble import assemble, fill, lean_heap, pick_device, pick_dtype
 from glmkit.loaders.checkpoint import Checkpoint, open
 
-__all__ = ["Checkpoint", "assemble", "fill", "open", "pick_device", "pick_dtype"]
+__all__ = ["Checkpoint", "assemble", "fill", "lean_heap", "open", "pick_device", "pick_dtype"]

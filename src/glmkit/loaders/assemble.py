@@ -177,22 +177,30 @@ def _glmkit_quantized(checkpoint: Checkpoint, model: nn.Module, dtype: torch.dty
     return model.requires_grad_(False)
 
 
+_heap_depth = 0  # lean_heap nesting
+
+
 @contextlib.contextmanager
 def lean_heap():
     """While loading, give every allocation of 64 KiB or more its own mapping (glibc's M_MMAP_THRESHOLD), so
     the loader's large temporaries go back to the system when freed instead of fragmenting the heap (the
     default model's peak RSS: ~700 -> ~490 MB). Afterwards both thresholds are fixed where glibc's own adaptive
     ones end up (32 MiB, and 64 MiB for trimming), since fresh pages for every large activation would slow
-    prefill. Elsewhere than glibc, a no-op."""
+    prefill. Nested uses (load() around assemble()) act once, at the outermost. Elsewhere than glibc, a no-op."""
+    global _heap_depth
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD
+        if _heap_depth == 0:
+            libc.mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         yield
         return
+    _heap_depth += 1
     try:
         yield
     finally:
-        libc.malloc_trim(0)
-        libc.mallopt(-3, 32 << 20)
-        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD, as glibc's adaptive mode would set it (twice the above)
+        _heap_depth -= 1
+        if _heap_depth == 0:
+            libc.malloc_trim(0)
+            libc.mallopt(-3, 32 << 20)
+            libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD, as glibc's adaptive mode would set it (twice the above)

@@ -12,7 +12,7 @@ No file I/O here.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 import torch
@@ -97,8 +97,7 @@ class Table:
         template, i = _template(name)
         target = self.by_name.get(template)
         if target is not None:
-            return Target(target.name.replace("{i}", i or ""), target.piece, target.transform, target.split,
-                          target.count)
+            return replace(target, name=target.name.replace("{i}", i or ""))
         drops = list(self.drops) + (self.config_drops(config) if self.config_drops and config else [])
         return None if any(re.fullmatch(d, name) for d in drops) else NO_MATCH
 
