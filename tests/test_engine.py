@@ -234,3 +234,50 @@ def test_cli_generate_json(chatml_llm):
     assert record["finish_reason"] in ("stop", "length") and record["prompt_token_ids"]
     assert record["token_ids"] == chatml_llm.generate(record["prompt_token_ids"], max_tokens=6,
                                                       temperature=0).token_ids
+
+
+# ----------------------------------------------------------------------------------- fault isolation
+def test_one_failing_sequence_leaves_the_batch_decoding(tiny, random_ids):
+    """A failure while sampling one sequence (here its sampler raises) ends that sequence with an error; the
+    sequences decoding beside it finish exactly as they would alone."""
+    llm, _ = tiny["llama"]
+    engine = llm.make_engine(max_batch=4)
+    prompts = [random_ids(1, 6 + i, llm.config.vocab_size, seed=20 + i)[0].tolist() for i in range(3)]
+    seqs = [engine.submit(p, SamplingParams(max_tokens=6, **GREEDY)) for p in prompts]
+    calls = []
+
+    def broken(logits, *rest):
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("probability tensor contains inf")
+        return int(logits.argmax())
+
+    seqs[1].sample = broken
+    while engine.has_work:
+        engine.step()
+    assert seqs[1].finish_reason == "error" and "RuntimeError" in seqs[1].error and seqs[1].error_is_internal
+    for i in (0, 2):
+        assert seqs[i].output == naive_greedy(llm, prompts[i], 6) and seqs[i].finish_reason == "length"
+    assert engine.running == 0
+
+
+def test_pathological_sampling_values_are_bounded():
+    """Values that would make probabilities non-finite are refused, or (temperature / top_p below a floor)
+    mean greedy; seeds beyond what a generator takes are refused, in the Python API, the CLI and the server."""
+    assert SamplingParams(temperature=1e-40).temperature == 0 and SamplingParams(top_p=1e-300).temperature == 0
+    for bad in (dict(temperature=float("inf")), dict(temperature=float("nan")), dict(repetition_penalty=1e-300),
+                dict(repetition_penalty=1e300), dict(seed=2 ** 64), dict(seed=-1)):
+        with pytest.raises(GlmkitError, match=r"out of range \("):
+            SamplingParams(**bad)
+
+
+def test_prompt_logprobs_in_chunks_equal_the_reference(tiny, random_ids):
+    llm, _ = tiny["glm"]
+    ids = random_ids(1, 40, llm.config.vocab_size, seed=31)[0].tolist()
+    lp = torch.log_softmax(llm.logits(ids)[0].double(), dim=-1)  # (T, V)
+    got = llm.prompt_logprobs(ids, top=3, chunk=7)
+    assert got[0] == (ids[0], None, {}) and [g[0] for g in got] == ids
+    for i in range(1, len(ids)):
+        assert abs(got[i][1] - float(lp[i - 1, ids[i]])) < 1e-4
+        top = torch.topk(lp[i - 1], 3)
+        assert list(got[i][2]) == top.indices.tolist()

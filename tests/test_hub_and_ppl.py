@@ -82,3 +82,25 @@ def test_ppl_matches_hand_computation(tmp_path):
     assert out.stdout.count("[") == len(ids) // 32
     reported = float(out.stdout.strip().splitlines()[-1].removeprefix("PPL = "))
     assert reported == pytest.approx(hand_perplexity(llm, ids, 32), rel=1e-4)
+
+
+def test_bad_cli_inputs_get_one_clear_line(tmp_path):
+    """ppl on a binary file, on a directory and with --ctx 0; generate with sampling values out of range."""
+    make_hf_model("llama", LLAMA_CONFIGS["mqa-tied"], vocab_size=500).save_pretrained(tmp_path / "m")
+    save_hf_tokenizer(tmp_path / "m", CHATML_SPECIALS, SMOLLM2_TEMPLATE, eos_token="<|im_end|>")
+    (tmp_path / "bin.txt").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "ok.txt").write_text("hello world " * 50)
+    m = str(tmp_path / "m")
+    cases = [(["ppl", m, str(tmp_path / "bin.txt")], "is not UTF-8 text"),
+             (["ppl", m, str(tmp_path)], "is a directory"),
+             (["ppl", m, str(tmp_path / "ok.txt"), "--ctx", "0"], "--ctx must be at least 4"),
+             (["generate", m, "--prompt", "x", "--temperature", "inf"], "temperature=inf is out of range"),
+             (["generate", m, "--prompt", "x", "--seed", str(2 ** 70)], "seed="),
+             (["generate", m, "--prompt", "x", "--repetition-penalty", "1e-300"], "repetition_penalty")]
+    for argv, message in cases:
+        out = subprocess.run([sys.executable, "-m", "glmkit", *argv, "--eager"], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, (argv, out.stderr)
+    greedy = subprocess.run([sys.executable, "-m", "glmkit", "generate", m, "--prompt", "x", "--temperature",
+                             "1e-40", "--max-tokens", "3", "--eager"], capture_output=True, text=True, timeout=120)
+    assert greedy.returncode == 0 and "Traceback" not in greedy.stderr, greedy.stderr

@@ -179,3 +179,59 @@ def test_bad_device_and_dtype(checkpoint):
         glmkit.load(checkpoint, dtype="float8")
     with pytest.raises(GlmkitError, match=r"device 'tpu' is not supported"):
         glmkit.load(checkpoint, device="tpu")
+
+
+# ---------------------------------------------------------------------------- hostile checkpoints
+def test_huge_layer_count_fails_fast(checkpoint):
+    """A config claiming far more layers than the weights hold is refused before anything is built."""
+    import time
+
+    _edit_config(checkpoint, num_hidden_layers=1_000_000)
+    t = time.perf_counter()
+    with pytest.raises(CheckpointError, match=r"says 1000000 layers but the weights .* hold 2"):
+        glmkit.load(checkpoint)
+    assert time.perf_counter() - t < 5
+
+
+def test_integer_weights_are_refused(checkpoint):
+    _edit_weights(checkpoint, lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(torch.int32)}))
+    with pytest.raises(CheckpointError, match=r"model.norm.weight holds torch.int32 values where a floating-point"):
+        glmkit.load(checkpoint)
+
+
+def test_shard_index_cannot_point_outside_the_checkpoint(tmp_path, checkpoint):
+    (tmp_path / "elsewhere").mkdir()
+    (checkpoint / "model.safetensors").rename(tmp_path / "elsewhere" / "model.safetensors")
+    index = {"weight_map": {"model.embed_tokens.weight": "../elsewhere/model.safetensors"}}
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"names shard '../elsewhere/model.safetensors' outside"):
+        glmkit.load(checkpoint)
+
+
+def test_non_utf8_config_is_one_clear_line(checkpoint):
+    (checkpoint / "config.json").write_bytes(b'{"model_type": "gl\xff"}')
+    with pytest.raises(CheckpointError, match="is not valid JSON"):
+        glmkit.load(checkpoint)
+
+
+def test_legacy_bin_loads(tmp_path, checkpoint):
+    """A pre-zip (legacy serialization) pytorch_model.bin cannot be memory-mapped; it is read whole."""
+    reference = glmkit.load(checkpoint)
+    state = load_file(checkpoint / "model.safetensors")
+    (checkpoint / "model.safetensors").unlink()
+    torch.save(state, checkpoint / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(glmkit.load(checkpoint).logits(ids), reference.logits(ids))
+
+
+def test_gguf_without_its_architecture_keys(tmp_path):
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "bare.gguf"), "llama")
+    w.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match=r"metadata lacks llama.embedding_length"):
+        glmkit.load(tmp_path / "bare.gguf")

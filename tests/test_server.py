@@ -209,6 +209,94 @@ def test_auth_on_every_route(server, method, path):
     assert httpx.request(method, server.url + path, headers=headers("k2"), json={}).status_code != 401
 
 
+# ----------------------------------------------------------------------------------- reliability
+PATHOLOGICAL = [{"temperature": 1e-40}, {"top_p": 1e-300}, {"repetition_penalty": 1e-300}, {"seed": 2 ** 64},
+                {"temperature": 1e-40, "seed": 3}]
+
+
+def test_a_pathological_request_never_harms_its_neighbours(server):
+    """Three streams decode while requests with extreme sampling values arrive beside them: the streams all
+    finish in full; each extreme request is answered (greedy below the floors) or refused with a 400."""
+    with ThreadPoolExecutor(8) as pool:
+        streams = [pool.submit(stream_tokens, server, 40) for _ in range(3)]
+        time.sleep(0.2)
+        bad = [pool.submit(httpx.post, server.url + "/v1/completions", headers=headers(), timeout=60,
+                           json={"prompt": "hello", "max_tokens": 8, **extra}) for extra in PATHOLOGICAL]
+        assert [f.result() for f in streams] == [40] * 3
+        answers = [f.result() for f in bad]
+    assert [r.status_code for r in answers] == [200, 200, 400, 400, 200], [r.text for r in answers]
+    assert all("out of range" in r.json()["error"]["message"] for r in answers if r.status_code == 400)
+
+
+FORMER_500S = [  # (body, what the error says): each answered 400 in OpenAI's shape
+    ({"messages": [{"role": "user", "content": "\ud800 lone"}]}, "lone UTF-16 surrogate"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": 2 ** 64}, "seed"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{}]}, ""),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"function": "x"}]}, {"role": "user", "content": "x"}]}, ""),
+]
+
+
+@pytest.mark.parametrize("body,message", FORMER_500S, ids=["surrogate", "seed", "empty tool", "bad tool call"])
+def test_malformed_requests_are_4xx_in_openai_shape(server, body, message):
+    raw = json.dumps({"model": "tiny", "max_tokens": 2, **body}).encode()  # ASCII JSON: a surrogate as \\ud800
+    r = httpx.post(server.url + "/v1/chat/completions", headers={**headers(), "content-type": "application/json"},
+                   content=raw)
+    assert r.status_code in (200, 400), r.text  # a template may accept an empty tool; never a 500
+    if r.status_code == 400:
+        assert message in r.json()["error"]["message"] and r.json()["error"]["type"]
+
+
+def test_framework_errors_are_openai_shaped(server):
+    unknown = httpx.get(server.url + "/v1/nothing", headers=headers())
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "not_found_error"
+    wrong = httpx.get(server.url + "/v1/chat/completions", headers=headers())
+    assert wrong.status_code == 405 and "GET is not allowed" in wrong.json()["error"]["message"]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]  # text parts on a Jinja model
+    ok = httpx.post(server.url + "/v1/chat/completions", headers=headers(), json={"messages": parts, "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+
+
+def test_abandoned_queued_request_frees_its_place(tmp_path):
+    """A non-streaming request whose client leaves while it waits in the queue is dropped at once."""
+    from vocab import CHATML_SPECIALS
+
+    tok = build_tokenizer_json(CHATML_SPECIALS)
+    bigram_model(tmp_path, tok, [5], 5, context=65536, eos_token="<|im_end|>")  # a long context: a slow first reply
+    live = LiveServer(glmkit.load(tmp_path), max_batch=1, max_queue=1)
+    try:
+        with httpx.Client(base_url=live.url, timeout=30) as http:
+            body = {"prompt": "hello", "max_tokens": 60000, "stream": True, "ignore_eos": True}
+            with http.stream("POST", "/v1/completions", json=body) as first:
+                lines = first.iter_lines()  # kept: a dropped iterator closes the stream
+                next(lines)  # the first reply holds the only slot
+                with pytest.raises(httpx.ReadTimeout):  # queued behind it, then the client gives up
+                    httpx.post(live.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=0.5)
+                worker, deadline = live.app.state.worker, time.time() + 3
+                while worker.admitted > 1:
+                    assert time.time() < deadline, "the abandoned queued request kept its place"
+                    time.sleep(0.02)
+    finally:
+        live.close()
+
+
+def test_auth_details(chatml_dir):
+    """The scheme is case-insensitive, an empty key is refused at start, and a 401 carries CORS headers."""
+    from glmkit.errors import GlmkitError
+    from glmkit.server.app import create_app
+
+    llm = glmkit.load(chatml_dir)
+    with pytest.raises(GlmkitError, match="an API key is empty"):
+        create_app(llm, model_name="tiny", api_keys=[" "])
+    live = LiveServer(llm, api_keys=["k1"], cors_origins=["http://page.example"])
+    try:
+        origin = {"Origin": "http://page.example"}
+        assert httpx.get(live.url + "/v1/models", headers={"Authorization": "bearer k1"}).status_code == 200
+        denied = httpx.get(live.url + "/v1/models", headers={"Authorization": "Bearer nope", **origin})
+        assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == "http://page.example"
+    finally:
+        live.close()
+
+
 # ----------------------------------------------------------------------------- GLM-4 tool calls
 def bigram_model(directory, tok, chain: list[int], default: int, context: int = 4096, **special_tokens):
     """A deterministic test model: with attention and MLP outputs at zero and one-hot embeddings, the next
@@ -327,5 +415,21 @@ def test_web_page_in_headless_chromium(tmp_path):
         while live.app.state.worker.admitted:  # stopping in the browser freed the slot on the server
             assert time.time() < deadline
             time.sleep(0.05)
+    finally:
+        live.close()
+
+
+def test_malformed_tools_on_native_glm_formats_are_400(tmp_path):
+    """GLM-4's native renderer reads tool names and call arguments: malformed ones are the client's 400."""
+    live = LiveServer(glmkit.load(bigram_glm4_model(tmp_path)))
+    try:
+        for extra in ({"tools": [{}]}, {"messages": [{"role": "user", "content": "x"},
+                                                     {"role": "assistant", "tool_calls": [{"function": "x"}]},
+                                                     {"role": "user", "content": "y"}]}):
+            body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, **extra}
+            r = httpx.post(live.url + "/v1/chat/completions", json=body)
+            assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+        assert httpx.post(live.url + "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}).status_code == 200
     finally:
         live.close()

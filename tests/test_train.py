@@ -472,3 +472,24 @@ def test_bad_training_inputs_get_one_clear_line(tmp_path, glm_v1):
     for argv, message in cases:
         out = cli(*argv)
         assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, (argv, out.stderr)
+
+
+def test_crafted_resume_state_never_runs_code(tmp_path, glm_v1, text_file):
+    """A run directory whose checkpoint state would execute code when unpickled is refused with one clear
+    line, and the code never runs (training state loads with weights_only=True)."""
+    marker = tmp_path / "pwned"
+    state = tmp_path / "out" / "checkpoints" / "step-0000001"
+    state.mkdir(parents=True)
+    torch.save({"step": 1, "model": {}, "evil": _Evil(str(marker))}, state / "state.pt")
+    with pytest.raises(glmkit.GlmkitError, match=r"state.pt cannot be resumed from .*Remove it or choose a new"):
+        run(tmp_path / "out", data=[str(text_file)], objective="glm", init=str(glm_v1 / "config.json"),
+            tokenizer=str(glm_v1), steps=2, save_every=1)
+    assert not marker.exists()
+
+
+class _Evil:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

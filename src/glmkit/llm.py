@@ -174,15 +174,22 @@ class LLM:
         return self.model(ids, positions, prefix_len=prefix_len).float()
 
     @torch.inference_mode()
-    def prompt_logprobs(self, ids: Sequence[int], top: int = 0) -> list[tuple[int, float | None, dict[int, float]]]:
-        """Per prompt token: (id, its log-probability given the tokens before it, the `top` likeliest ids there)."""
-        lp = torch.log_softmax(self.logits(ids)[0, :-1], dim=-1)  # (T - 1, V) float32
-        nxt = torch.tensor([int(i) for i in ids[1:]], device=lp.device)
-        picked = lp.gather(-1, nxt[:, None])[:, 0].tolist()  # (T - 1,)
-        best = torch.topk(lp, top) if top else None
-        tops = [{} for _ in picked] if best is None else [dict(zip(i, v)) for i, v in
-                                                          zip(best.indices.tolist(), best.values.tolist())]
-        return [(int(ids[0]), None, {})] + [(int(t), p, d) for t, p, d in zip(ids[1:], picked, tops)]
+    def prompt_logprobs(self, ids: Sequence[int], top: int = 0,
+                        chunk: int = 256) -> list[tuple[int, float | None, dict[int, float]]]:
+        """Per prompt token: (id, its log-probability given the tokens before it, the `top` likeliest ids there).
+        One forward; the head and log-softmax run `chunk` positions at a time, so memory stays chunk x V."""
+        t = self._as_batch(ids)
+        positions, prefix_len = prompt_positions(t, self.config)
+        h = self.model.hidden_states(t, positions, prefix_len=prefix_len)[:, :-1]  # (1, T - 1, C)
+        picked, tops = [], []
+        for lo in range(0, h.shape[1], chunk):
+            lp = torch.log_softmax(self.model.head(h[:, lo: lo + chunk])[0].float(), dim=-1)  # (n, V)
+            picked += lp.gather(-1, t[0, lo + 1: lo + 1 + chunk, None])[:, 0].tolist()
+            best = torch.topk(lp, top) if top else None
+            tops += [{} for _ in range(lp.shape[0])] if best is None else [
+                dict(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
+        ids = t[0].tolist()
+        return [(ids[0], None, {})] + [(tok, p, d) for tok, p, d in zip(ids[1:], picked, tops)]
 
     def _as_batch(self, ids) -> torch.Tensor:
         t = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids)

@@ -19,14 +19,23 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    path = Path(args.file)
-    if not path.is_file():
-        from glmkit.errors import GlmkitError
+    from glmkit.errors import GlmkitError
 
+    path = Path(args.file)
+    if path.is_dir():
+        raise GlmkitError(f"{path} is a directory; pass a text file.")
+    if not path.is_file():
         raise GlmkitError(f"{path} does not exist; pass a text file.")
+    if args.ctx < 4:
+        raise GlmkitError(f"--ctx must be at least 4, got {args.ctx}.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise GlmkitError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded); convert it first, e.g. "
+                          "with iconv.") from None
     args.eager = True  # whole-window forward passes: a compiled one-token step would not be used
     llm = load_model(args)
-    ids = llm.tokenizer.encode_prompt(path.read_text(encoding="utf-8"))
+    ids = llm.tokenizer.encode_prompt(text)
     bos = llm.config.bos_token_id if ids and ids[0] == llm.config.bos_token_id else None
     print(f"{len(ids)} tokens, {len(ids) // args.ctx} chunks of {args.ctx}", file=sys.stderr)
     from glmkit.perplexity import perplexity

@@ -46,5 +46,7 @@ def main(args: argparse.Namespace) -> int:
     url = f"http://{args.host}:{args.port}"
     print(f"glmkit serve: {name} at {url}/v1 (OpenAI API; model name {name!r}), chat page at {url}/"
           + (" — API key required" if keys else ""), file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # idle keep-alive connections close after 5 s; uvicorn has no timeout for a half-sent request (a proxy in
+    # front of glmkit should set one)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5)
     return 0

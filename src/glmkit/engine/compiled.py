@@ -162,7 +162,7 @@ class CompiledDecoder:
         with torch.no_grad():
             program = torch.export.export(DecodeStep(self.model).eval(), example + kv, dynamic_shapes=dynamic,
                                           strict=False)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # private: packages are native code
         partial = self.path.with_name(f".partial-{os.getpid()}-{self.path.name}")  # must end in .pt2
         try:
             torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=options)

@@ -2,7 +2,9 @@
 
 Penalties (repetition, presence, frequency) look at the ids seen so far; filters (top-k, top-p,
 min-p) set logits to -inf; temperature 0 is greedy; randomness comes only from an explicit
-torch.Generator. NaN/Inf logits are reported, never sampled. Knows nothing about models or text.
+torch.Generator. Parameters are bounded so that no request can produce non-finite probabilities
+(temperature and top_p below a floor mean greedy); NaN/Inf logits are reported, never sampled.
+Knows nothing about models or text.
 """
 
 from __future__ import annotations
@@ -14,6 +16,14 @@ from typing import Callable
 import torch
 
 from glmkit.errors import GlmkitError
+
+
+MIN_TEMPERATURE = 1e-4  # dividing logits by less overflows float32: greedy instead
+MIN_TOP_P = 1e-8
+RANGES = {"max_tokens": "at least 1", "temperature": "0 to 100; 0 is greedy", "top_p": "above 0, at most 1",
+          "top_k": "0 (off) or more", "min_p": "0 to 1", "repetition_penalty": "0.01 to 100",
+          "presence_penalty": "-2 to 2", "frequency_penalty": "-2 to 2", "seed": "0 to 2**63 - 1",
+          "logprobs": "0 to 20"}
 
 
 @dataclass
@@ -33,15 +43,22 @@ class SamplingParams:
     logprobs: int | None = None  # record each sampled token's log-probability and this many top alternatives
 
     def __post_init__(self):
-        checks = [("max_tokens", self.max_tokens >= 1), ("temperature", self.temperature >= 0),
+        finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (
+            self.temperature, self.top_p, self.min_p, self.repetition_penalty, self.presence_penalty,
+            self.frequency_penalty))
+        checks = [("max_tokens", self.max_tokens >= 1), ("temperature", finite and 0 <= self.temperature <= 100),
                   ("top_p", 0 < self.top_p <= 1), ("top_k", self.top_k >= 0), ("min_p", 0 <= self.min_p <= 1),
-                  ("repetition_penalty", self.repetition_penalty > 0),
+                  ("repetition_penalty", 0.01 <= self.repetition_penalty <= 100),
                   ("presence_penalty", -2 <= self.presence_penalty <= 2),
-                  ("frequency_penalty", -2 <= self.frequency_penalty <= 2)]
-        checks.append(("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20))
+                  ("frequency_penalty", -2 <= self.frequency_penalty <= 2),
+                  ("seed", self.seed is None or 0 <= self.seed < 2 ** 63),
+                  ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20)]
         for name, ok in checks:
             if not ok:
-                raise GlmkitError(f"sampling parameter {name}={getattr(self, name)!r} is out of range.")
+                raise GlmkitError(f"sampling parameter {name}={getattr(self, name)!r} is out of range "
+                                  f"({RANGES[name]}).")
+        if self.temperature < MIN_TEMPERATURE or self.top_p < MIN_TOP_P:
+            self.temperature = 0.0  # below these floors sampling is greedy in all but rounding: made exactly so
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in self.stop if s]

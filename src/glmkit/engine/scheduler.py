@@ -63,7 +63,11 @@ class Scheduler:
         out: list[tuple[Sequence, Chunk]] = []
         while self.waiting and None in self.slots:
             seq = self.waiting.popleft()
-            self._emit(seq, self._prefill(seq), out)
+            try:
+                chunk = self._prefill(seq)
+            except Exception as e:  # noqa: BLE001 - one prompt's failure ends that request only
+                chunk = seq.fail(e, "prefill")
+            self._emit(seq, chunk, out)
         running = [i for i, s in enumerate(self.slots) if s is not None]
         if running:
             self._decode(running, out)
@@ -89,11 +93,7 @@ class Scheduler:
         seq.slot, self.slots[slot] = slot, seq
         self.cached[slot] = []
         inputs = StepInputs([slot], [seq.prompt[common:]], [common], seq.prompt, len(seq.prompt) + seq.max_new)
-        try:
-            logits = self.runner.step(inputs)[0]  # (V,)
-        except GlmkitError:
-            self.slots[slot], seq.slot = None, None
-            raise
+        logits = self.runner.step(inputs)[0]  # (V,); on failure the row holds nothing reusable (cached stays [])
         seq.prefilled, seq.fed = len(seq.prompt) - common, len(seq.prompt)
         return seq.take(logits)
 

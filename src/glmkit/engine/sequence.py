@@ -55,6 +55,7 @@ class Sequence:
         self.prefilled = 0  # prompt ids the last prefill ran (the rest came from a cached prefix)
         self.c = self.m = 0  # ChatGLM-6B: index of <sop> and the mask position, for 2d decode positions
         self.error: str | None = None
+        self.error_is_internal = False  # True: not the request's fault (the server answers 500, not 400)
         self.logprobs: list[tuple[float, dict[int, float]]] = []  # per output id: (its logprob, top alternatives)
 
     @property
@@ -66,16 +67,23 @@ class Sequence:
         return self.prompt + self.output
 
     def take(self, logits: torch.Tensor) -> Chunk | None:
-        """Sample the next id from this sequence's logits (V,) and accept it; NaN / Inf logits end this
-        sequence only, with the reason."""
+        """Sample the next id from this sequence's logits (V,) and accept it. Any failure here (NaN / Inf
+        logits, a stop rule or detokenizer error) ends this sequence only, with the reason: the batch
+        around it keeps decoding."""
         try:
             token = self.sample(logits, self.prompt, self.output, self.generator)
-        except GlmkitError as e:
-            self.error = str(e)
-            return self.finish("error")
-        if self.params.logprobs is not None:  # under the model's own distribution, before sampling filters
-            self.logprobs.append(top_logprobs(logits, token, self.params.logprobs))
-        return self.accept(token)
+            if self.params.logprobs is not None:  # under the model's own distribution, before sampling filters
+                self.logprobs.append(top_logprobs(logits, token, self.params.logprobs))
+            return self.accept(token)
+        except Exception as e:  # noqa: BLE001 - contained to this sequence, reported to its client
+            return self.fail(e, "sampling")
+
+    def fail(self, error: Exception, during: str) -> Chunk:
+        """End this sequence with an error (a GlmkitError's own sentence, else what failed), nothing else."""
+        self.error_is_internal = not isinstance(error, GlmkitError)
+        self.error = str(error) if not self.error_is_internal else \
+            f"this request failed during {during} ({type(error).__name__}: {error})."
+        return self.finish("error", flush=False)
 
     def accept(self, token: int) -> Chunk | None:
         """Take one sampled id; return a chunk of newly safe text (or the final chunk), else None."""

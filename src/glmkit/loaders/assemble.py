@@ -56,6 +56,7 @@ def assemble(checkpoint: Checkpoint, skeleton: Skeleton, device: str | None = No
     if quantize not in (None, "int8", "int4"):
         raise GlmkitError(f"quantize={quantize!r} is not supported; use None, 'int8' or 'int4'.")
     dev = pick_device(device)
+    checkpoint.check_layers()
     if checkpoint.layout.name == "glmkit_quantized":
         with lean_heap():
             model = _glmkit_quantized(checkpoint, skeleton(checkpoint.config), pick_dtype(dtype or "bfloat16", dev))
@@ -92,6 +93,10 @@ def fill(model: nn.Module, tensors: dict, sources: dict[str, str], device: torch
         if tuple(tensors[name].shape) != tuple(param.shape):
             raise CheckpointError(f"{sources[name]} has shape {tuple(tensors[name].shape)} but config.json implies "
                                   f"{tuple(param.shape)} for {name!r}; config.json and the weights disagree.")
+        stored = getattr(tensors[name], "dtype", torch.float32)  # packed GGUF blocks are float weights
+        if param.is_floating_point() and not stored.is_floating_point:
+            raise CheckpointError(f"{sources[name]} holds {stored} values where a floating-point weight belongs; "
+                                  "the file is damaged or not a model checkpoint.")
     packed = [name for name, t in tensors.items() if not isinstance(t, torch.Tensor)]
     state = {name: tensors.pop(name).to(device=device, dtype=dtype) for name in list(tensors) if name not in packed}
     for name in packed:  # GGUF int4 / int8 blocks become quantized modules directly, never float

@@ -18,7 +18,7 @@ from glmkit.config import ModelConfig
 from glmkit.errors import CheckpointError, GlmkitError
 import glmkit.loaders.hf as hf
 from glmkit.loaders.gguf_file import GGUFFile
-from glmkit.loaders.keymap import map_tensors
+from glmkit.loaders.keymap import layer_index, map_tensors
 from glmkit.loaders.layouts import GGUF_LAYOUTS, Layout, detect, read_config
 
 
@@ -59,6 +59,15 @@ class Checkpoint:
             raise
         except (RuntimeError, ValueError) as e:  # a layout fix that does not fit the stored shape
             raise CheckpointError(f"a tensor in {self.source} does not fit its config ({e}).") from None
+
+    def check_layers(self) -> None:
+        """config.json's layer count against the layers the weights hold, before anything is built: a hostile or
+        mistaken count fails in milliseconds, not after minutes of building."""
+        held = {int(i) for name, _, _ in self.named() if (i := layer_index(name)) is not None}
+        n = max(held) + 1 if held else 0
+        if self.config.num_layers > n:
+            raise CheckpointError(f"the config says {self.config.num_layers} layers but the weights in {self.source} "
+                                  f"hold {n}; the config does not belong to these weights (or files are missing).")
 
     def release_metadata(self) -> None:
         """Drop the GGUF header's key/values (the vocabulary) once the tokenizer is built: peak memory."""

@@ -60,6 +60,11 @@ def config_from_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]
                                            f"{', '.join(map(repr, GGUF_LAYOUTS))} GGUF files.")
     glm = arch != "llama"
     a = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
+    missing = [f"{arch}.{k}" for k in ("embedding_length", "attention.head_count", "feed_forward_length",
+                                       "block_count") if not isinstance(a(k), int)]
+    if missing:
+        raise CheckpointError(f"this GGUF's metadata lacks {', '.join(missing)}; the file is incomplete or was not "
+                              "written by llama.cpp's converter.")
     hidden, heads = int(a("embedding_length")), int(a("attention.head_count"))
     head_dim = int(a("attention.key_length", hidden // heads))
     if a("rope.scaling.type") not in (None, "none", "linear") or "rope_freqs.weight" in tensor_names:

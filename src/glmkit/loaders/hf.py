@@ -123,7 +123,12 @@ def _safetensors(file: Path) -> Named:
 
 def _torch_bin(file: Path) -> Named:
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # a legacy (pre-zip) file cannot be memory-mapped: read it whole
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds here: pickle, zip and unpickler errors
         raise CheckpointError(f"{file} cannot be read as a PyTorch weights file ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); it is corrupt, truncated or holds "

@@ -126,6 +126,11 @@ def _template(name: str) -> tuple[str, str | None]:
     return (name, None) if m is None else (name[: m.start()] + "{i}" + name[m.end():], m.group())
 
 
+def layer_index(name: str) -> str | None:
+    """The layer number in a tensor name (the first dotted number), or None."""
+    return _template(name)[1]
+
+
 def piece_rows(target: Target, config: ModelConfig, rows: int) -> tuple[int, int]:
     """The rows [lo, hi) of our parameter that a piece of it fills."""
     if target.piece is None:

@@ -7,12 +7,15 @@ keeps serving.
 
 from __future__ import annotations
 
+import hmac
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
+from glmkit.errors import GlmkitError
 from glmkit.server import completions, routes
 from glmkit.server.schema import error_body
 from glmkit.server.state import ApiError, ServerState
@@ -22,6 +25,8 @@ from glmkit.server.worker import EngineWorker
 def create_app(llm, *, model_name: str, api_keys: list[str] | None = None, cors_origins: list[str] | None = None,
                max_batch: int = 8, max_queue: int = 64, max_body_bytes: int = 4 << 20,
                request_timeout: float = 600.0) -> FastAPI:
+    if any(not k.strip() for k in api_keys or []):
+        raise GlmkitError("an API key is empty; give non-empty keys (or none, for an open server).")
     worker = EngineWorker(llm.make_engine(max_batch=max_batch), max_queue=max_queue)
 
     @asynccontextmanager
@@ -32,13 +37,15 @@ def create_app(llm, *, model_name: str, api_keys: list[str] | None = None, cors_
     app = FastAPI(title="glmkit", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.glmkit = ServerState(llm, model_name, worker, request_timeout)
     app.state.worker, app.state.llm = worker, llm
-    if cors_origins:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http_error)  # FastAPI's own: unknown route, wrong method, bad body
+    app.add_exception_handler(Exception, _internal)
+    app.add_middleware(Guard, keys={k.strip() for k in api_keys or []}, max_body_bytes=max_body_bytes)
+    if cors_origins:  # added last, so it wraps the Guard: a 401 carries CORS headers too
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
-    app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(RequestValidationError, _invalid)
-    app.add_middleware(Guard, keys=set(api_keys or []), max_body_bytes=max_body_bytes)
     app.include_router(routes.router)
     app.include_router(completions.router)
     return app
@@ -46,6 +53,21 @@ def create_app(llm, *, model_name: str, api_keys: list[str] | None = None, cors_
 
 async def _api_error(request: Request, e: ApiError):
     return JSONResponse(error_body(e.message, e.kind), status_code=e.status, headers=e.headers)
+
+
+async def _http_error(request: Request, e: HTTPException):
+    kinds = {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
+    message = {404: f"there is no route {request.url.path}; see /v1/models, /v1/chat/completions, "
+                    "/v1/completions.",
+               405: f"{request.method} is not allowed on {request.url.path}."}.get(e.status_code, str(e.detail))
+    return JSONResponse(error_body(message, kinds.get(e.status_code, "invalid_request_error")), e.status_code,
+                        headers=getattr(e, "headers", None))
+
+
+async def _internal(request: Request, e: Exception):
+    """Anything unforeseen still answers in OpenAI's shape (and is a bug to fix: client input gets a 4xx)."""
+    return JSONResponse(error_body(f"internal error ({type(e).__name__}); the server keeps serving.",
+                                   "server_error"), 500)
 
 
 async def _invalid(request: Request, e: RequestValidationError):
@@ -74,8 +96,10 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.keys and scope["path"] not in self.OPEN and scope["method"] != "OPTIONS":
-            auth = headers.get("authorization", "")
-            if not auth.startswith("Bearer ") or auth[7:].strip() not in self.keys:
+            scheme, _, key = headers.get("authorization", "").partition(" ")
+            # the scheme is case-insensitive (RFC 7235); keys are compared in constant time
+            if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip().encode(), k.encode())
+                                                     for k in self.keys):
                 return await JSONResponse(error_body("invalid or missing API key; send 'Authorization: Bearer <key>'.",
                                                      "authentication_error", code="invalid_api_key"), 401)(
                     scope, receive, send)

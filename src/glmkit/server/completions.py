@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from glmkit.server.schema import CompletionRequest, error_body
-from glmkit.server.state import ApiError, ServerState, sse, state_of
+from glmkit.server.state import ApiError, ServerState, check_text, sse, state_of
 
 router = APIRouter()
 
@@ -24,9 +24,10 @@ async def completions(body: CompletionRequest, request: Request):
     s = state_of(request)
     s.check_model(body.model)
     s.metrics.requests.labels("completions").inc()
+    check_text([body.prompt, body.stop])
     if _is_infill(body.prompt, s.llm):
         return await _infill(s, body, request)
-    prompts = _prompts(body.prompt, s.llm)
+    prompts = await asyncio.to_thread(_prompts, body.prompt, s.llm)  # tokenizing a long prompt: off the event loop
     if len(prompts) > 1 and body.stream:
         raise ApiError(400, "stream=true takes a single prompt.")
     max_tokens = body.max_tokens if body.max_tokens is not None else 16

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from pathlib import Path
@@ -13,9 +14,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 
 from glmkit.chat import ChatTurn
-from glmkit.errors import GlmkitError
 from glmkit.server.schema import ChatRequest, DetokenizeRequest, TokenizeRequest, error_body
-from glmkit.server.state import ApiError, ServerState, sse, state_of
+from glmkit.server.state import ApiError, ServerState, check_text, render_error, sse, state_of
 
 STATIC = Path(__file__).parent / "static"
 router = APIRouter()
@@ -51,10 +51,11 @@ async def chat(body: ChatRequest, request: Request):
     if s.llm.chat_format is None:
         raise ApiError(400, "this model has no chat format; use /v1/completions.")
     tools = None if body.tool_choice == "none" else body.tools
-    try:
-        ids = s.llm.apply_chat_template(body.messages, tools)
-    except GlmkitError as e:
-        raise ApiError(400, str(e)) from None
+    check_text([body.messages, tools, body.stop])
+    try:  # off the event loop: a long conversation takes a while to render and tokenize
+        ids = await asyncio.to_thread(s.llm.apply_chat_template, body.messages, tools)
+    except Exception as e:  # noqa: BLE001 - malformed messages or tools are the client's to fix
+        raise render_error(e) from None
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = s.sampling(body, max_tokens if max_tokens is not None else s.ctx - len(ids), len(ids))
     started = time.time()
@@ -104,6 +105,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
     s = state_of(request)
     s.check_model(body.model)
     llm = s.llm
+    check_text([body.messages, body.prompt])
     try:
         if body.messages is not None:
             ids = llm.apply_chat_template(body.messages)
@@ -115,8 +117,10 @@ async def tokenize(body: TokenizeRequest, request: Request):
                 ids = llm.chat_format.wrap_plain(ids)
         else:
             raise ApiError(400, "give 'prompt' (text) or 'messages'.")
-    except GlmkitError as e:
-        raise ApiError(400, str(e)) from None
+    except ApiError:
+        raise
+    except Exception as e:  # noqa: BLE001 - malformed messages are the client's to fix
+        raise render_error(e) from None
     return {"tokens": ids, "count": len(ids), "max_model_len": s.ctx}
 
 

@@ -20,6 +20,9 @@ from glmkit.server.metrics import Metrics
 from glmkit.server.worker import Busy, EngineWorker, Handle
 
 
+POLL_S = 0.25  # how often a waiting request checks that its client is still there
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", headers=None):
         super().__init__(message)
@@ -83,11 +86,13 @@ class ServerState:
         try:
             while True:
                 if request is not None and await request.is_disconnected():
-                    return  # the client left: the finally below frees its slot now
-                try:
-                    item = await asyncio.wait_for(handle.chunks.get(), timeout=max(0.01, deadline - time.time()))
+                    return  # the client left: the finally below frees its slot (or its place in the queue) now
+                try:  # wake up now and then while queued or slow, to notice a client that left
+                    item = await asyncio.wait_for(handle.chunks.get(), timeout=min(POLL_S, deadline - time.time()))
                 except asyncio.TimeoutError:
-                    raise ApiError(504, f"the request took longer than {self.request_timeout:.0f} s.") from None
+                    if time.time() >= deadline:
+                        raise ApiError(504, f"the request took longer than {self.request_timeout:.0f} s.") from None
+                    continue
                 if isinstance(item, Exception):
                     raise ApiError(400 if isinstance(item, GlmkitError) else 500, str(item))
                 now = time.time()
@@ -96,12 +101,37 @@ class ServerState:
                     self.metrics.generation_tokens.inc(len(item.token_ids))
                     first, last = False, now
                 if handle.seq is not None and handle.seq.error:
-                    raise ApiError(500, handle.seq.error)
+                    raise ApiError(500 if handle.seq.error_is_internal else 400, handle.seq.error)
                 yield item
                 if item.finish_reason is not None:
                     return
         finally:
             self.worker.cancel(handle)
+
+
+def check_text(value: Any, where: str = "the request") -> None:
+    """Every string in a request must be encodable text: a lone UTF-16 surrogate is refused here (400), not
+    deep in a tokenizer or the JSON writer."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, f"{where} holds a lone UTF-16 surrogate; send valid Unicode text.") from None
+    elif isinstance(value, dict):
+        for v in value.values():
+            check_text(v, where)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            check_text(v, where)
+
+
+def render_error(e: Exception) -> ApiError:
+    """A failure to render or tokenize a client's messages: their own sentence for glmkit's errors, and for
+    anything else (a tool without a name, a tool call without arguments) a 400 that says what broke."""
+    if isinstance(e, GlmkitError):
+        return ApiError(400, str(e))
+    return ApiError(400, f"the messages or tools are malformed ({type(e).__name__}: {e}); check them against "
+                         "OpenAI's chat format.")
 
 
 def state_of(request: Request) -> ServerState:
