@@ -137,3 +137,13 @@ def pytest_collection_modifyitems(config, items):
     if gpu:
         config.hook.pytest_deselected(items=gpu)
         items[:] = [item for item in items if "gpu" not in item.keywords]
+
+
+class CodeOnUnpickle:
+    """Pickled, it would create a marker file when unpickled: what a hostile checkpoint or run state carries."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

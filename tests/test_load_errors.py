@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import glmkit
 from glmkit.errors import CheckpointError, ConfigError, GlmkitError, UnsupportedArchitectureError
-from conftest import GLM_CONFIGS, make_hf_model
+from conftest import GLM_CONFIGS, CodeOnUnpickle, make_hf_model
 
 
 @pytest.fixture
@@ -121,19 +121,14 @@ def test_bin_with_pickled_code_is_refused(tmp_path, checkpoint):
     """weights_only=True: a .bin that would run code on unpickling is refused, and the code never runs."""
     (checkpoint / "model.safetensors").unlink()
     marker = tmp_path / "pwned"
-    torch.save({"model.embed_tokens.weight": torch.zeros(2), "evil": _Evil(str(marker))},
+    torch.save({"model.embed_tokens.weight": torch.zeros(2), "evil": CodeOnUnpickle(str(marker))},
                checkpoint / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"pytorch_model.bin cannot be read as a PyTorch weights file"):
         glmkit.load(checkpoint)
     assert not marker.exists()
 
 
-class _Evil:
-    def __init__(self, path: str):
-        self.path = path
 
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def test_python_shipped_with_checkpoint_is_never_run(tmp_path, checkpoint):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import glmkit
-from conftest import GLM_CONFIGS, LLAMA_CONFIGS, make_hf_model
+from conftest import GLM_CONFIGS, LLAMA_CONFIGS, CodeOnUnpickle, make_hf_model
 from vocab import CHATML_SPECIALS, SMOLLM2_TEMPLATE, corpus, save_hf_tokenizer, train_sentencepiece
 from glmkit.tokenizer import ChatGLM1Tokenizer
 from glmkit.train.data import IGNORE, Dataset, collate, sft_sample
@@ -480,16 +480,8 @@ def test_crafted_resume_state_never_runs_code(tmp_path, glm_v1, text_file):
     marker = tmp_path / "pwned"
     state = tmp_path / "out" / "checkpoints" / "step-0000001"
     state.mkdir(parents=True)
-    torch.save({"step": 1, "model": {}, "evil": _Evil(str(marker))}, state / "state.pt")
+    torch.save({"step": 1, "model": {}, "evil": CodeOnUnpickle(str(marker))}, state / "state.pt")
     with pytest.raises(glmkit.GlmkitError, match=r"state.pt cannot be resumed from .*Remove it or choose a new"):
         run(tmp_path / "out", data=[str(text_file)], objective="glm", init=str(glm_v1 / "config.json"),
             tokenizer=str(glm_v1), steps=2, save_every=1)
     assert not marker.exists()
-
-
-class _Evil:
-    def __init__(self, path: str):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
