@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import threading
@@ -433,3 +434,94 @@ def test_malformed_tools_on_native_glm_formats_are_400(tmp_path):
             "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}).status_code == 200
     finally:
         live.close()
+
+
+# ------------------------------------------------------------------------------------ schema fuzz
+HOSTILE = [None, -1, 0, 2 ** 70, -(2 ** 70), 1e308, float("nan"), "x" * 5000, "", [], {}, [[[[[]]]]], True,
+           "\ud800", {"type": "image_url"}, [{"role": "user"}], [1, "a", None], "<|im_end|>"]
+ROUTES = {
+    "/v1/chat/completions": {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    "/v1/completions": {"model": "tiny", "prompt": "hi", "max_tokens": 2},
+    "/tokenize": {"model": "tiny", "prompt": "hi"},
+    "/detokenize": {"model": "tiny", "tokens": [1, 2]},
+}
+FIELDS = ["model", "messages", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "seed",
+          "n", "stream", "stream_options", "tools", "tool_choice", "logprobs", "echo", "tokens", "presence_penalty",
+          "repetition_penalty", "max_completion_tokens", "ignore_eos"]
+
+
+def _send(client: httpx.Client, path: str, body) -> httpx.Response:
+    raw = json.dumps(body, allow_nan=True).encode()  # NaN and lone surrogates go out as JSON allows them
+    return client.post(path, content=raw, headers={**headers(), "content-type": "application/json"})
+
+
+def test_schema_fuzz_never_answers_5xx(server):
+    """Every route and field with hostile values (a few hundred requests): no 5xx but 503, OpenAI-shaped errors,
+    and a good request answered after."""
+    import random
+
+    rng, seen = random.Random(0), 0
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        for path, base in ROUTES.items():
+            for field in FIELDS:
+                for value in rng.sample(HOSTILE, 6):
+                    r = _send(client, path, {**base, field: value})
+                    seen += 1
+                    assert r.status_code < 500 or r.status_code == 503, (path, field, value, r.status_code, r.text)
+                    if r.status_code >= 400:
+                        error = r.json()["error"]
+                        assert isinstance(error["message"], str) and error["type"], (path, field, value, r.text)
+        for method in ("GET", "PUT", "DELETE", "PATCH"):
+            r = client.request(method, "/v1/completions", headers=headers())
+            assert r.status_code == 405 and "error" in r.json()
+        for raw in (b"\xff\xfe not utf-8", b"[" * 5000 + b"]" * 5000, b'{"max_tokens": ' + b"9" * 4300 + b"}"):
+            r = client.post("/v1/completions", content=raw, headers={**headers(), "content-type": "application/json"})
+            assert 400 <= r.status_code < 500 and "error" in r.json(), r.text
+    assert seen >= 400
+    ok = server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=3)
+    assert ok.choices[0].message.role == "assistant"
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def test_disconnect_soak_leaks_no_slot_or_memory(server):
+    """40 clients leave mid-stream or while queued, 8 at a time: afterwards nothing runs or waits, the worker's
+    admission count is back to zero, and resident memory has not grown by more than 100 MB."""
+    engine, worker = server.app.state.worker.engine, server.app.state.worker
+
+    def leave(i: int) -> None:
+        body = {"prompt": f"hello {i}", "max_tokens": 200, "stream": i % 2 == 0, "ignore_eos": True}
+        try:
+            with httpx.Client(base_url=server.url, headers=headers(), timeout=0.05 + 0.05 * (i % 4)) as http:
+                if body["stream"]:
+                    with http.stream("POST", "/v1/completions", json=body) as r:
+                        lines = r.iter_lines()
+                        for _ in range(i % 5):
+                            next(lines)
+                else:
+                    http.post("/v1/completions", json=body)
+        except httpx.TimeoutException:
+            pass
+
+    before = _rss_mb()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(leave, range(40)))
+    deadline = time.time() + 10
+    while engine.running or engine.waiting or worker.admitted:
+        assert time.time() < deadline, "a client that left kept its slot or place"
+        time.sleep(0.05)
+    assert _rss_mb() - before < 100
+
+
+def test_request_sizes_are_bounded(server):
+    cases = [("/v1/completions", {"prompt": ["a"] * 129, "max_tokens": 1}, "at most 128 prompts"),
+             ("/v1/completions", {"prompt": "a", "max_tokens": 1, "stop": ["x"] * 17}, "at most 16 stop strings"),
+             ("/v1/completions", {"prompt": "a", "max_tokens": 1, "stop": "x" * 513}, "at most 16 stop strings"),
+             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS * 129}, "128")]
+    for path, body, message in cases:
+        r = httpx.post(server.url + path, headers=headers(), json=body)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP, MAX_STOP_CHARS, MAX_PROMPTS, MAX_TOOLS = 16, 512, 128, 128  # bounded cost per request
 
 
 class _Request(BaseModel):
@@ -29,17 +31,32 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     ignore_eos: bool = False
 
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, v):
+        stops = [v] if isinstance(v, str) else v or []
+        if len(stops) > MAX_STOP or any(len(x) > MAX_STOP_CHARS for x in stops):
+            raise ValueError(f"at most {MAX_STOP} stop strings of at most {MAX_STOP_CHARS} characters")
+        return v
+
 
 class ChatRequest(_Request):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None
 
 
 class CompletionRequest(_Request):
     prompt: Union[str, list[str], list[int], list[list[int]]]
+
+    @field_validator("prompt")
+    @classmethod
+    def _bounded_prompts(cls, v):
+        if isinstance(v, list) and v and not isinstance(v[0], int) and len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+        return v
     max_tokens: int | None = 16
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
