@@ -525,3 +525,32 @@ def test_request_sizes_are_bounded(server):
     for path, body, message in cases:
         r = httpx.post(server.url + path, headers=headers(), json=body)
         assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+def test_longest_echo_logprobs_prompt_is_bounded(tmp_path):
+    """An 8,000-token prompt with echo, logprobs 20 and max_tokens 0 (lm-evaluation-harness's loglikelihood
+    request at its largest): memory stays bounded and the event loop keeps answering /health meanwhile."""
+    from vocab import CHATML_SPECIALS
+
+    tok = build_tokenizer_json(CHATML_SPECIALS)
+    bigram_model(tmp_path, tok, [5], 5, context=16384, eos_token="<|im_end|>")
+    live = LiveServer(glmkit.load(tmp_path))
+    try:
+        prompt = [5 + (i % 7) for i in range(8000)]
+        before, slowest = _rss_mb(), 0.0
+        with ThreadPoolExecutor(1) as pool:
+            job = pool.submit(httpx.post, live.url + "/v1/completions", timeout=300,
+                              json={"prompt": prompt, "echo": True, "logprobs": 20, "max_tokens": 0})
+            while not job.done():
+                t = time.time()
+                assert httpx.get(live.url + "/health", timeout=5).status_code == 200
+                slowest = max(slowest, time.time() - t)
+                time.sleep(0.05)
+            r = job.result()
+        assert r.status_code == 200, r.text
+        lp = r.json()["choices"][0]["logprobs"]
+        assert len(lp["token_logprobs"]) == 8000 and 1 <= len(lp["top_logprobs"][-1]) <= 20  # keyed by text
+        assert slowest < 1.0, slowest
+        assert _rss_mb() - before < 400
+    finally:
+        live.close()
