@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import glmkit
 from glmkit.errors import CheckpointError, ConfigError, GlmkitError, UnsupportedArchitectureError
-from conftest import GLM_CONFIGS, CodeOnUnpickle, make_hf_model
+from conftest import GLM_CONFIGS, LLAMA_CONFIGS, CodeOnUnpickle, make_hf_model
 
 
 @pytest.fixture
@@ -230,3 +230,13 @@ def test_gguf_without_its_architecture_keys(tmp_path):
     w.close()
     with pytest.raises(CheckpointError, match=r"metadata lacks llama.embedding_length"):
         glmkit.load(tmp_path / "bare.gguf")
+
+
+def test_misshaped_fused_piece_names_that_piece(tmp_path):
+    hf = make_hf_model("llama", LLAMA_CONFIGS["gqa-bias"])
+    hf.save_pretrained(tmp_path)
+    _edit_weights(tmp_path, lambda t: t.update({"model.layers.1.self_attn.k_proj.weight":
+                                                t["model.layers.1.self_attn.k_proj.weight"][:-2]}))
+    with pytest.raises(CheckpointError, match=r"model.layers.1.self_attn.k_proj.weight has 14 rows but the config "
+                                              r"implies 16"):
+        glmkit.load(tmp_path)

@@ -166,6 +166,8 @@ def map_tensors(table: Table, named: Iterable[tuple[str, str, Callable[[], torch
     sources: dict[str, str] = {}
     pieces: dict[str, dict[int, torch.Tensor]] = {}
     counts: dict[str, int] = {}
+    splits: dict[str, str | None] = {}
+    piece_sources: dict[tuple[str, int], str] = {}
     for name, file, load in named:
         target = table.target(name, config)
         if target is NO_MATCH:
@@ -184,12 +186,20 @@ def map_tensors(table: Table, named: Iterable[tuple[str, str, Callable[[], torch
             tensors[ours] = tensor
         else:
             pieces.setdefault(ours, {})[target.piece] = tensor
-            counts[ours] = target.count
+            counts[ours], splits[ours] = target.count, target.split
+            piece_sources[(ours, target.piece)] = f"{file}: {name}"
     for ours, parts in pieces.items():
         if sorted(parts) != list(range(counts[ours])):
             raise CheckpointError(f"{sources[ours]}: the checkpoint has only some pieces of {ours!r} "
                                   f"(found {sorted(parts)}); the file set is incomplete.")
-        tensors[ours] = _join([parts[i] for i in sorted(parts)])
+        ordered = [parts[i] for i in sorted(parts)]
+        if config is not None and splits[ours] is not None and ours.endswith(".weight"):
+            sizes = SPLITS[splits[ours]](config, sum(p.shape[0] for p in ordered))
+            wrong = next((i for i, (p, n) in enumerate(zip(ordered, sizes)) if p.shape[0] != n), None)
+            if wrong is not None:  # name the piece that does not fit, not the first one
+                raise CheckpointError(f"{piece_sources[(ours, wrong)]} has {ordered[wrong].shape[0]} rows but the "
+                                      f"config implies {sizes[wrong]}; the config and the weights disagree.")
+        tensors[ours] = _join(ordered)
     return tensors, sources
 
 
