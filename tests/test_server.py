@@ -554,3 +554,35 @@ def test_longest_echo_logprobs_prompt_is_bounded(tmp_path):
         assert _rss_mb() - before < 400
     finally:
         live.close()
+
+
+def test_half_sent_request_is_closed_by_the_server(chatml_dir):
+    """A client that sends half a request line and stalls is disconnected after the header deadline; whole
+    requests on the same server are unaffected."""
+    import uvicorn
+
+    from glmkit.server.app import create_app
+    from glmkit.server.protocol import HeaderTimeoutH11
+
+    class Quick(HeaderTimeoutH11):
+        header_timeout = 0.5
+
+    app = create_app(glmkit.load(chatml_dir), model_name="tiny")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", http=Quick))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as stalled:
+            stalled.sendall(b"GET /hea")
+            t = time.time()
+            assert stalled.recv(100) == b""  # closed by the server
+            assert time.time() - t < 3
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -32,6 +32,7 @@ def main(args: argparse.Namespace) -> int:
 
     from glmkit.errors import GlmkitError
     from glmkit.server.app import create_app
+    from glmkit.server.protocol import HeaderTimeoutH11
 
     keys = list(args.api_key)
     if args.api_key_file:
@@ -46,7 +47,6 @@ def main(args: argparse.Namespace) -> int:
     url = f"http://{args.host}:{args.port}"
     print(f"glmkit serve: {name} at {url}/v1 (OpenAI API; model name {name!r}), chat page at {url}/"
           + (" — API key required" if keys else ""), file=sys.stderr, flush=True)
-    # idle keep-alive connections close after 5 s; uvicorn has no timeout for a half-sent request (a proxy in
-    # front of glmkit should set one)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5)
+    # idle keep-alive connections close after 5 s, and a request head must arrive within 10 s
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5, http=HeaderTimeoutH11)
     return 0
