@@ -121,3 +121,15 @@ def test_a_package_on_disk_is_used_without_compiling(tmp_path):
     found = llm.compile(background=True, build=False)
     assert found.wait(60) and found.cached
     assert greedy(llm, prompt) == expected
+
+
+def test_a_folder_others_can_write_is_not_trusted(tmp_path):
+    """Compiled packages are native code: from a group- or world-writable folder none is loaded."""
+    make_hf_model("llama", LLAMA_CONFIGS["mqa-tied"]).save_pretrained(tmp_path / "m")
+    llm = glmkit.load(tmp_path / "m")
+    folder = tmp_path / "home" / "compiled"
+    folder.mkdir(parents=True)
+    folder.chmod(0o777)
+    with pytest.warns(UserWarning, match="writable by other users"):
+        decoder = llm.compile(build=False)
+    assert not decoder.ready and "writable by other users" in decoder.error

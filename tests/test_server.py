@@ -158,7 +158,8 @@ def test_busy_server_answers_503_with_retry_after(chatml_dir):
         with httpx.Client(base_url=live.url, timeout=30) as http:
             body = {"prompt": "hello", "max_tokens": 400, "stream": True, "ignore_eos": True}
             with http.stream("POST", "/v1/completions", json=body) as first:
-                next(first.iter_lines())  # the first request holds the only slot
+                lines = first.iter_lines()  # kept: a dropped iterator closes the stream (and frees the slot)
+                next(lines)  # the first request holds the only slot
                 second = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
                 assert second.status_code == 503 and second.headers["retry-after"] == "1"
             worker, deadline = live.app.state.worker, time.time() + 5

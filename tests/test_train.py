@@ -459,7 +459,11 @@ def test_bad_training_inputs_get_one_clear_line(tmp_path, glm_v1):
     bad_json.write_text("{not json")
     chat = tmp_path / "chat.jsonl"
     chat.write_text('[{"role": "user", "content": "hi"}]\nnot json\n')
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('[{"role": "user", "content": "café"}]\n'.encode("latin-1"))
     cases = [
+        (["--output", str(tmp_path / "o"), "--data", str(latin), "--init", str(glm_v1 / "config.json"),
+          "--tokenizer", str(glm_v1), "--objective", "sft"], "is not UTF-8 text"),
         (["--output", str(tmp_path / "o"), "--data", "x.txt", "--init", str(tmp_path / "nope.json")], "does not exist"),
         (["--config", str(bad_json)], "not valid JSON"),
         (["--output", str(tmp_path / "o"), "--data", str(tmp_path / "missing.txt"), "--init",

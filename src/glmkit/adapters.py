@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from glmkit.config import ModelConfig
-from glmkit.errors import CheckpointError, GlmkitError
+from glmkit.errors import CheckpointError, GlmkitError, read_utf8
 from glmkit.loaders.keymap import TRANSFORMS, piece_rows
 from glmkit.loaders.layouts import LAYOUTS
 from glmkit.quant import replace_module
@@ -145,7 +145,12 @@ def read_adapter(directory: str | Path) -> tuple[LoRASettings, dict[str, tuple[t
     if not cfg_path.is_file():
         raise CheckpointError(f"{directory} is not a LoRA adapter (no adapter_config.json); pass the directory "
                               "that `glmkit train --lora-r ...` or PEFT's save_pretrained wrote.")
-    raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    try:
+        raw = json.loads(read_utf8(cfg_path, "adapter config"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-create the adapter.") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_path} must hold a JSON object.")
     if raw.get("peft_type") != "LORA":
         raise CheckpointError(f"{cfg_path} describes a {raw.get('peft_type')!r} adapter; glmkit applies LoRA only.")
     for key, ok in (("use_dora", (False, None)), ("bias", ("none", None)), ("fan_in_fan_out", (False, None))):

@@ -16,7 +16,7 @@ import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from glmkit.errors import CheckpointError, GlmkitError
+from glmkit.errors import CheckpointError, GlmkitError, read_utf8
 
 
 class Tokenizer(ABC):
@@ -165,7 +165,7 @@ class TiktokenTokenizer(Tokenizer):
         import tiktoken
 
         ranks = {}
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_utf8(path, "tokenizer").splitlines(), 1):
             if line.strip():
                 try:
                     token, rank = line.split()
@@ -244,16 +244,6 @@ def load_tokenizer(directory: str | Path, thudm: bool | None = None) -> Tokenize
         thudm = _is_thudm(directory) if thudm is None else thudm
         return SentencePieceTokenizer(model, SentencePieceTokenizer.CHATGLM_SPECIALS if thudm else [])
     return None
-
-
-def tokenizer_config(directory: str | Path) -> dict:
-    path = Path(directory) / "tokenizer_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it.") from None
 
 
 def _is_thudm(directory: Path) -> bool:

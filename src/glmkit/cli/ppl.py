@@ -19,7 +19,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from glmkit.errors import GlmkitError
+    from glmkit.errors import GlmkitError, read_utf8
 
     path = Path(args.file)
     if path.is_dir():
@@ -28,11 +28,7 @@ def main(args: argparse.Namespace) -> int:
         raise GlmkitError(f"{path} does not exist; pass a text file.")
     if args.ctx < 4:
         raise GlmkitError(f"--ctx must be at least 4, got {args.ctx}.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise GlmkitError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded); convert it first, e.g. "
-                          "with iconv.") from None
+    text = read_utf8(path, "the text")
     args.eager = True  # whole-window forward passes: a compiled one-token step would not be used
     llm = load_model(args)
     ids = llm.tokenizer.encode_prompt(text)

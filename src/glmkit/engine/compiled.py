@@ -83,6 +83,12 @@ def package_key(model: Transformer, options: dict) -> str:
     return h.hexdigest()[:24]
 
 
+def _private(directory: Path) -> bool:
+    """Packages are native code: only a folder this user owns and nobody else may write is trusted."""
+    st = directory.stat()
+    return (not hasattr(os, "getuid") or st.st_uid == os.getuid()) and not st.st_mode & 0o022
+
+
 def traced_sources(model: Transformer) -> list[Path]:
     """The source files of the code a decode step runs: this module, the cache, and the module of every layer
     type in the model (a package's whole folder, e.g. quant/ with its packing helpers)."""
@@ -114,6 +120,10 @@ class CompiledDecoder:
     def compile(self, build: bool = True) -> "CompiledDecoder":
         """Load the package from disk, or export and compile it now (blocking); on failure stay eager.
         build=False only looks on disk: without a package, decoding stays eager and nothing is said."""
+        if self.directory.exists() and not _private(self.directory):
+            self.error = f"{self.directory} is writable by other users; glmkit loads no compiled code from it"
+            warnings.warn(f"{self.error} (chmod 700 it); decoding stays eager.", stacklevel=2)
+            return self
         if not build and not any(self.directory.glob("decode-*.pt2")):  # nothing could match: skip hashing the weights
             self.error = "no compiled package on disk (glmkit compile builds one)"
             return self

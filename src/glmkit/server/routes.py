@@ -104,24 +104,23 @@ async def _chat_stream(s: ServerState, handle, turn: ChatTurn, base: dict, start
 async def tokenize(body: TokenizeRequest, request: Request):
     s = state_of(request)
     s.check_model(body.model)
-    llm = s.llm
     check_text([body.messages, body.prompt])
-    try:
-        if body.messages is not None:
-            ids = llm.apply_chat_template(body.messages)
-        elif body.prompt is not None:
-            # a raw tokenizer endpoint, like HF's and vLLM's: special-token text is parsed (lm-evaluation-harness
-            # finds the EOS id this way); chat messages stay protected by their renderers
-            ids = llm.tokenizer.encode(body.prompt, allow_special=True)
-            if body.add_special_tokens and llm.chat_format is not None:
-                ids = llm.chat_format.wrap_plain(ids)
-        else:
-            raise ApiError(400, "give 'prompt' (text) or 'messages'.")
-    except ApiError:
-        raise
+    if body.messages is None and body.prompt is None:
+        raise ApiError(400, "give 'prompt' (text) or 'messages'.")
+    try:  # off the event loop, as every tokenization of client text
+        ids = await asyncio.to_thread(_tokenize, s.llm, body)
     except Exception as e:  # noqa: BLE001 - malformed messages are the client's to fix
         raise render_error(e) from None
     return {"tokens": ids, "count": len(ids), "max_model_len": s.ctx}
+
+
+def _tokenize(llm, body: TokenizeRequest) -> list[int]:
+    if body.messages is not None:
+        return llm.apply_chat_template(body.messages)
+    # a raw tokenizer endpoint, like HF's and vLLM's: special-token text is parsed (lm-evaluation-harness finds
+    # the EOS id this way); chat messages stay protected by their renderers
+    ids = llm.tokenizer.encode(body.prompt, allow_special=True)
+    return llm.chat_format.wrap_plain(ids) if body.add_special_tokens and llm.chat_format is not None else ids
 
 
 @router.post("/detokenize")

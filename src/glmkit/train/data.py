@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from glmkit.config import ModelConfig
-from glmkit.errors import GlmkitError
+from glmkit.errors import GlmkitError, read_utf8
 from glmkit.positions import prompt_positions
 from glmkit.train.glm_objective import IGNORE, GLMTokens, Mixture, glm_sample
 
@@ -38,7 +38,7 @@ def read_documents(paths: list[str | Path]) -> list[str]:
         path = Path(path)
         if not path.is_file():
             raise GlmkitError(f"training data {path} does not exist; pass text files (one document per line).")
-        docs += [line.replace("\\n", "\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        docs += [line.replace("\\n", "\n") for line in read_utf8(path, "training data").splitlines() if line.strip()]
     if not docs:
         raise GlmkitError(f"the training data {[str(p) for p in paths]} holds no text.")
     return docs
@@ -52,7 +52,7 @@ def read_conversations(paths: list[str | Path]) -> list[dict]:
         path = Path(path)
         if not path.is_file():
             raise GlmkitError(f"chat data {path} does not exist; pass JSONL files of conversations.")
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_utf8(path, "chat data").splitlines(), 1):
             if not line.strip():
                 continue
             try:
