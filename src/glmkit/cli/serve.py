@@ -40,6 +40,8 @@ def main(args: argparse.Namespace) -> int:
             keys += [k.strip() for k in Path(args.api_key_file).read_text().splitlines() if k.strip()]
         except OSError as e:
             raise GlmkitError(f"cannot read the API key file {args.api_key_file} ({e.strerror}).") from None
+    if any(not k.strip() for k in keys):  # before loading: a server no one could use is refused at once
+        raise GlmkitError("an API key is empty; give non-empty keys (or none, for an open server).")
     llm = load_model(args)
     name = args.model_name or str(args.model)
     app = create_app(llm, model_name=name, api_keys=keys, cors_origins=args.cors_origin, max_batch=args.max_batch,
