@@ -85,3 +85,30 @@ def test_forced_jinja_without_a_template(tmp_path):
     train_sentencepiece(tmp_path / "tokenizer.model")
     with pytest.raises(GlmkitError, match="chat format 'jinja' was asked for, but this checkpoint has no chat template"):
         glmkit.load(tmp_path, chat_format="jinja")
+
+
+# ---------------------------------------------------------------------------------- sampling defaults
+def test_sampling_defaults_follow_generation_config():
+    from glmkit.engine.sampling import FALLBACK, NEUTRAL, sampling_defaults
+
+    assert sampling_defaults({}) == FALLBACK  # nothing said: llama-server's defaults
+    assert sampling_defaults({"bos_token_id": 1, "eos_token_id": 2}) == FALLBACK  # transformers' bare file
+    assert sampling_defaults({"do_sample": False})["temperature"] == 0
+    glm4 = sampling_defaults({"do_sample": True, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 512})
+    assert glm4 == {**NEUTRAL, "temperature": 0.6, "top_p": 0.95, "max_tokens": 512}
+
+
+def test_checkpoint_generation_config_is_the_default(tmp_path, random_ids):
+    """A checkpoint that asks for greedy decoding (do_sample false) gets it when no sampling argument is given;
+    its generation_config eos ids stop generation too; arguments still override."""
+    import json
+
+    make_hf_model("llama", LLAMA_CONFIGS["mqa-tied"], vocab_size=500).save_pretrained(tmp_path)
+    save_hf_tokenizer(tmp_path, CHATML_SPECIALS, SMOLLM2_TEMPLATE, eos_token="<|im_end|>")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "eos_token_id": [7, 9]}))
+    llm = glmkit.load(tmp_path)
+    assert llm.defaults["temperature"] == 0 and {7, 9} <= llm.engine.stop_ids
+    ids = random_ids(1, 6, 500, seed=3)[0].tolist()
+    greedy = llm.generate(ids, max_tokens=8, temperature=0, ignore_eos=True).token_ids
+    assert llm.generate(ids, max_tokens=8, ignore_eos=True).token_ids == greedy
+    assert llm.sampling_params(temperature=0.5).temperature == 0.5

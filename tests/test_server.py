@@ -587,3 +587,20 @@ def test_half_sent_request_is_closed_by_the_server(chatml_dir):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_requests_without_sampling_fields_take_the_server_defaults(chatml_dir):
+    """What `glmkit serve --temperature 0` does: llm.defaults decide every field a request leaves out."""
+    llm = glmkit.load(chatml_dir)
+    llm.defaults.update(temperature=0.0)
+    live = LiveServer(llm)
+    try:
+        body = {"prompt": "the quick brown fox", "max_tokens": 12, "ignore_eos": True}
+        plain = [httpx.post(live.url + "/v1/completions", json=body).json()["choices"][0]["text"] for _ in range(2)]
+        greedy = httpx.post(live.url + "/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
+        assert plain == [greedy, greedy]
+        hot = {httpx.post(live.url + "/v1/completions", json={**body, "temperature": 2.0, "seed": s}).json()[
+            "choices"][0]["text"] for s in range(3)}
+        assert len(hot) > 1  # a request's own value still wins
+    finally:
+        live.close()

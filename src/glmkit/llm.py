@@ -20,7 +20,7 @@ from glmkit.chat import ChatFormat, ChatTurn, fit_conversation, tokenizer_and_fo
 from glmkit.config import ModelConfig
 from glmkit.engine.generate import complete, complete_batch, stream as stream_chunks
 from glmkit.engine.runner import ModelRunner
-from glmkit.engine.sampling import SamplingParams
+from glmkit.engine.sampling import SamplingParams, sampling_defaults
 from glmkit.engine.scheduler import Scheduler
 from glmkit.engine.sequence import Chunk, Completion
 from glmkit.errors import GlmkitError
@@ -43,7 +43,7 @@ def compiled_dir() -> Path:
 class LLM:
     def __init__(self, model: Transformer, source: str, tokenizer: Tokenizer | None = None,
                  chat_format: ChatFormat | None = None, *, layout: Layout | None = None,
-                 prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None, generation: dict | None = None):
         self.model = model.eval()
         self.config: ModelConfig = model.config
         self.source, self.layout = source, layout
@@ -51,10 +51,15 @@ class LLM:
         self.prefix_kv = prefix_kv  # P-tuning v2 prefix (load(ptuning=...)): every engine puts it in its cache
         self.compiled = None  # the CompiledDecoder of llm.compile(), handed to every engine
         self._engine: Scheduler | None = None
+        generation = generation or {}
+        self.defaults = sampling_defaults(generation)  # what sampling arguments left out mean (README: Sampling)
+        eos = generation.get("eos_token_id")
+        self.extra_stop_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int)}
 
     def make_engine(self, max_batch: int = 8) -> Scheduler:
         """A new continuous-batching engine over this model: its stop ids, detokenizer, prefix and compiled step."""
-        stops = set(self.config.eos_token_ids) | set(self.chat_format.stop_ids if self.chat_format else ())
+        stops = set(self.config.eos_token_ids) | set(self.chat_format.stop_ids if self.chat_format else ()) \
+            | self.extra_stop_ids
         decode = None if self._tokenizer is None else (lambda ids: self._tokenizer.decode(ids, skip_special=True))
         runner = ModelRunner(self.model, self.prefix_kv)
         runner.compiled = self.compiled
@@ -76,6 +81,14 @@ class LLM:
         self.compiled = self.engine.runner.compiled = CompiledDecoder(self.model, compiled_dir())
         return self.compiled.compile_in_background(build) if background else self.compiled.compile(build)
 
+    def sampling_params(self, **sampling: Any) -> SamplingParams:
+        """The given sampling arguments over this model's defaults (`llm.defaults`: generation_config.json, else
+        llama-server's), checked."""
+        try:
+            return SamplingParams(**{**self.defaults, **{k: v for k, v in sampling.items() if v is not None}})
+        except TypeError as e:
+            raise GlmkitError(f"unknown sampling parameter ({e}); see help(glmkit.LLM.generate).") from None
+
     def encode_prompt(self, text: str) -> list[int]:
         """Plain text -> prompt ids, with the special tokens this generation puts around a prompt
         (ChatGLM-6B: text + [gMASK] <sop>; ChatGLM2/3, GLM-4: [gMASK] sop + text; others: as the tokenizer adds)."""
@@ -89,13 +102,13 @@ class LLM:
                  **sampling: Any) -> Completion | Iterator[Chunk]:
         """Complete text or token ids. Sampling: max_tokens, temperature (0 = greedy), top_p, top_k, min_p,
         repetition_penalty, presence_penalty, frequency_penalty, stop (strings), stop_token_ids, ignore_eos, seed."""
-        ids, params = self._ids(prompt), _params(sampling)
+        ids, params = self._ids(prompt), self.sampling_params(**sampling)
         return stream_chunks(self.engine, ids, params) if stream else complete(self.engine, ids, params)
 
     def generate_batch(self, prompts: list[str | Sequence[int]], **sampling: Any) -> list[Completion]:
         """One Completion per prompt, decoded together through continuous batching."""
         ids = [self._ids(p) for p in prompts]
-        return complete_batch(self.engine, ids, [_params(sampling) for _ in ids])
+        return complete_batch(self.engine, ids, [self.sampling_params(**sampling) for _ in ids])
 
     def chat(self, messages: list[dict], *, tools: list[dict] | None = None, stream: bool = False,
              truncate: str = "error", **sampling: Any):
@@ -105,7 +118,7 @@ class LLM:
         drops the oldest turns of a conversation longer than the context instead of raising."""
         ids = fit_conversation(lambda m: self.apply_chat_template(m, tools), messages, self.config.max_seq_len,
                                truncate)
-        params, turn = _params(sampling), ChatTurn(self.chat_format, tools, len(ids))
+        params, turn = self.sampling_params(**sampling), ChatTurn(self.chat_format, tools, len(ids))
         if stream:
             return self._chat_stream(ids, turn, params)
         done = complete(self.engine, ids, params)
@@ -227,11 +240,5 @@ def load(source: str | Path | None = None, *, device: str | None = None, dtype: 
     if lora is not None:
         apply_lora(model, checkpoint.layout.adapter_names, lora)
     prefix = None if ptuning is None else load_prefix(ptuning, model.config)
-    return LLM(model, checkpoint.source, tokenizer, fmt, layout=checkpoint.layout, prefix_kv=prefix)
-
-
-def _params(sampling: dict[str, Any]) -> SamplingParams:
-    try:
-        return SamplingParams(**sampling)
-    except TypeError as e:
-        raise GlmkitError(f"unknown sampling parameter ({e}); see help(glmkit.LLM.generate).") from None
+    return LLM(model, checkpoint.source, tokenizer, fmt, layout=checkpoint.layout, prefix_kv=prefix,
+               generation=checkpoint.generation)

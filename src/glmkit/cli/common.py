@@ -25,18 +25,24 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     speed.add_argument("--eager", action="store_true", help="never use a compiled decode step")
 
 
-def add_sampling_args(parser: argparse.ArgumentParser, *, max_tokens: int) -> None:
-    parser.add_argument("--max-tokens", type=int, default=max_tokens)
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
-    parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+def add_sampling_args(parser: argparse.ArgumentParser, *, max_tokens: int | None) -> None:
+    """Sampling flags; those left out take the model's defaults (its generation_config.json, else llama-server's:
+    temperature 0.8, top-k 40, top-p 0.95, min-p 0.05)."""
+    parser.add_argument("--max-tokens", type=int, default=max_tokens,
+                        help=f"most tokens to generate (default {max_tokens or 'the model default'})")
+    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's)")
+    parser.add_argument("--top-p", type=float, default=None, help="default: the model's")
+    parser.add_argument("--top-k", type=int, default=None, help="0 = off (default: the model's)")
+    parser.add_argument("--min-p", type=float, default=None, help="default: the model's")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help="default: the model's (1 = off)")
     parser.add_argument("--seed", type=int, default=None)
 
 
 def sampling(args: argparse.Namespace) -> dict:
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                repetition_penalty=args.repetition_penalty, seed=args.seed)
+    """The sampling flags given (None ones are left to the model's defaults)."""
+    given = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                 min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def load_model(args: argparse.Namespace):

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from glmkit.cli.common import add_model_args, load_model
+from glmkit.cli.common import add_model_args, add_sampling_args, load_model, sampling
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +25,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait (default 64)")
     parser.add_argument("--model-name", default=None, help="the name clients use (default: the MODEL argument)")
     parser.add_argument("--timeout", type=float, default=600.0, help="per-request limit in seconds")
+    add_sampling_args(parser, max_tokens=None)  # the server's defaults for requests that leave them out
 
 
 def main(args: argparse.Namespace) -> int:
@@ -43,6 +44,9 @@ def main(args: argparse.Namespace) -> int:
     if any(not k.strip() for k in keys):  # before loading: a server no one could use is refused at once
         raise GlmkitError("an API key is empty; give non-empty keys (or none, for an open server).")
     llm = load_model(args)
+    defaults = sampling(args)
+    llm.sampling_params(**defaults)  # checked now, not at the first request
+    llm.defaults.update(defaults)
     name = args.model_name or str(args.model)
     app = create_app(llm, model_name=name, api_keys=keys, cors_origins=args.cors_origin, max_batch=args.max_batch,
                      max_queue=args.max_queue, request_timeout=args.timeout)

@@ -26,6 +26,29 @@ RANGES = {"max_tokens": "at least 1", "temperature": "0 to 100; 0 is greedy", "t
           "logprobs": "0 to 20"}
 
 
+# Without the authors' settings: llama-server's defaults, which stop the small models on their own
+FALLBACK = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+NEUTRAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}  # what a generation_config leaves unsaid
+DEFAULT_MAX_TOKENS = 4096  # when neither the request nor the checkpoint says: never the whole of a 128k context
+
+
+def sampling_defaults(generation: dict) -> dict:
+    """The sampling defaults a checkpoint's generation_config.json asks for (as vLLM reads it: the keys it sets
+    over neutral values; do_sample false is greedy), or llama-server's defaults when it sets none."""
+    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "do_sample")
+    if not any(generation.get(k) is not None for k in keys):
+        return dict(FALLBACK)
+    out = dict(NEUTRAL)
+    for key in keys[:-1]:
+        if isinstance(generation.get(key), (int, float)) and not isinstance(generation.get(key), bool):
+            out[key] = generation[key]
+    if generation.get("do_sample") is False:
+        out["temperature"] = 0.0
+    if isinstance(generation.get("max_new_tokens"), int) and generation["max_new_tokens"] > 0:
+        out["max_tokens"] = generation["max_new_tokens"]
+    return out
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 256

@@ -2,7 +2,8 @@
 
 A source is a checkpoint directory, a .gguf file, a packaged alias (pulled on first use) or a Hugging Face repo
 id (fetched when online). The Checkpoint says its layout, config, stored quantization, where its tokenizer
-lives (a directory, or the GGUF metadata), its chat template and special-token strings, and reads its
+lives (a directory, or the GGUF metadata), its chat template, special-token strings and generation_config.json
+(the authors' sampling settings), and reads its
 tensors under our names only when `tensors()` is called. No model is built and no code from disk runs.
 """
 
@@ -33,6 +34,7 @@ class Checkpoint:
     tokenizer_config: dict[str, Any] = field(default_factory=dict)  # tokenizer_config.json (GGUF: special strings)
     chat_template: str | None = None
     raw_config: dict[str, Any] = field(default_factory=dict)
+    generation: dict[str, Any] = field(default_factory=dict)  # generation_config.json: the authors' sampling
 
     def named(self, keep_int4: bool = False, keep_int8: bool = False, dtype: torch.dtype = torch.float32):
         """(source name, file, loader) triples under the checkpoint's own names."""
@@ -92,7 +94,7 @@ def open(source: str | Path | None = None) -> Checkpoint:  # noqa: A001 - the lo
         quantization = f"int{raw['quantization_bit']}"
     tok_config = hf.tokenizer_config(path)
     return Checkpoint(str(path), layout, config, quantization, path, None, tok_config,
-                      hf.template_source(path, tok_config), raw)
+                      hf.template_source(path, tok_config), raw, hf.generation_config(path))
 
 
 def _open_gguf(path: Path) -> Checkpoint:

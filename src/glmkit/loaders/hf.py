@@ -49,6 +49,12 @@ def tokenizer_config(directory: Path) -> dict:
     return read_json(path) if path.is_file() else {}
 
 
+def generation_config(directory: Path) -> dict:
+    """generation_config.json (the model authors' sampling settings), or {}."""
+    path = directory / "generation_config.json"
+    return read_json(path) if path.is_file() else {}
+
+
 def template_source(directory: Path, tok_config: dict) -> str | None:
     """The checkpoint's Jinja chat template: chat_template.jinja, chat_template.json or tokenizer_config.json."""
     if (directory / "chat_template.jinja").is_file():

@@ -57,7 +57,7 @@ async def chat(body: ChatRequest, request: Request):
     except Exception as e:  # noqa: BLE001 - malformed messages or tools are the client's to fix
         raise render_error(e) from None
     max_tokens = body.max_completion_tokens or body.max_tokens
-    params = s.sampling(body, max_tokens if max_tokens is not None else s.ctx - len(ids), len(ids))
+    params = s.sampling(body, max_tokens if max_tokens is not None else s.default_max_tokens(len(ids)), len(ids))
     started = time.time()
     handle = s.admit(ids, params)
     turn = ChatTurn(s.llm.chat_format, tools, len(ids))

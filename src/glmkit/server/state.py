@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import Request
 
-from glmkit.engine.sampling import SamplingParams
+from glmkit.engine.sampling import DEFAULT_MAX_TOKENS, SamplingParams
 from glmkit.engine.sequence import Chunk
 from glmkit.errors import GlmkitError
 from glmkit.server.metrics import Metrics
@@ -61,8 +61,8 @@ class ServerState:
         if prompt_len + max_tokens > ctx:
             raise ApiError(400, f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the "
                                 f"model's context of {ctx} tokens; lower max_tokens.")
-        try:
-            return SamplingParams(
+        try:  # fields the request leaves out take the model's defaults (llm.defaults)
+            return self.llm.sampling_params(
                 max_tokens=max(1, max_tokens), temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                 min_p=body.min_p, presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
@@ -70,6 +70,11 @@ class ServerState:
                 ignore_eos=body.ignore_eos, **extra)
         except GlmkitError as e:
             raise ApiError(400, str(e)) from None
+
+    def default_max_tokens(self, prompt_len: int) -> int:
+        """A chat request without max_tokens: the checkpoint's max_new_tokens, else DEFAULT_MAX_TOKENS, within the
+        context."""
+        return min(self.llm.defaults.get("max_tokens", DEFAULT_MAX_TOKENS), self.ctx - prompt_len)
 
     def admit(self, prompt: list[int], params: SamplingParams) -> Handle:
         try:
