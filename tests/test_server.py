@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -604,3 +606,40 @@ def test_requests_without_sampling_fields_take_the_server_defaults(chatml_dir):
         assert len(hot) > 1  # a request's own value still wins
     finally:
         live.close()
+
+
+def test_model_route_logit_bias_and_jinja_tool_round_trip(server):
+    client = server.client()
+    assert client.models.retrieve("tiny").id == "tiny"
+    missing = httpx.get(server.url + "/v1/models/gpt-9", headers=headers())
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+    # logit_bias +100 makes greedy decoding pick one token every time; -100 bans the token it would pick first
+    llm, tok = server.app.state.llm, server.app.state.llm.tokenizer
+    fox = tok.encode(" fox")[-1]
+    forced = client.completions.create(model="tiny", prompt="the quick brown", max_tokens=4, temperature=0,
+                                       logit_bias={str(fox): 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == tok.decode([fox] * 4)
+    ids = tok.encode("the quick brown fox")
+    first = llm.generate(ids, max_tokens=1, temperature=0, ignore_eos=True).token_ids[0]
+    banned = llm.generate(ids, max_tokens=8, temperature=0, ignore_eos=True, logit_bias={first: -100}).token_ids
+    assert first not in banned
+    bad = httpx.post(server.url + "/v1/completions", headers=headers(),
+                     json={"prompt": "x", "max_tokens": 1, "logit_bias": {"999999": -100}})
+    assert bad.status_code == 400 and "logit_bias" in bad.json()["error"]["message"]
+    # a tool round trip on a Jinja-template model: the assistant's tool call has content None
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    history = [{"role": "user", "content": "weather in Paris?"}, {"role": "assistant", "content": None,
+                                                                  "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}]
+    reply = client.chat.completions.create(model="tiny", messages=history, tools=TOOLS, max_tokens=3)
+    assert reply.choices[0].message.role == "assistant"
+
+
+def test_serve_checks_the_port_before_loading(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "glmkit", "serve", str(tmp_path / "never-loaded"), "--port",
+                              str(port)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in out.stderr and "loading" not in out.stderr

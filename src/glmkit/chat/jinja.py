@@ -60,10 +60,11 @@ class JinjaFormat(ChatFormat):
 
     def render_text(self, messages, tools=None, add_generation_prompt=True) -> str:
         # the same checks as every format (roles, content types); lists of text parts become their text, which
-        # every template reads; None values are dropped, as transformers does
+        # every template reads; other None values are dropped
         flat = normalize(messages) if messages else []
         messages = [{k: v for k, v in {**m, **({"content": f["content"]} if isinstance(m.get("content"), list)
-                                               else {})}.items() if v is not None} for m, f in zip(messages, flat)]
+                                               or m.get("tool_calls") else {})}.items() if v is not None}
+                    for m, f in zip(messages, flat)]  # an assistant tool call keeps its content ("" for None)
         import jinja2
 
         try:

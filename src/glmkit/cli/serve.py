@@ -43,6 +43,7 @@ def main(args: argparse.Namespace) -> int:
             raise GlmkitError(f"cannot read the API key file {args.api_key_file} ({e.strerror}).") from None
     if any(not k.strip() for k in keys):  # before loading: a server no one could use is refused at once
         raise GlmkitError("an API key is empty; give non-empty keys (or none, for an open server).")
+    _check_port(args.host, args.port)  # before loading too: minutes of loading for a busy port helps no one
     llm = load_model(args)
     defaults = sampling(args)
     llm.sampling_params(**defaults)  # checked now, not at the first request
@@ -56,3 +57,16 @@ def main(args: argparse.Namespace) -> int:
     # idle keep-alive connections close after 5 s, and a request head must arrive within 10 s
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5, http=HeaderTimeoutH11)
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    from glmkit.errors import GlmkitError
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:
+        raise GlmkitError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host.") from None

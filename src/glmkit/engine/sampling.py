@@ -23,7 +23,7 @@ MIN_TOP_P = 1e-8
 RANGES = {"max_tokens": "at least 1", "temperature": "0 to 100; 0 is greedy", "top_p": "above 0, at most 1",
           "top_k": "0 (off) or more", "min_p": "0 to 1", "repetition_penalty": "0.01 to 100",
           "presence_penalty": "-2 to 2", "frequency_penalty": "-2 to 2", "seed": "0 to 2**63 - 1",
-          "logprobs": "0 to 20"}
+          "logprobs": "0 to 20", "logit_bias": "at most 1024 token ids, each biased by -100 to 100"}
 
 
 # Without the authors' settings: llama-server's defaults, which stop the small models on their own
@@ -64,6 +64,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past stop ids (benchmarks)
     seed: int | None = None
     logprobs: int | None = None  # record each sampled token's log-probability and this many top alternatives
+    logit_bias: dict[int, float] | None = None  # added to those ids' logits before anything else (-100 bans)
 
     def __post_init__(self):
         finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (
@@ -76,6 +77,10 @@ class SamplingParams:
                   ("frequency_penalty", -2 <= self.frequency_penalty <= 2),
                   ("seed", self.seed is None or 0 <= self.seed < 2 ** 63),
                   ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20)]
+        bias = self.logit_bias or {}
+        checks.append(("logit_bias", isinstance(bias, dict) and len(bias) <= 1024 and all(
+            isinstance(k, int) and k >= 0 and isinstance(v, (int, float)) and -100 <= v <= 100
+            for k, v in bias.items())))
         for name, ok in checks:
             if not ok:
                 raise GlmkitError(f"sampling parameter {name}={getattr(self, name)!r} is out of range "
@@ -133,6 +138,13 @@ def make_sampler(p: SamplingParams) -> Callable[[torch.Tensor, list[int], list[i
     def sample(logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int],
                generator: torch.Generator | None) -> int:
         logits = logits.float()
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=logits.device)
+            if int(ids.max()) >= logits.numel():
+                raise GlmkitError(f"logit_bias names token id {int(ids.max())}, outside the vocabulary "
+                                  f"(0..{logits.numel() - 1}).")
+            bias = torch.tensor([float(v) for v in p.logit_bias.values()], device=logits.device)  # (n,)
+            logits = logits.index_add(0, ids, bias)
         if not math.isfinite(float(logits.sum())):  # one reduction: NaN or inf anywhere makes the sum so
             raise GlmkitError("the model produced NaN or infinite logits; the weights may be damaged, or float16 "
                               "overflowed (load with dtype='bfloat16' or 'float32').")

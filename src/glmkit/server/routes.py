@@ -38,9 +38,19 @@ async def get_metrics(request: Request):
 
 @router.get("/v1/models")
 async def models(request: Request):
+    return {"object": "list", "data": [_model_card(state_of(request))]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request):
     s = state_of(request)
-    return {"object": "list", "data": [{"id": s.model_name, "object": "model", "created": 0, "owned_by": "glmkit",
-                                        "max_model_len": s.ctx}]}
+    if model_id != s.model_name:
+        s.check_model(model_id)  # the 404, in OpenAI's shape
+    return _model_card(s)
+
+
+def _model_card(s: ServerState) -> dict:
+    return {"id": s.model_name, "object": "model", "created": 0, "owned_by": "glmkit", "max_model_len": s.ctx}
 
 
 @router.post("/v1/chat/completions")

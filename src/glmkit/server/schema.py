@@ -31,6 +31,7 @@ class _Request(BaseModel):
     seed: int | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     ignore_eos: bool = False
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
 
     @field_validator("stop")
     @classmethod

@@ -61,8 +61,14 @@ class ServerState:
         if prompt_len + max_tokens > ctx:
             raise ApiError(400, f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the "
                                 f"model's context of {ctx} tokens; lower max_tokens.")
+        try:
+            bias = {int(k): v for k, v in (body.logit_bias or {}).items()} or None
+        except ValueError:
+            raise ApiError(400, "logit_bias keys must be token ids.") from None
+        if bias and max(bias) >= self.llm.config.vocab_size:
+            raise ApiError(400, f"logit_bias names token id {max(bias)}, outside 0..{self.llm.config.vocab_size - 1}.")
         try:  # fields the request leaves out take the model's defaults (llm.defaults)
-            return self.llm.sampling_params(
+            return self.llm.sampling_params(logit_bias=bias,
                 max_tokens=max(1, max_tokens), temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                 min_p=body.min_p, presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
