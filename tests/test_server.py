@@ -643,3 +643,24 @@ def test_serve_checks_the_port_before_loading(tmp_path):
         out = subprocess.run([sys.executable, "-m", "glmkit", "serve", str(tmp_path / "never-loaded"), "--port",
                               str(port)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in out.stderr and "loading" not in out.stderr
+
+
+def test_chat_logprobs_equal_the_reference_forward(server):
+    llm = server.app.state.llm
+    messages = [{"role": "user", "content": "hello there"}]
+    reply = server.client().chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                                    logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = reply.choices[0].logprobs.content
+    prompt = llm.apply_chat_template(messages)
+    out = llm.generate(prompt, max_tokens=6, temperature=0, ignore_eos=True).token_ids  # the same greedy tokens
+    assert len(content) == len(out) == 6
+    for i, (entry, token) in enumerate(zip(content, out)):
+        reference = torch.log_softmax(llm.logits(prompt + out[:i])[0, -1].double(), dim=-1)
+        assert abs(entry.logprob - float(reference[token])) < 1e-4
+        assert len(entry.top_logprobs) <= 2 and entry.top_logprobs[0].logprob == pytest.approx(
+            float(reference.max()), abs=1e-4)
+    streamed = server.client().chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                                       logprobs=True, stream=True, extra_body={"ignore_eos": True})
+    values = [e.logprob for ev in streamed if ev.choices and ev.choices[0].logprobs
+              for e in ev.choices[0].logprobs.content]
+    assert values == pytest.approx([e.logprob for e in content], abs=1e-6)

@@ -67,35 +67,54 @@ async def chat(body: ChatRequest, request: Request):
     except Exception as e:  # noqa: BLE001 - malformed messages or tools are the client's to fix
         raise render_error(e) from None
     max_tokens = body.max_completion_tokens or body.max_tokens
-    params = s.sampling(body, max_tokens if max_tokens is not None else s.default_max_tokens(len(ids)), len(ids))
+    extra = {"logprobs": body.top_logprobs or 0} if body.logprobs else {}
+    params = s.sampling(body, max_tokens if max_tokens is not None else s.default_max_tokens(len(ids)), len(ids),
+                        **extra)
     started = time.time()
     handle = s.admit(ids, params)
     turn = ChatTurn(s.llm.chat_format, tools, len(ids))
     base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(started), "model": s.model_name}
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(_chat_stream(s, handle, turn, base, started, request, include_usage),
+        return StreamingResponse(_chat_stream(s, handle, turn, base, started, request, include_usage, body.logprobs),
                                  media_type="text/event-stream")
     async for c in s.chunks(handle, started, request):
         turn.feed(c.text, len(c.token_ids), c.finish_reason)
     message, reason, usage = turn.finish()
+    logprobs = _logprobs(s, handle.seq, 0, len(handle.seq.output)) if body.logprobs else None
     return {**base, "object": "chat.completion", "usage": usage,
-            "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}]}
+            "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": logprobs}]}
+
+
+def _logprobs(s: ServerState, seq, lo: int, hi: int) -> dict:
+    """OpenAI's chat logprobs for output tokens [lo, hi) of a sequence (recorded by the engine as it sampled)."""
+    tok = s.llm.tokenizer
+
+    def entry(token: int, logprob: float) -> dict:
+        text = tok.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, v) for a, v in top.items()]}
+                        for t, (lp, top) in zip(seq.output[lo:hi], seq.logprobs[lo:hi])]}
 
 
 async def _chat_stream(s: ServerState, handle, turn: ChatTurn, base: dict, started: float, request: Request,
-                       include_usage: bool):
+                       include_usage: bool, want_logprobs: bool = False):
     head = {**base, "object": "chat.completion.chunk"}
 
-    def delta(d: dict, reason: str | None = None) -> str:
-        return sse({**head, "choices": [{"index": 0, "delta": d, "finish_reason": reason}]})
+    def delta(d: dict, reason: str | None = None, logprobs: dict | None = None) -> str:
+        return sse({**head, "choices": [{"index": 0, "delta": d, "finish_reason": reason, "logprobs": logprobs}]})
 
     yield delta({"role": "assistant", "content": ""})
+    shown = 0  # output tokens whose logprobs went out
     try:
         async for c in s.chunks(handle, started, request):
             piece = turn.feed(c.text, len(c.token_ids), c.finish_reason)
             if piece:
-                yield delta({"content": piece})
+                upto = len(handle.seq.output)
+                logprobs = _logprobs(s, handle.seq, shown, upto) if want_logprobs else None
+                shown = upto
+                yield delta({"content": piece}, logprobs=logprobs)
     except ApiError as e:
         yield sse(error_body(e.message, e.kind))
         yield sse("[DONE]")

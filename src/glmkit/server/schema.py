@@ -47,6 +47,8 @@ class ChatRequest(_Request):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     tools: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS)
+    logprobs: bool = False  # each generated token's log-probability ...
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # ... and this many likeliest alternatives
     tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None
 
 
