@@ -664,3 +664,41 @@ def test_chat_logprobs_equal_the_reference_forward(server):
     values = [e.logprob for ev in streamed if ev.choices and ev.choices[0].logprobs
               for e in ev.choices[0].logprobs.content]
     assert values == pytest.approx([e.logprob for e in content], abs=1e-6)
+
+
+def test_sigterm_ends_streams_in_flight_at_once(tmp_path):
+    """`glmkit serve` on SIGTERM: a stream in flight ends within 2 s with a finish chunk of its own ('abort') and
+    [DONE], and the process exits."""
+    import signal
+
+    from vocab import CHATML_SPECIALS
+
+    bigram_model(tmp_path, build_tokenizer_json(CHATML_SPECIALS), [5], 5, context=65536, eos_token="<|im_end|>")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "glmkit", "serve", str(tmp_path), "--port", str(port), "--eager"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.time() < deadline and proc.poll() is None, proc.stderr.read().decode()
+                time.sleep(0.2)
+        body = {"prompt": "hello", "max_tokens": 60000, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            next(lines)
+            proc.send_signal(signal.SIGTERM)
+            t = time.time()
+            rest = [line for line in lines if line]
+            assert time.time() - t < 2
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][len("data: "):])["choices"][0]["finish_reason"] == "abort"
+        assert proc.wait(timeout=15) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -33,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
 
     from glmkit.errors import GlmkitError
     from glmkit.server.app import create_app
-    from glmkit.server.protocol import HeaderTimeoutH11
+    from glmkit.server.protocol import DrainingServer, HeaderTimeoutH11
 
     keys = list(args.api_key)
     if args.api_key_file:
@@ -54,8 +54,11 @@ def main(args: argparse.Namespace) -> int:
     url = f"http://{args.host}:{args.port}"
     print(f"glmkit serve: {name} at {url}/v1 (OpenAI API; model name {name!r}), chat page at {url}/"
           + (" — API key required" if keys else ""), file=sys.stderr, flush=True)
-    # idle keep-alive connections close after 5 s, and a request head must arrive within 10 s
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5, http=HeaderTimeoutH11)
+    # idle keep-alive connections close after 5 s, a request head must arrive within 10 s, and Ctrl-C / SIGTERM
+    # ends the streams in flight at once (a second one exits immediately)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5,
+                            http=HeaderTimeoutH11)
+    DrainingServer(config, app.state.worker).run()
     return 0
 
 

@@ -1,11 +1,14 @@
-"""uvicorn's h11 protocol with a deadline for request heads: a connection that has not sent a complete request
-line and headers within HEADER_TIMEOUT_S of opening (or of its previous response) is closed, so half-sent
-requests cannot hold connections open forever. Bodies and responses are not timed here (--timeout is)."""
+"""uvicorn, adapted: an h11 protocol with a deadline for request heads (a connection that has not sent a complete
+request line and headers within HEADER_TIMEOUT_S of opening, or of its previous response, is closed, so half-sent
+requests cannot hold connections open forever; bodies and responses are timed by --timeout), and a server whose
+first Ctrl-C / SIGTERM ends every stream in flight at once (finish_reason 'abort', then [DONE]) before uvicorn's
+graceful shutdown; a second one exits immediately (uvicorn's own)."""
 
 from __future__ import annotations
 
 import asyncio
 
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 HEADER_TIMEOUT_S = 10.0
@@ -45,3 +48,13 @@ class HeaderTimeoutH11(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, worker):
+        super().__init__(config)
+        self.worker = worker
+
+    def handle_exit(self, sig, frame) -> None:
+        self.worker.drain()  # thread-safe: a command to the engine thread
+        super().handle_exit(sig, frame)

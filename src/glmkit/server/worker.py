@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from glmkit.engine.scheduler import Scheduler
 from glmkit.engine.sampling import SamplingParams
-from glmkit.engine.sequence import Sequence
+from glmkit.engine.sequence import Chunk, Sequence
 
 
 class Busy(Exception):
@@ -73,6 +73,12 @@ class EngineWorker:
         self.commands.put(("stop",))
         self.thread.join(timeout=10)
 
+    def drain(self) -> None:
+        """Shutting down: refuse new requests and end every sequence in flight now, each with a last chunk whose
+        finish_reason is 'abort' (its client gets a proper end of stream, not a cut connection)."""
+        self.stopping = True
+        self.commands.put(("drain",))
+
     # ------------------------------------------------------------------ engine thread
     def _send(self, handle: Handle, item: Any) -> None:
         handle.loop.call_soon_threadsafe(handle.chunks.put_nowait, item)
@@ -87,12 +93,13 @@ class EngineWorker:
 
     def _command(self, cmd: tuple) -> bool:
         kind = cmd[0]
-        if kind == "stop":
+        if kind in ("stop", "drain"):
             for handle in list(self.handles.values()):
                 self.engine.cancel(handle.seq)
-                self._send(handle, RuntimeError("the server is shutting down"))
+                self._send(handle, Chunk("", [], "abort") if kind == "drain" else
+                           RuntimeError("the server is shutting down"))
                 self._finish(handle)
-            return False
+            return kind == "drain"
         if kind == "submit":
             _, prompt, params, handle = cmd
             try:
