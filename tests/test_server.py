@@ -702,3 +702,24 @@ def test_sigterm_ends_streams_in_flight_at_once(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_n_choices(server):
+    client = server.client()
+    messages = [{"role": "user", "content": "hello"}]
+    three = client.chat.completions.create(model="tiny", messages=messages, n=3, max_tokens=5, temperature=1.0,
+                                           seed=11, extra_body={"ignore_eos": True})
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert three.usage.completion_tokens == 15 and three.usage.prompt_tokens == len(
+        server.app.state.llm.apply_chat_template(messages))
+    assert len({c.message.content for c in three.choices}) > 1  # each its own sample (seed, seed + 1, ...)
+    again = client.chat.completions.create(model="tiny", messages=messages, n=3, max_tokens=5, temperature=1.0,
+                                           seed=11, extra_body={"ignore_eos": True})
+    assert [c.message.content for c in again.choices] == [c.message.content for c in three.choices]
+    greedy = client.completions.create(model="tiny", prompt=["a b", "c d"], n=2, max_tokens=4, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    texts = [c.text for c in sorted(greedy.choices, key=lambda c: c.index)]
+    assert len(texts) == 4 and texts[0] == texts[1] and texts[2] == texts[3] and greedy.usage.completion_tokens == 16
+    streamed = httpx.post(server.url + "/v1/chat/completions", headers=headers(),
+                          json={"messages": messages, "n": 2, "stream": True})
+    assert streamed.status_code == 400 and "n > 1" in streamed.json()["error"]["message"]

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from glmkit.server.schema import CompletionRequest, error_body
-from glmkit.server.state import ApiError, ServerState, check_text, sse, state_of
+from glmkit.server.state import N_STREAMED, ApiError, ServerState, check_text, sse, state_of
 
 router = APIRouter()
 
@@ -30,14 +30,16 @@ async def completions(body: CompletionRequest, request: Request):
     prompts = await asyncio.to_thread(_prompts, body.prompt, s.llm)  # tokenizing a long prompt: off the event loop
     if len(prompts) > 1 and body.stream:
         raise ApiError(400, "stream=true takes a single prompt.")
+    if body.stream and body.n > 1:
+        raise ApiError(400, N_STREAMED)
     max_tokens = body.max_tokens if body.max_tokens is not None else 16
     rid, started = f"cmpl-{uuid.uuid4().hex[:24]}", time.time()
     head = {"id": rid, "object": "text_completion", "created": int(started), "model": s.model_name}
     if body.stream:
         return StreamingResponse(_stream(s, prompts[0], body, max_tokens, head, started, request),
                                  media_type="text/event-stream")
-    choices = await asyncio.gather(*(_complete(s, i, p, body, max_tokens, started, request)
-                                     for i, p in enumerate(prompts)))
+    choices = await asyncio.gather(*(_complete(s, i * body.n + j, p, body, max_tokens, started, request)
+                                     for i, p in enumerate(prompts) for j in range(body.n)))
     n_prompt, n_gen = sum(len(p) for p in prompts), sum(c.pop("_n") for c in choices)
     return {**head, "choices": choices,
             "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}}
@@ -72,7 +74,7 @@ async def _infill(s: ServerState, body: CompletionRequest, request: Request) -> 
 async def _complete(s: ServerState, index: int, prompt: list[int], body: CompletionRequest, max_tokens: int,
                     started: float, request: Request) -> dict:
     want = body.logprobs
-    params = s.sampling(body, max_tokens, len(prompt), logprobs=want)
+    params = s.with_seed(s.sampling(body, max_tokens, len(prompt), logprobs=want), index % body.n)
     out, seq, reason = [], None, "length"
     if max_tokens > 0:
         handle = s.admit(prompt, params)

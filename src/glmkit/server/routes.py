@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 
 from glmkit.chat import ChatTurn
 from glmkit.server.schema import ChatRequest, DetokenizeRequest, TokenizeRequest, error_body
-from glmkit.server.state import ApiError, ServerState, check_text, render_error, sse, state_of
+from glmkit.server.state import N_STREAMED, ApiError, ServerState, check_text, render_error, sse, state_of
 
 STATIC = Path(__file__).parent / "static"
 router = APIRouter()
@@ -71,19 +71,30 @@ async def chat(body: ChatRequest, request: Request):
     params = s.sampling(body, max_tokens if max_tokens is not None else s.default_max_tokens(len(ids)), len(ids),
                         **extra)
     started = time.time()
-    handle = s.admit(ids, params)
-    turn = ChatTurn(s.llm.chat_format, tools, len(ids))
     base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(started), "model": s.model_name}
     if body.stream:
+        if body.n > 1:
+            raise ApiError(400, N_STREAMED)
+        handle, turn = s.admit(ids, params), ChatTurn(s.llm.chat_format, tools, len(ids))
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(_chat_stream(s, handle, turn, base, started, request, include_usage, body.logprobs),
                                  media_type="text/event-stream")
+    handles = [s.admit(ids, s.with_seed(params, i)) for i in range(body.n)]  # n samples decode side by side
+    turns = [ChatTurn(s.llm.chat_format, tools, len(ids)) for _ in handles]
+    choices = await asyncio.gather(*(_choice(s, i, h, t, started, request, body.logprobs)
+                                     for i, (h, t) in enumerate(zip(handles, turns))))
+    n_out = sum(t.tokens for t in turns)
+    return {**base, "object": "chat.completion", "choices": list(choices),
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}}
+
+
+async def _choice(s: ServerState, index: int, handle, turn: ChatTurn, started: float, request: Request,
+                  want_logprobs: bool) -> dict:
     async for c in s.chunks(handle, started, request):
         turn.feed(c.text, len(c.token_ids), c.finish_reason)
-    message, reason, usage = turn.finish()
-    logprobs = _logprobs(s, handle.seq, 0, len(handle.seq.output)) if body.logprobs else None
-    return {**base, "object": "chat.completion", "usage": usage,
-            "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": logprobs}]}
+    message, reason, _ = turn.finish()
+    logprobs = _logprobs(s, handle.seq, 0, len(handle.seq.output)) if want_logprobs else None
+    return {"index": index, "message": message, "finish_reason": reason, "logprobs": logprobs}
 
 
 def _logprobs(s: ServerState, seq, lo: int, hi: int) -> dict:

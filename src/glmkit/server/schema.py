@@ -29,7 +29,7 @@ class _Request(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    n: int = Field(1, ge=1, le=8, description="choices per prompt")
     ignore_eos: bool = False
     logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
 

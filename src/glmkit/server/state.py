@@ -6,6 +6,7 @@ settings, admit a request and read its chunks. No routes here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from glmkit.server.metrics import Metrics
 from glmkit.server.worker import Busy, EngineWorker, Handle
 
 
+N_STREAMED = "n > 1 is not supported with stream=true yet; stream n = 1 requests instead."
 POLL_S = 0.25  # how often a waiting request checks that its client is still there
 
 
@@ -76,6 +78,11 @@ class ServerState:
                 ignore_eos=body.ignore_eos, **extra)
         except GlmkitError as e:
             raise ApiError(400, str(e)) from None
+
+    @staticmethod
+    def with_seed(params: SamplingParams, i: int) -> SamplingParams:
+        """The i-th of n samples: seeded requests give each its own seed (seed + i), so the n differ yet repeat."""
+        return params if i == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
 
     def default_max_tokens(self, prompt_len: int) -> int:
         """A chat request without max_tokens: the checkpoint's max_new_tokens, else DEFAULT_MAX_TOKENS, within the
