@@ -53,7 +53,6 @@ class Sequence:
         self.max_new = params.max_tokens  # lowered by the engine to fit the context
         self.fed = 0  # ids whose keys are in the cache
         self.prefilled = 0  # prompt ids the last prefill ran (the rest came from a cached prefix)
-        self.c = self.m = 0  # ChatGLM-6B: index of <sop> and the mask position, for 2d decode positions
         self.error: str | None = None
         self.error_is_internal = False  # True: not the request's fault (the server answers 500, not 400)
         self.logprobs: list[tuple[float, dict[int, float]]] = []  # per output id: (its logprob, top alternatives)

@@ -56,10 +56,9 @@ def assemble(checkpoint: Checkpoint, skeleton: Skeleton, device: str | None = No
     if quantize not in (None, "int8", "int4"):
         raise GlmkitError(f"quantize={quantize!r} is not supported; use None, 'int8' or 'int4'.")
     dev = pick_device(device)
-    checkpoint.check_layers()
     if checkpoint.layout.name == "glmkit_quantized":
         with lean_heap():
-            model = _glmkit_quantized(checkpoint, skeleton(checkpoint.config), pick_dtype(dtype or "bfloat16", dev))
+            model = _glmkit_quantized(checkpoint, skeleton, pick_dtype(dtype or "bfloat16", dev))
             return model.to(dev)
     if quantize is None and dtype is None and dev.type == "cpu" and checkpoint.gguf is not None:
         quantize = checkpoint.quantization
@@ -146,13 +145,14 @@ def _official_quantized(model: nn.Module, tensors: dict, expected: dict, sources
     return done
 
 
-def _glmkit_quantized(checkpoint: Checkpoint, model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def _glmkit_quantized(checkpoint: Checkpoint, skeleton: Skeleton, dtype: torch.dtype) -> nn.Module:
     """A checkpoint written by `glmkit quantize`: float parameters assigned, the recorded quantized modules
     rebuilt (int4 as portable nibbles plus scales and zeros, int8 with per-channel scales)."""
     from glmkit.quant.int4_packing import from_bytes
 
     spec = checkpoint.raw_config["quantization"]
-    tensors, _ = checkpoint.tensors()
+    tensors, _ = checkpoint.tensors()  # read (and its layer count checked) before the model is built
+    model = skeleton(checkpoint.config)
 
     def take(key: str) -> torch.Tensor:
         # a fresh, aligned copy: the packed kernels read with vector loads that a file's memory map

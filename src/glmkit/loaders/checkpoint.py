@@ -54,18 +54,20 @@ class Checkpoint:
             tensors, sources = {}, {}
             for name, file, load in named:
                 tensors[name], sources[name] = load(), f"{file}: {name}"
-            return tensors, sources
-        try:
-            return map_tensors(self.layout.table, named, self.config)
-        except GlmkitError:
-            raise
-        except (RuntimeError, ValueError) as e:  # a layout fix that does not fit the stored shape
-            raise CheckpointError(f"a tensor in {self.source} does not fit its config ({e}).") from None
+        else:
+            try:
+                tensors, sources = map_tensors(self.layout.table, named, self.config)
+            except GlmkitError:
+                raise
+            except (RuntimeError, ValueError) as e:  # a layout fix that does not fit the stored shape
+                raise CheckpointError(f"a tensor in {self.source} does not fit its config ({e}).") from None
+        self._check_layers(tensors)
+        return tensors, sources
 
-    def check_layers(self) -> None:
-        """config.json's layer count against the layers the weights hold, before anything is built: a hostile or
-        mistaken count fails in milliseconds, not after minutes of building."""
-        held = {int(i) for name, _, _ in self.named() if (i := layer_index(name)) is not None}
+    def _check_layers(self, names) -> None:
+        """config.json's layer count against the layers the weights hold (our names), before the model is built: a
+        hostile or mistaken count fails at once, not after minutes of building."""
+        held = {int(i) for name in names if (i := layer_index(name)) is not None}
         n = max(held) + 1 if held else 0
         if self.config.num_layers > n:
             raise CheckpointError(f"the config says {self.config.num_layers} layers but the weights in {self.source} "
