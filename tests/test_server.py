@@ -723,3 +723,29 @@ def test_n_choices(server):
     streamed = httpx.post(server.url + "/v1/chat/completions", headers=headers(),
                           json={"messages": messages, "n": 2, "stream": True})
     assert streamed.status_code == 400 and "n > 1" in streamed.json()["error"]["message"]
+
+
+def test_n_beyond_capacity_admits_none(tmp_path):
+    """n choices are admitted all or none: a 503 leaves no sample of the request running."""
+    from transformers import AutoTokenizer
+
+    from vocab import CHATML_SPECIALS, SMOLLM2_TEMPLATE
+
+    tok = build_tokenizer_json(CHATML_SPECIALS)
+    bigram_model(tmp_path, tok, [5], 5, context=65536, eos_token="<|im_end|>")  # samples that would run for long
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path)
+    hf_tok.chat_template = SMOLLM2_TEMPLATE
+    hf_tok.save_pretrained(tmp_path)
+    live = LiveServer(glmkit.load(tmp_path), max_batch=1, max_queue=1)
+    try:
+        chat = {"messages": [{"role": "user", "content": "hi"}], "n": 3}
+        for path, body in (("/v1/chat/completions", chat), ("/v1/completions", {"prompt": "hi", "n": 3}),
+                           ("/v1/completions", {"prompt": ["a", "b", "c"]})):
+            r = httpx.post(live.url + path, json={**body, "max_tokens": 60000, "ignore_eos": True})
+            assert r.status_code == 503, r.text
+        deadline = time.time() + 3
+        while live.app.state.worker.admitted:
+            assert time.time() < deadline, "part of a refused n request kept running"
+            time.sleep(0.02)
+    finally:
+        live.close()

@@ -38,8 +38,12 @@ async def completions(body: CompletionRequest, request: Request):
     if body.stream:
         return StreamingResponse(_stream(s, prompts[0], body, max_tokens, head, started, request),
                                  media_type="text/event-stream")
-    choices = await asyncio.gather(*(_complete(s, i * body.n + j, p, body, max_tokens, started, request)
-                                     for i, p in enumerate(prompts) for j in range(body.n)))
+    jobs = [(i * body.n + j, p) for i, p in enumerate(prompts) for j in range(body.n)]  # (choice index, prompt)
+    params = [s.with_seed(s.sampling(body, max_tokens, len(p), logprobs=body.logprobs), index % body.n)
+              for index, p in jobs]  # every prompt checked before any is admitted
+    handles = s.admit_all([(p, sp) for (_, p), sp in zip(jobs, params)]) if max_tokens > 0 else [None] * len(jobs)
+    choices = await asyncio.gather(*(_complete(s, index, p, handle, body, started, request)
+                                     for (index, p), handle in zip(jobs, handles)))
     n_prompt, n_gen = sum(len(p) for p in prompts), sum(c.pop("_n") for c in choices)
     return {**head, "choices": choices,
             "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}}
@@ -71,13 +75,12 @@ async def _infill(s: ServerState, body: CompletionRequest, request: Request) -> 
             "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}}
 
 
-async def _complete(s: ServerState, index: int, prompt: list[int], body: CompletionRequest, max_tokens: int,
+async def _complete(s: ServerState, index: int, prompt: list[int], handle, body: CompletionRequest,
                     started: float, request: Request) -> dict:
+    """One choice: its admitted sequence's text (handle None: max_tokens 0, nothing generated), echo, logprobs."""
     want = body.logprobs
-    params = s.with_seed(s.sampling(body, max_tokens, len(prompt), logprobs=want), index % body.n)
     out, seq, reason = [], None, "length"
-    if max_tokens > 0:
-        handle = s.admit(prompt, params)
+    if handle is not None:
         async for c in s.chunks(handle, started, request):
             out += c.token_ids
             reason = c.finish_reason or reason

@@ -44,8 +44,7 @@ async def models(request: Request):
 @router.get("/v1/models/{model_id:path}")
 async def model(model_id: str, request: Request):
     s = state_of(request)
-    if model_id != s.model_name:
-        s.check_model(model_id)  # the 404, in OpenAI's shape
+    s.check_model(model_id)  # another name: the 404, in OpenAI's shape
     return _model_card(s)
 
 
@@ -79,7 +78,7 @@ async def chat(body: ChatRequest, request: Request):
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(_chat_stream(s, handle, turn, base, started, request, include_usage, body.logprobs),
                                  media_type="text/event-stream")
-    handles = [s.admit(ids, s.with_seed(params, i)) for i in range(body.n)]  # n samples decode side by side
+    handles = s.admit_all([(ids, s.with_seed(params, i)) for i in range(body.n)])  # n samples side by side
     turns = [ChatTurn(s.llm.chat_format, tools, len(ids)) for _ in handles]
     choices = await asyncio.gather(*(_choice(s, i, h, t, started, request, body.logprobs)
                                      for i, (h, t) in enumerate(zip(handles, turns))))

@@ -89,6 +89,19 @@ class ServerState:
         context."""
         return min(self.llm.defaults.get("max_tokens", DEFAULT_MAX_TOKENS), self.ctx - prompt_len)
 
+    def admit_all(self, requests: list[tuple[list[int], SamplingParams]]) -> list[Handle]:
+        """Admit every (prompt, params) of one request, or none: on a 503 the ones already admitted are cancelled,
+        so no part of a refused request keeps running."""
+        handles = []
+        try:
+            for prompt, params in requests:
+                handles.append(self.admit(prompt, params))
+        except ApiError:
+            for handle in handles:
+                self.worker.cancel(handle)
+            raise
+        return handles
+
     def admit(self, prompt: list[int], params: SamplingParams) -> Handle:
         try:
             handle = self.worker.submit(prompt, params)
