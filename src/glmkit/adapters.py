@@ -11,7 +11,6 @@ every sequence. No training here.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -22,7 +21,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from glmkit.config import ModelConfig
-from glmkit.errors import CheckpointError, GlmkitError, read_utf8
+from glmkit.errors import CheckpointError, GlmkitError
+from glmkit.loaders.hf import read_json
 from glmkit.loaders.keymap import TRANSFORMS, piece_rows
 from glmkit.loaders.layouts import LAYOUTS
 from glmkit.quant import replace_module
@@ -145,12 +145,7 @@ def read_adapter(directory: str | Path) -> tuple[LoRASettings, dict[str, tuple[t
     if not cfg_path.is_file():
         raise CheckpointError(f"{directory} is not a LoRA adapter (no adapter_config.json); pass the directory "
                               "that `glmkit train --lora-r ...` or PEFT's save_pretrained wrote.")
-    try:
-        raw = json.loads(read_utf8(cfg_path, "adapter config"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-create the adapter.") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{cfg_path} must hold a JSON object.")
+    raw = read_json(cfg_path)  # the loaders' JSON reader: UTF-8, an object, or one clear line
     if raw.get("peft_type") != "LORA":
         raise CheckpointError(f"{cfg_path} describes a {raw.get('peft_type')!r} adapter; glmkit applies LoRA only.")
     for key, ok in (("use_dora", (False, None)), ("bias", ("none", None)), ("fan_in_fan_out", (False, None))):
