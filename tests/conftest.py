@@ -1,8 +1,11 @@
-"""Shared helpers: tiny random transformers models saved to disk, and their THUDM-layout twins."""
+"""Shared helpers: tiny random transformers models saved to disk, their THUDM-layout twins, and a live server."""
 
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +150,34 @@ class CodeOnUnpickle:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+class LiveServer:
+    """uvicorn serving a glmkit app on a free loopback port, in a background thread."""
+
+    def __init__(self, llm, **kw):
+        import uvicorn
+
+        from glmkit.server.app import create_app
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.app = create_app(llm, model_name="tiny", **kw)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, key="k1"):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -12,6 +12,10 @@ __all__ = ["LLM", "ModelConfig", "load", "GlmkitError", "ConfigError", "Checkpoi
            "UnsupportedArchitectureError", "__version__"]
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"load", "LLM"})
+
+
 def __getattr__(name: str):
     if name in ("load", "LLM"):
         from glmkit import llm

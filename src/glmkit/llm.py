@@ -13,17 +13,20 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+from typing_extensions import Unpack
 
 from glmkit import loaders
 from glmkit.adapters import apply_lora, load_prefix
-from glmkit.chat import ChatFormat, ChatTurn, fit_conversation, tokenizer_and_format
+from glmkit.chat import ChatDelta, ChatFormat, ChatReply, ChatTurn, fit_conversation, tokenizer_and_format
+from glmkit.chat.tools import forced_tool
 from glmkit.config import ModelConfig
 from glmkit.engine.generate import complete, complete_batch, stream as stream_chunks
 from glmkit.engine.runner import ModelRunner
-from glmkit.engine.sampling import SamplingParams, sampling_defaults
+from glmkit.engine.sampling import Sampling, SamplingParams, sampling_defaults
 from glmkit.engine.scheduler import Scheduler
 from glmkit.engine.sequence import Chunk, Completion
 from glmkit.errors import GlmkitError
+from glmkit.grammar import Grammar, Grammars, response_schema
 from glmkit.loaders.hub import home
 from glmkit.loaders.layouts import Layout
 from glmkit.model import Transformer
@@ -51,19 +54,45 @@ class LLM:
         self.prefix_kv = prefix_kv  # P-tuning v2 prefix (load(ptuning=...)): every engine puts it in its cache
         self.compiled = None  # the CompiledDecoder of llm.compile(), handed to every engine
         self._engine: Scheduler | None = None
+        self._grammars: Grammars | None = None
         generation = generation or {}
         self.defaults = sampling_defaults(generation)  # what sampling arguments left out mean (README: Sampling)
         eos = generation.get("eos_token_id")
         self.extra_stop_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int)}
 
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """The ids that end a reply: the config's EOS, the chat format's and generation_config.json's."""
+        return frozenset(set(self.config.eos_token_ids) | set(self.chat_format.stop_ids if self.chat_format else ())
+                         | self.extra_stop_ids)
+
+    @property
+    def grammars(self) -> Grammars:
+        """This model's grammar compiler for structured outputs (its vocabulary is read on first use)."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.config.vocab_size, self.stop_ids)
+        return self._grammars
+
+    def output_grammar(self, response_format: dict | None = None, tools: list[dict] | None = None,
+                       tool_choice: Any = None) -> Grammar | None:
+        """The grammar a reply must follow: a forced tool call (tool_choice 'required' or {'type': 'function',
+        'function': {'name': ...}}) in this chat format's own syntax, else OpenAI's response_format (json_object,
+        json_schema); None for free text."""
+        forced, name = forced_tool(tool_choice)
+        if forced:
+            if self.chat_format is None:
+                raise GlmkitError("tool_choice needs a chat format; this model has none.")
+            return self.grammars.choice(self.chat_format.forced_call(tools, name))
+        schema = response_schema(response_format)
+        return None if schema is None else self.grammars.json(schema)
+
     def make_engine(self, max_batch: int = 8) -> Scheduler:
         """A new continuous-batching engine over this model: its stop ids, detokenizer, prefix and compiled step."""
-        stops = set(self.config.eos_token_ids) | set(self.chat_format.stop_ids if self.chat_format else ()) \
-            | self.extra_stop_ids
+        stops = self.stop_ids
         decode = None if self._tokenizer is None else (lambda ids: self._tokenizer.decode(ids, skip_special=True))
         runner = ModelRunner(self.model, self.prefix_kv)
         runner.compiled = self.compiled
-        return Scheduler(runner, frozenset(stops), decode, max_batch=max_batch)
+        return Scheduler(runner, stops, decode, max_batch=max_batch)
 
     @property
     def engine(self) -> Scheduler:
@@ -81,11 +110,14 @@ class LLM:
         self.compiled = self.engine.runner.compiled = CompiledDecoder(self.model, compiled_dir())
         return self.compiled.compile_in_background(build) if background else self.compiled.compile(build)
 
-    def sampling_params(self, **sampling: Any) -> SamplingParams:
+    def sampling_params(self, **sampling: Unpack[Sampling]) -> SamplingParams:
         """The given sampling arguments over this model's defaults (`llm.defaults`: generation_config.json, else
-        llama-server's), checked."""
+        llama-server's), checked; a response_format becomes its grammar."""
+        sampling = {k: v for k, v in sampling.items() if v is not None}
+        if "response_format" in sampling:
+            sampling["grammar"] = self.output_grammar(sampling.pop("response_format")) or sampling.get("grammar")
         try:
-            return SamplingParams(**{**self.defaults, **{k: v for k, v in sampling.items() if v is not None}})
+            return SamplingParams(**{**self.defaults, **sampling})
         except TypeError as e:
             raise GlmkitError(f"unknown sampling parameter ({e}); see help(glmkit.LLM.generate).") from None
 
@@ -96,40 +128,56 @@ class LLM:
         return self.chat_format.wrap_plain(ids) if self.chat_format is not None else ids
 
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:
-        return self.encode_prompt(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        if isinstance(prompt, str):
+            return self.encode_prompt(prompt)
+        if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict):
+            raise GlmkitError("generate() takes text or token ids; for chat messages use llm.chat(messages).")
+        try:
+            return [int(i) for i in prompt]
+        except (TypeError, ValueError):
+            raise GlmkitError(f"a prompt is text or a list of token ids, got {type(prompt).__name__}.") from None
 
     def generate(self, prompt: str | Sequence[int], *, stream: bool = False,
-                 **sampling: Any) -> Completion | Iterator[Chunk]:
-        """Complete text or token ids. Sampling: max_tokens, temperature (0 = greedy), top_p, top_k, min_p,
-        repetition_penalty, presence_penalty, frequency_penalty, stop (strings), stop_token_ids, ignore_eos, seed."""
+                 **sampling: Unpack[Sampling]) -> Completion | Iterator[Chunk]:
+        """Complete text or token ids: a Completion (.text, .token_ids, .finish_reason, .usage, .logprobs), or with
+        stream=True an iterator of Chunks. Sampling arguments (engine.sampling.Sampling): max_tokens,
+        temperature (0 = greedy), top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty,
+        stop, stop_token_ids, ignore_eos, seed, logprobs, logit_bias, response_format, grammar; those left out
+        take the model's defaults (`llm.defaults`)."""
         ids, params = self._ids(prompt), self.sampling_params(**sampling)
         return stream_chunks(self.engine, ids, params) if stream else complete(self.engine, ids, params)
 
-    def generate_batch(self, prompts: list[str | Sequence[int]], **sampling: Any) -> list[Completion]:
+    def generate_batch(self, prompts: list[str | Sequence[int]], **sampling: Unpack[Sampling]) -> list[Completion]:
         """One Completion per prompt, decoded together through continuous batching."""
         ids = [self._ids(p) for p in prompts]
         return complete_batch(self.engine, ids, [self.sampling_params(**sampling) for _ in ids])
 
-    def chat(self, messages: list[dict], *, tools: list[dict] | None = None, stream: bool = False,
-             truncate: str = "error", **sampling: Any):
-        """Reply to OpenAI-style messages. Returns the assistant message as a dict (role, content, tool_calls
-        when the model called a tool, finish_reason, usage), or with stream=True an iterator of
-        {'delta': text, 'completion_tokens': n so far} dicts ending with that message. truncate='drop_oldest'
-        drops the oldest turns of a conversation longer than the context instead of raising."""
+    def chat(self, messages: list[dict], *, tools: list[dict] | None = None, tool_choice: Any = None,
+             stream: bool = False, truncate: str = "error",
+             **sampling: Unpack[Sampling]) -> ChatReply | Iterator[ChatDelta | ChatReply]:
+        """Reply to OpenAI-style messages: a ChatReply, the assistant message as a dict (role, content, tool_calls
+        when the model called a tool, finish_reason, usage; also as attributes), or with stream=True an iterator
+        of ChatDelta ({'delta': text, 'completion_tokens': n so far}) ending with that reply. tool_choice
+        'required' or {'type': 'function', 'function': {'name': ...}} forces a call (constrained decoding), as
+        response_format={'type': 'json_schema', ...} forces JSON. truncate='drop_oldest' drops the oldest turns
+        of a conversation longer than the context instead of raising."""
+        tools = None if tool_choice == "none" else tools
         ids = fit_conversation(lambda m: self.apply_chat_template(m, tools), messages, self.config.max_seq_len,
                                truncate)
-        params, turn = self.sampling_params(**sampling), ChatTurn(self.chat_format, tools, len(ids))
+        forced = self.output_grammar(tools=tools, tool_choice=tool_choice)
+        params = self.sampling_params(**sampling, **({"grammar": forced} if forced is not None else {}))
+        turn = ChatTurn(self.chat_format, tools, len(ids))
         if stream:
             return self._chat_stream(ids, turn, params)
         done = complete(self.engine, ids, params)
         turn.feed(done.text, len(done.token_ids), done.finish_reason)
         return turn.reply()
 
-    def _chat_stream(self, ids: list[int], turn: ChatTurn, params: SamplingParams) -> Iterator[dict]:
+    def _chat_stream(self, ids: list[int], turn: ChatTurn, params: SamplingParams) -> Iterator[ChatDelta | ChatReply]:
         for chunk in stream_chunks(self.engine, ids, params):
             piece = turn.feed(chunk.text, len(chunk.token_ids), chunk.finish_reason)
             if piece:
-                yield {"delta": piece, "completion_tokens": turn.tokens}
+                yield ChatDelta(delta=piece, completion_tokens=turn.tokens)
         yield turn.reply()
 
     def infill(self, prompt: str | Sequence[int], **sampling: Any) -> str | list[int]:

@@ -39,6 +39,11 @@ class Tokenizer(ABC):
         """Plain text as a prompt: the tokenizer's own special tokens around it (e.g. a Llama BOS), if any."""
         return self.encode(text)
 
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes as it appears in decoded text, for constrained decoding; special tokens get a b"\\xff"
+        prefix (no UTF-8 text starts with that byte, so no grammar can produce them: llguidance's convention)."""
+        raise NotImplementedError
+
     def token_id(self, text: str) -> int:
         """Id of a special token by its text, e.g. '<|user|>'."""
         if text not in self.special:
@@ -75,6 +80,10 @@ class SentencePieceTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self.sp.vocab_size() + len(self.special)
+
+    def token_bytes(self) -> list[bytes]:
+        return [_sp_piece_bytes(self.sp, i) for i in range(self.sp.vocab_size())] + \
+            [SPECIAL_MARK + t.encode() for t in self.special]
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         if not allow_special:
@@ -113,6 +122,12 @@ class ChatGLM1Tokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self.sp.vocab_size()
+
+    def token_bytes(self) -> list[bytes]:
+        special = set(self.special.values())
+        return [SPECIAL_MARK + self.sp.id_to_piece(i).encode() if i in special
+                else self.postprocess(_sp_piece_bytes(self.sp, i).decode("utf-8", "surrogateescape")).encode(
+                    "utf-8", "surrogateescape") for i in range(self.sp.vocab_size())]
 
     @staticmethod
     def preprocess(text: str) -> str:
@@ -179,6 +194,11 @@ class TiktokenTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self.enc.n_vocab
 
+    def token_bytes(self) -> list[bytes]:
+        n = self.enc.n_vocab - len(self.special)
+        return [self.enc.decode_single_token_bytes(i) for i in range(n)] + \
+            [SPECIAL_MARK + t.encode() for t in self.special]
+
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         if allow_special:
             return self.enc.encode(text, allowed_special="all")
@@ -210,6 +230,22 @@ class HFTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
+    def token_bytes(self) -> list[bytes]:
+        """Byte-level vocabularies (GPT-2's byte-to-character table) or SentencePiece-style ones (▁ for a space,
+        <0xNN> byte pieces), as the tokenizer's decoder says."""
+        byte_level = "ByteLevel" in json.dumps(json.loads(self.tok.to_str()).get("decoder"))
+        table = {c: b for b, c in _gpt2_bytes().items()}
+        out = [b""] * self.vocab_size
+        special = set(self.special.values())
+        for piece, i in self.tok.get_vocab(with_added_tokens=True).items():
+            if i in special:
+                out[i] = SPECIAL_MARK + piece.encode()
+            elif byte_level:
+                out[i] = bytes(table[c] for c in piece) if all(c in table for c in piece) else piece.encode()
+            else:
+                out[i] = _byte_piece(piece) or piece.replace("\u2581", " ").encode()
+        return out
+
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         return self._encode(text, allow_special, add_special_tokens=False)
 
@@ -225,6 +261,31 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special)
+
+
+SPECIAL_MARK = b"\xff"
+
+
+def _byte_piece(piece: str) -> bytes | None:
+    """SentencePiece's byte-fallback pieces, '<0x0A>' -> b'\\n'."""
+    return bytes([int(piece[3:5], 16)]) if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece) else None
+
+
+def _sp_piece_bytes(sp, i: int) -> bytes:
+    piece = sp.id_to_piece(i)
+    if sp.is_control(i) or sp.is_unknown(i):
+        return SPECIAL_MARK + piece.encode()
+    return (sp.is_byte(i) and _byte_piece(piece)) or piece.replace("\u2581", " ").encode()
+
+
+def _gpt2_bytes() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, which byte-level BPE vocabularies are written in."""
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b], extra = chr(256 + extra), extra + 1
+    return chars
 
 
 def load_tokenizer(directory: str | Path, thudm: bool | None = None) -> Tokenizer | None:

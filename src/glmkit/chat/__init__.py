@@ -13,7 +13,7 @@ import warnings
 from glmkit.chat.base import ChatFormat, normalize
 from glmkit.chat.glm import FORMATS, ChatGLM1Format, ChatGLM2Format, ChatGLM3Format, GLM4Format
 from glmkit.chat.jinja import JinjaFormat
-from glmkit.chat.turn import ChatTurn, fit_conversation
+from glmkit.chat.turn import ChatDelta, ChatReply, ChatTurn, fit_conversation
 from glmkit.errors import GlmkitError
 from glmkit.tokenizer import (ChatGLM1Tokenizer, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, gguf_tokenizer,
                               load_tokenizer)
@@ -92,5 +92,6 @@ def tokenizer_and_format(checkpoint, name: str | None = None):
                            checkpoint.config.eos_token_ids, name)
 
 
-__all__ = ["FORMATS", "ChatFormat", "ChatGLM1Format", "ChatGLM2Format", "ChatGLM3Format", "ChatTurn", "GLM4Format",
-           "JinjaFormat", "fit_conversation", "normalize", "pick", "special_strings", "tokenizer_and_format"]
+__all__ = ["FORMATS", "ChatDelta", "ChatFormat", "ChatReply", "ChatGLM1Format", "ChatGLM2Format", "ChatGLM3Format",
+           "ChatTurn", "GLM4Format", "JinjaFormat", "fit_conversation", "normalize", "pick", "special_strings",
+           "tokenizer_and_format"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from glmkit.chat.tools import forced_json_call, parse_json_call
 from glmkit.errors import GlmkitError
 from glmkit.tokenizer import Tokenizer
 
@@ -77,8 +78,14 @@ class ChatFormat:
         raise NotImplementedError
 
     def parse_reply(self, text: str, tools: list[dict] | None = None) -> dict[str, Any]:
-        """The generated text as an OpenAI assistant message (content, or tool_calls)."""
-        return {"role": "assistant", "content": text.strip()}
+        """The generated text as an OpenAI assistant message (content, or tool_calls): template-driven models
+        call a tool with a JSON object {"name": ..., "arguments": {...}}."""
+        return (tools and parse_json_call(text, tools)) or {"role": "assistant", "content": text.strip()}
+
+    def forced_call(self, tools: list[dict] | None, name: str | None = None) -> list[list]:
+        """The reply that calls one of `tools` (or the one named), in the text parse_reply reads back: for
+        constrained decoding (tool_choice 'required' or named), as alternatives of text and JSON schemas."""
+        return forced_json_call(tools, name)
 
     def wrap_plain(self, ids: list[int]) -> list[int]:
         """Token ids of plain text -> a prompt as this generation's tokenizer builds one (no chat format)."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 
 from glmkit.chat.base import ChatFormat, Ids, normalize
-from glmkit.chat.tools import arguments_of, format_chatglm3_call, parse_chatglm3, parse_glm4
+from glmkit.chat.tools import (arguments_of, forced_chatglm3_call, format_chatglm3_call, functions, parse_chatglm3,
+                               parse_glm4)
 from glmkit.errors import GlmkitError
 from glmkit.tokenizer import Tokenizer
 
@@ -21,11 +22,17 @@ class _RoundsFormat(ChatFormat):
     first_round = 0
     sep = "\n"
 
+    def no_tools(self) -> GlmkitError:
+        return GlmkitError(f"the {self.name} chat format has no tool calls; use a ChatGLM3 or GLM-4 model for tools.")
+
+    def forced_call(self, tools, name=None):
+        raise self.no_tools()
+
     def _rounds(self, messages) -> tuple[list[tuple[str, str]], str, str | None]:
         system = "\n".join(m["content"] for m in messages if m["role"] == "system")
         turns = [m for m in messages if m["role"] != "system"]
         if any(m["role"] == "tool" or m.get("tool_calls") for m in turns):
-            raise GlmkitError(f"the {self.name} chat format has no tool calls; use a ChatGLM3 or GLM-4 model for tools.")
+            raise self.no_tools()
         answer = turns.pop()["content"] if turns and turns[-1]["role"] == "assistant" else None
         pairs, query = [], None
         for m in turns:
@@ -66,7 +73,7 @@ class ChatGLM1Format(_RoundsFormat):
 
     def render(self, messages, tools=None, add_generation_prompt=True):
         if tools:
-            raise GlmkitError("the chatglm1 chat format has no tool calls; use a ChatGLM3 or GLM-4 model for tools.")
+            raise self.no_tools()
         pairs, query, answer = self._rounds(normalize(messages))
         out = Ids()
         out.add(self.tok.encode(self._prompt(pairs, query) if pairs else query))
@@ -94,7 +101,7 @@ class ChatGLM2Format(_RoundsFormat):
 
     def render(self, messages, tools=None, add_generation_prompt=True):
         if tools:
-            raise GlmkitError("the chatglm2 chat format has no tool calls; use a ChatGLM3 or GLM-4 model for tools.")
+            raise self.no_tools()
         pairs, query, answer = self._rounds(normalize(messages))
         out = Ids()
         out.add([self.tok.token_id("[gMASK]"), self.tok.token_id("sop")])
@@ -171,6 +178,9 @@ class ChatGLM3Format(_RoleTokenFormat):
     def parse_reply(self, text, tools=None):
         return parse_chatglm3(text, tools)
 
+    def forced_call(self, tools, name=None):
+        return forced_chatglm3_call(tools, name)
+
 
 GLM4_TOOLS_PREAMBLE = ("你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
                        "你的任务是针对用户的问题和要求提供适当的答复和支持。")
@@ -203,6 +213,9 @@ class GLM4Format(_RoleTokenFormat):
 
     def parse_reply(self, text, tools=None):
         return parse_glm4(text, tools)
+
+    def forced_call(self, tools, name=None):
+        return [[n + "\n", params] for n, params in functions(tools, name)]
 
 
 FORMATS = {f.name: f for f in (ChatGLM1Format, ChatGLM2Format, ChatGLM3Format, GLM4Format)}

@@ -1,8 +1,11 @@
 """Tool calls in each generation's native text, to and from OpenAI-style `tool_calls`.
 
 ChatGLM3 writes `name\\n```python\\ntool_call(a=1, b="x")\\n```` (parsed with `ast`: literals only, never
-eval); GLM-4 / GLM-4-0414 write `name\\n{json}`. Output that is not a valid call of a known tool stays
-plain content; nothing here raises on model output. No torch, no tokenizer.
+eval); GLM-4 / GLM-4-0414 write `name\\n{json}`; template-driven models a JSON object
+`{"name": ..., "arguments": {...}}` (optionally inside <tool_call> tags). Output that is not a valid call of a
+known tool stays plain content; nothing here raises on model output. A forced call (tool_choice "required"
+or named) is described for the grammar compiler as alternatives of literal text and JSON schemas (see
+`forced_json_call`). No torch, no tokenizer.
 """
 
 from __future__ import annotations
@@ -27,6 +30,59 @@ def tool_names(tools: list[dict] | None) -> set[str]:
         if isinstance(fn, dict) and isinstance(fn.get("name"), str):
             names.add(fn["name"])
     return names
+
+
+def functions(tools: list[dict] | None, name: str | None = None) -> list[tuple[str, dict]]:
+    """(name, parameters schema) of every tool, or of the one named (a clear error when there is none)."""
+    out = []
+    for tool in tools or []:
+        fn = tool.get("function", tool) if isinstance(tool, dict) else {}
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str) and (name is None or fn["name"] == name):
+            params = fn.get("parameters")
+            out.append((fn["name"], params if isinstance(params, dict) else {"type": "object"}))
+    if not out:
+        raise GlmkitError(f"tool_choice names the function {name!r}, which is not among the request's tools."
+                          if name is not None else "tool_choice 'required' needs at least one tool in 'tools'.")
+    return out
+
+
+def forced_tool(tool_choice: Any) -> tuple[bool, str | None]:
+    """OpenAI's tool_choice -> (a call is forced, the function it must be: None for any)."""
+    if tool_choice in (None, "none", "auto"):
+        return False, None
+    if tool_choice == "required":
+        return True, None
+    fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    if tool_choice.get("type", "function") != "function" or not isinstance(fn, dict) or \
+            not isinstance(fn.get("name"), str):
+        raise GlmkitError("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
+                          "{'name': ...}}.")
+    return True, fn["name"]
+
+
+def forced_json_call(tools: list[dict] | None, name: str | None = None) -> list[list]:
+    """The generic forced call: one alternative per tool, `{"name": "<name>", "arguments": <its schema>}`. An
+    alternative is a list of items: text (literal), a dict (a JSON schema), or a list (an optional group)."""
+    return [['{"name": ' + json.dumps(n, ensure_ascii=False) + ', "arguments": ', params, "}"]
+            for n, params in functions(tools, name)]
+
+
+def parse_json_call(text: str, tools: list[dict] | None) -> dict[str, Any] | None:
+    """A reply that is one JSON call of a known tool (as forced_json_call writes it; "parameters" read as
+    "arguments", <tool_call> tags allowed around it) -> the assistant message with that call, else None."""
+    body = text.strip().removeprefix("<tool_call>").removesuffix("</tool_call>").strip()
+    if not body.startswith("{"):
+        return None
+    try:
+        value = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(value, dict) or value.get("name") not in tool_names(tools):
+        return None
+    arguments = value.get("arguments", value.get("parameters", {}))
+    if not isinstance(arguments, dict):
+        return None
+    return {"role": "assistant", "content": None, "tool_calls": [_call(value["name"], arguments)]}
 
 
 def split_metadata(text: str) -> tuple[str, str]:
@@ -74,9 +130,32 @@ def _literal_tool_call(code: str) -> dict[str, Any] | None:
             and not call.args and all(k.arg for k in call.keywords)):
         return None
     try:
-        return {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+        return {k.arg: ast.literal_eval(_JsonNames().visit(k.value)) for k in call.keywords}
     except (ValueError, SyntaxError, TypeError):
         return None  # not a literal: never evaluated
+
+
+class _JsonNames(ast.NodeTransformer):
+    """JSON's true / false / null written as names (a grammar-forced call writes JSON values) -> constants."""
+    CONSTANTS = {"true": True, "false": False, "null": None}
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        return ast.Constant(self.CONSTANTS[node.id]) if node.id in self.CONSTANTS else node
+
+
+def forced_chatglm3_call(tools: list[dict] | None, name: str | None = None) -> list[list]:
+    """ChatGLM3's native call with JSON values: `name\\n```python\\ntool_call(k=<value>, ...)\\n```` (required
+    arguments first, then optional ones; each followed by ', ', which Python accepts before ')')."""
+    out = []
+    for n, params in functions(tools, name):
+        props = params.get("properties") if isinstance(params.get("properties"), dict) else {}
+        required = [k for k in params.get("required") or [] if k in props]
+        items: list = [n + "\n```python\ntool_call("]
+        for k in required + [k for k in props if k not in required]:
+            item = [f"{k}=", props[k] if isinstance(props[k], dict) else {}, ", "]
+            items += item if k in required else [item]
+        out.append(items + [")\n```"])
+    return out
 
 
 def format_chatglm3_call(arguments: dict[str, Any]) -> str:

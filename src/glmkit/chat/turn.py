@@ -14,6 +14,44 @@ from glmkit.chat.base import ChatFormat
 from glmkit.errors import GlmkitError
 
 
+class ChatReply(dict):
+    """LLM.chat's result: OpenAI's assistant message plus finish_reason and usage. A dict (reply["content"],
+    reply.get("tool_calls"), json.dumps(reply)) with typed attributes; `.message` is the bare assistant
+    message, ready to append to the conversation."""
+
+    @property
+    def content(self) -> str | None:
+        return self.get("content")
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]] | None:
+        return self.get("tool_calls")
+
+    @property
+    def finish_reason(self) -> str:
+        return self["finish_reason"]
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return self["usage"]
+
+    @property
+    def message(self) -> dict[str, Any]:
+        return {k: v for k, v in self.items() if k not in ("finish_reason", "usage")}
+
+
+class ChatDelta(dict):
+    """One piece of a streamed LLM.chat: {'delta': text, 'completion_tokens': n so far}, also as attributes."""
+
+    @property
+    def delta(self) -> str:
+        return self["delta"]
+
+    @property
+    def completion_tokens(self) -> int:
+        return self["completion_tokens"]
+
+
 class ChatTurn:
     def __init__(self, fmt: ChatFormat, tools: list[dict] | None, prompt_tokens: int):
         self.fmt, self.tools, self.prompt_tokens = fmt, tools or None, prompt_tokens
@@ -49,10 +87,10 @@ class ChatTurn:
             return {"content": message["content"]}
         return None
 
-    def reply(self) -> dict[str, Any]:
+    def reply(self) -> ChatReply:
         """The finished reply as LLM.chat returns it: the message plus finish_reason and usage."""
         message, reason, usage = self.finish()
-        return {**message, "finish_reason": reason, "usage": usage}
+        return ChatReply(message, finish_reason=reason, usage=usage)
 
 
 def fit_conversation(render: Callable[[list[dict]], list[int]], messages: list[dict], ctx: int,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, TypedDict
 
 import torch
 
@@ -49,6 +49,26 @@ def sampling_defaults(generation: dict) -> dict:
     return out
 
 
+class Sampling(TypedDict, total=False):
+    """The sampling keyword arguments of LLM.generate / generate_batch / chat (left out: the model's defaults)."""
+    max_tokens: int
+    temperature: float  # 0 = greedy
+    top_p: float
+    top_k: int  # 0 = off
+    min_p: float
+    repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    stop: str | list[str]  # stop strings, never emitted
+    stop_token_ids: list[int]
+    ignore_eos: bool
+    seed: int
+    logprobs: int  # record each token's log-probability and this many top alternatives (Completion.logprobs)
+    logit_bias: dict[int, float]  # token id -> bias added to its logit (-100 bans it)
+    response_format: dict  # OpenAI's: {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {...}}
+    grammar: Any  # a compiled grammar (llm.grammars.json(schema) / .lark(text)) the output must follow
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
@@ -65,6 +85,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # record each sampled token's log-probability and this many top alternatives
     logit_bias: dict[int, float] | None = None  # added to those ids' logits before anything else (-100 bans)
+    grammar: Any = None  # constrained decoding: anything with .start() -> a matcher (allowed(), advance(id))
 
     def __post_init__(self):
         finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (
@@ -132,11 +153,11 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
 
 
-def make_sampler(p: SamplingParams) -> Callable[[torch.Tensor, list[int], list[int], torch.Generator | None], int]:
-    """-> sample(logits (V,), prompt ids, output ids, generator) -> token id."""
+def make_sampler(p: SamplingParams) -> Callable[..., int]:
+    """-> sample(logits (V,), prompt ids, output ids, generator, allowed (V,) bool or None) -> token id."""
 
     def sample(logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int],
-               generator: torch.Generator | None) -> int:
+               generator: torch.Generator | None, allowed: torch.Tensor | None = None) -> int:
         logits = logits.float()
         if p.logit_bias:
             ids = torch.tensor(list(p.logit_bias), device=logits.device)
@@ -148,6 +169,8 @@ def make_sampler(p: SamplingParams) -> Callable[[torch.Tensor, list[int], list[i
         if not math.isfinite(float(logits.sum())):  # one reduction: NaN or inf anywhere makes the sum so
             raise GlmkitError("the model produced NaN or infinite logits; the weights may be damaged, or float16 "
                               "overflowed (load with dtype='bfloat16' or 'float32').")
+        if allowed is not None:  # a grammar's mask: what it rules out can never be sampled
+            logits = logits.masked_fill(~allowed, float("-inf"))
         logits = apply_penalties(logits, prompt_ids, output_ids, p)
         if p.temperature == 0:
             return int(torch.argmax(logits))

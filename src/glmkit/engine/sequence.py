@@ -27,10 +27,17 @@ class Chunk:
 
 @dataclass
 class Completion:
+    """A finished generation; fields also read as completion["text"], like LLM.chat's ChatReply."""
     text: str
     token_ids: list[int]  # generated ids only, without the stop id
     finish_reason: str  # 'stop', 'length', 'tool_calls' (chat) or 'cancelled'
     usage: dict[str, int] = field(default_factory=dict)
+    logprobs: list[tuple[float, dict[int, float]]] | None = None  # per token: (its logprob, top alternatives)
+
+    def __getitem__(self, key: str):
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
 
 
 class Sequence:
@@ -40,6 +47,7 @@ class Sequence:
         self.params = params
         self.stop_ids = frozenset() if params.ignore_eos else frozenset(stop_ids) | set(params.stop_token_ids)
         self.sample = make_sampler(params)
+        self.matcher = params.grammar.start() if params.grammar is not None else None  # structured output
         self.generator = None
         if params.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -70,7 +78,10 @@ class Sequence:
         logits, a stop rule or detokenizer error) ends this sequence only, with the reason: the batch
         around it keeps decoding."""
         try:
-            token = self.sample(logits, self.prompt, self.output, self.generator)
+            allowed = self.matcher.allowed() if self.matcher is not None else None
+            token = self.sample(logits, self.prompt, self.output, self.generator, allowed)
+            if self.matcher is not None and token not in self.stop_ids:
+                self.matcher.advance(token)
             if self.params.logprobs is not None:  # under the model's own distribution, before sampling filters
                 self.logprobs.append(top_logprobs(logits, token, self.params.logprobs))
             return self.accept(token)
@@ -141,4 +152,5 @@ class Sequence:
         n = len(self.output)
         return Completion(self.text, list(self.output), self.finish_reason or "cancelled",
                           {"prompt_tokens": len(self.prompt), "completion_tokens": n,
-                           "total_tokens": len(self.prompt) + n})
+                           "total_tokens": len(self.prompt) + n},
+                          list(self.logprobs) if self.params.logprobs is not None else None)

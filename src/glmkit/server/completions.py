@@ -33,13 +33,14 @@ async def completions(body: CompletionRequest, request: Request):
     if body.stream and body.n > 1:
         raise ApiError(400, N_STREAMED)
     max_tokens = body.max_tokens if body.max_tokens is not None else 16
+    grammar = await s.grammar(body)
     rid, started = f"cmpl-{uuid.uuid4().hex[:24]}", time.time()
     head = {"id": rid, "object": "text_completion", "created": int(started), "model": s.model_name}
     if body.stream:
-        return StreamingResponse(_stream(s, prompts[0], body, max_tokens, head, started, request),
+        return StreamingResponse(_stream(s, prompts[0], body, max_tokens, grammar, head, started, request),
                                  media_type="text/event-stream")
     jobs = [(i * body.n + j, p) for i, p in enumerate(prompts) for j in range(body.n)]  # (choice index, prompt)
-    params = [s.with_seed(s.sampling(body, max_tokens, len(p), logprobs=body.logprobs), index % body.n)
+    params = [s.with_seed(s.sampling(body, max_tokens, len(p), logprobs=body.logprobs, grammar=grammar), index % body.n)
               for index, p in jobs]  # every prompt checked before any is admitted
     handles = s.admit_all([(p, sp) for (_, p), sp in zip(jobs, params)]) if max_tokens > 0 else [None] * len(jobs)
     choices = await asyncio.gather(*(_complete(s, index, p, handle, body, started, request)
@@ -52,8 +53,8 @@ async def completions(body: CompletionRequest, request: Request):
 async def _infill(s: ServerState, body: CompletionRequest, request: Request) -> dict:
     """GLM blank infilling: each [MASK] is generated after <sop> at the blank's position and spliced in,
     left to right; the choice's text is the whole prompt with its blanks filled (fills lists the spans)."""
-    if body.stream or body.echo or body.logprobs is not None:
-        raise ApiError(400, "prompts with [MASK] (blank infilling) take no stream, echo or logprobs.")
+    if body.stream or body.echo or body.logprobs is not None or body.response_format is not None:
+        raise ApiError(400, "prompts with [MASK] (blank infilling) take no stream, echo, logprobs or response_format.")
     llm, started = s.llm, time.time()
     c, ids = llm.config, llm.tokenizer.encode(body.prompt, allow_special=True)
     max_tokens = body.max_tokens if body.max_tokens is not None else 16
@@ -97,10 +98,10 @@ async def _complete(s: ServerState, index: int, prompt: list[int], handle, body:
     return {"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs, "_n": len(out)}
 
 
-async def _stream(s: ServerState, prompt: list[int], body: CompletionRequest, max_tokens: int, head: dict,
+async def _stream(s: ServerState, prompt: list[int], body: CompletionRequest, max_tokens: int, grammar, head: dict,
                   started: float, request: Request):
     try:
-        handle = s.admit(prompt, s.sampling(body, max_tokens, len(prompt)))
+        handle = s.admit(prompt, s.sampling(body, max_tokens, len(prompt), grammar=grammar))
         n = 0
         async for c in s.chunks(handle, started, request):
             n += len(c.token_ids)

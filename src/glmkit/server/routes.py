@@ -67,6 +67,7 @@ async def chat(body: ChatRequest, request: Request):
         raise render_error(e) from None
     max_tokens = body.max_completion_tokens or body.max_tokens
     extra = {"logprobs": body.top_logprobs or 0} if body.logprobs else {}
+    extra["grammar"] = await s.grammar(body, tools)
     params = s.sampling(body, max_tokens if max_tokens is not None else s.default_max_tokens(len(ids)), len(ids),
                         **extra)
     started = time.time()

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP, MAX_STOP_CHARS, MAX_PROMPTS, MAX_TOOLS = 16, 512, 128, 128  # bounded cost per request
+# OpenAI fields glmkit cannot honour: refused by name when set, never silently dropped
+UNSUPPORTED = {"audio": "audio output", "prediction": "predicted outputs", "web_search_options": "web search",
+               "functions": "the legacy 'functions' field (send 'tools')",
+               "function_call": "the legacy 'function_call' field (send 'tool_choice')",
+               "suffix": "a suffix after the completion (use a [MASK] prompt on ChatGLM-6B models)"}
 
 
 class _Request(BaseModel):
@@ -32,6 +37,20 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1, le=8, description="choices per prompt")
     ignore_eos: bool = False
     logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
+    response_format: dict[str, Any] | None = None  # text, json_object, json_schema: constrained decoding
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        for name, what in UNSUPPORTED.items():
+            if (self.model_extra or {}).get(name) not in (None, "", [], {}):
+                raise ValueError(f"glmkit does not support {what}; leave '{name}' out")
+        modalities = (self.model_extra or {}).get("modalities")
+        if modalities not in (None, ["text"]):
+            raise ValueError("glmkit answers in text only; leave 'modalities' out or send ['text']")
+        best_of = (self.model_extra or {}).get("best_of")
+        if best_of not in (None, 1, self.n):
+            raise ValueError("best_of is not supported; use n")
+        return self
 
     @field_validator("stop")
     @classmethod

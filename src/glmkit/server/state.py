@@ -79,6 +79,17 @@ class ServerState:
         except GlmkitError as e:
             raise ApiError(400, str(e)) from None
 
+    async def grammar(self, body, tools: list[dict] | None = None):
+        """The grammar a request's output must follow (a forced tool call, else its response_format), compiled
+        off the event loop (the first one reads the vocabulary); None for free text."""
+        tool_choice = getattr(body, "tool_choice", None)
+        if body.response_format is None and tool_choice in (None, "none", "auto"):
+            return None
+        try:
+            return await asyncio.to_thread(self.llm.output_grammar, body.response_format, tools, tool_choice)
+        except Exception as e:  # noqa: BLE001 - a bad schema or tool choice is the client's to fix
+            raise render_error(e) from None
+
     @staticmethod
     def with_seed(params: SamplingParams, i: int) -> SamplingParams:
         """The i-th of n samples: seeded requests give each its own seed (seed + i), so the n differ yet repeat."""
