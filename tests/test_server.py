@@ -718,3 +718,31 @@ def test_n_beyond_capacity_admits_none(tmp_path):
             time.sleep(0.02)
     finally:
         live.close()
+
+
+def test_access_log_has_one_line_per_request_with_tokens_and_speed(chatml_dir, caplog):
+    import logging
+
+    live = LiveServer(glmkit.load(chatml_dir), access_log="json")
+    try:
+        with caplog.at_level(logging.INFO, logger="glmkit.access"):
+            stream = live.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                           max_tokens=6, temperature=0, stream=True,
+                                                           extra_body={"ignore_eos": True})
+            streamed = sum(1 for _ in stream)
+            httpx.get(live.url + "/v1/nowhere")
+            deadline = time.time() + 5
+            while len(caplog.records) < 2 and time.time() < deadline:
+                time.sleep(0.05)
+    finally:
+        live.close()
+    chat, missing = (json.loads(r.getMessage()) for r in caplog.records[:2])
+    assert streamed > 0 and chat["path"] == "/v1/chat/completions" and chat["status"] == 200
+    assert chat["completion_tokens"] == 6 and chat["prompt_tokens"] > 0 and chat["ttft_s"] > 0
+    assert chat["tokens_per_s"] > 0 and chat["duration_s"] >= chat["ttft_s"]
+    assert missing["path"] == "/v1/nowhere" and missing["status"] == 404 and missing["completion_tokens"] == 0
+    from glmkit.server.access import AccessLog, RequestStats
+
+    text = AccessLog(None).line({"method": "POST", "path": "/v1/completions", "client": ("1.2.3.4", 5)}, 200,
+                                time.time() - 1, RequestStats(10, 5, time.time() - 0.5, time.time()))
+    assert text.startswith('1.2.3.4 "POST /v1/completions" 200 prompt=10 completion=5 ttft=') and "tok/s" in text

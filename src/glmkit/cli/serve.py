@@ -2,7 +2,8 @@
 
 --api-key (repeatable) or --api-key-file require 'Authorization: Bearer KEY' on every route but /health
 and the page itself; --cors-origin opens CORS to a browser origin; --max-batch sequences decode
-together and --max-queue more may wait (beyond that: 503 with Retry-After).
+together and --max-queue more may wait (beyond that: 503 with Retry-After). Each request is logged on stderr
+when it ends (--log-format text|json, --no-access-log).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait (default 64)")
     parser.add_argument("--model-name", default=None, help="the name clients use (default: the MODEL argument)")
     parser.add_argument("--timeout", type=float, default=600.0, help="per-request limit in seconds")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="the access log on stderr: one line per request (tokens, time to first token, tok/s)")
+    parser.add_argument("--no-access-log", action="store_true", help="no access log")
     add_sampling_args(parser, max_tokens=None)  # the server's defaults for requests that leave them out
 
 
@@ -50,7 +54,9 @@ def main(args: argparse.Namespace) -> int:
     llm.defaults.update(defaults)
     name = args.model_name or str(args.model)
     app = create_app(llm, model_name=name, api_keys=keys, cors_origins=args.cors_origin, max_batch=args.max_batch,
-                     max_queue=args.max_queue, request_timeout=args.timeout)
+                     max_queue=args.max_queue, request_timeout=args.timeout,
+                     access_log=None if args.no_access_log else args.log_format)
+    _log_to_stderr()
     url = f"http://{args.host}:{args.port}"
     print(f"glmkit serve: {name} at {url}/v1 (OpenAI API; model name {name!r}), chat page at {url}/"
           + (" — API key required" if keys else ""), file=sys.stderr, flush=True)
@@ -60,6 +66,18 @@ def main(args: argparse.Namespace) -> int:
                             http=HeaderTimeoutH11)
     DrainingServer(config, app.state.worker).run()
     return 0
+
+
+def _log_to_stderr() -> None:
+    import logging
+
+    from glmkit.server.access import logger
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _check_port(host: str, port: int) -> None:

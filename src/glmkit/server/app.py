@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 
 from glmkit.errors import GlmkitError
 from glmkit.server import completions, routes
+from glmkit.server.access import AccessLog
 from glmkit.server.schema import error_body
 from glmkit.server.state import ApiError, ServerState
 from glmkit.server.worker import EngineWorker
@@ -24,7 +25,8 @@ from glmkit.server.worker import EngineWorker
 
 def create_app(llm, *, model_name: str, api_keys: list[str] | None = None, cors_origins: list[str] | None = None,
                max_batch: int = 8, max_queue: int = 64, max_body_bytes: int = 4 << 20,
-               request_timeout: float = 600.0) -> FastAPI:
+               request_timeout: float = 600.0, access_log: str | None = None) -> FastAPI:
+    """access_log: 'text' or 'json' lines on the 'glmkit.access' logger (one per request), None for none."""
     if any(not k.strip() for k in api_keys or []):
         raise GlmkitError("an API key is empty; give non-empty keys (or none, for an open server).")
     worker = EngineWorker(llm.make_engine(max_batch=max_batch), max_queue=max_queue)
@@ -46,6 +48,8 @@ def create_app(llm, *, model_name: str, api_keys: list[str] | None = None, cors_
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+    if access_log is not None:  # outermost: refused and oversized requests are logged too
+        app.add_middleware(AccessLog, fmt=access_log)
     app.include_router(routes.router)
     app.include_router(completions.router)
     return app
@@ -74,8 +78,9 @@ async def _invalid(request: Request, e: RequestValidationError):
     first = e.errors()[0] if e.errors() else {}
     if first.get("type") == "json_invalid":
         return JSONResponse(error_body(f"the request body is not valid JSON ({first.get('msg', '')})."), 400)
-    where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
-    return JSONResponse(error_body(f"{where}: {first.get('msg', 'invalid value')}", param=where), 400)
+    where = ".".join(str(p) for p in first.get("loc", ())[1:])
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")  # pydantic's prefix
+    return JSONResponse(error_body(f"{where}: {message}" if where else f"{message}.", param=where or None), 400)
 
 
 class _TooLarge(Exception):

@@ -17,6 +17,7 @@ from fastapi import Request
 from glmkit.engine.sampling import DEFAULT_MAX_TOKENS, SamplingParams
 from glmkit.engine.sequence import Chunk
 from glmkit.errors import GlmkitError
+from glmkit.server.access import RequestStats, stats_of
 from glmkit.server.metrics import Metrics
 from glmkit.server.worker import Busy, EngineWorker, Handle
 
@@ -125,6 +126,7 @@ class ServerState:
     async def chunks(self, handle: Handle, started: float, request: Request | None = None) -> AsyncIterator[Chunk]:
         """A sequence's chunks; cancels it if the consumer stops early or the client goes away."""
         first, last, deadline = True, started, started + self.request_timeout
+        stats = stats_of(request.scope.setdefault("state", {})) if request is not None else RequestStats()
         try:
             while True:
                 if request is not None and await request.is_disconnected():
@@ -142,6 +144,10 @@ class ServerState:
                     (self.metrics.ttft if first else self.metrics.tpot).observe(now - (started if first else last))
                     self.metrics.generation_tokens.inc(len(item.token_ids))
                     first, last = False, now
+                    stats.completion_tokens += len(item.token_ids)
+                    stats.first_token, stats.last_token = min(stats.first_token or now, now), now
+                if item.finish_reason is not None and handle.seq is not None:
+                    stats.prompt_tokens += len(handle.seq.prompt)
                 if handle.seq is not None and handle.seq.error:
                     raise ApiError(500 if handle.seq.error_is_internal else 400, handle.seq.error)
                 yield item
