@@ -746,3 +746,34 @@ def test_access_log_has_one_line_per_request_with_tokens_and_speed(chatml_dir, c
     text = AccessLog(None).line({"method": "POST", "path": "/v1/completions", "client": ("1.2.3.4", 5)}, 200,
                                 time.time() - 1, RequestStats(10, 5, time.time() - 0.5, time.time()))
     assert text.startswith('1.2.3.4 "POST /v1/completions" 200 prompt=10 completion=5 ttft=') and "tok/s" in text
+
+
+def test_embeddings_equal_pooled_transformers_hidden_states(server, chatml_dir):
+    """/v1/embeddings through the openai client (floats and base64) against transformers' final hidden states,
+    mean- and last-pooled, unit length; the token counts and the 400s."""
+    import base64
+
+    import numpy as np
+    import openai
+    from transformers import AutoModel, AutoTokenizer
+
+    client = server.client()
+    texts = ["hello world", "你好，世界", "a"]
+    got = client.embeddings.create(model="tiny", input=texts)
+    got64 = client.embeddings.create(model="tiny", input=texts, encoding_format="base64")
+    last = client.embeddings.create(model="tiny", input=texts, extra_body={"pooling": "last"})
+    tok, hf = AutoTokenizer.from_pretrained(chatml_dir), AutoModel.from_pretrained(chatml_dir).eval()
+    for i, text in enumerate(texts):
+        ids = tok(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            h = hf(input_ids=ids).last_hidden_state[0]  # (T, C)
+        for response, want in ((got, h.mean(0)), (got64, h.mean(0)), (last, h[-1])):
+            vector = response.data[i].embedding  # explicit base64 comes back as the string the server sent
+            vector = torch.tensor(vector if isinstance(vector, list) else
+                                  np.frombuffer(base64.b64decode(vector), "<f4").copy())
+            torch.testing.assert_close(vector, torch.nn.functional.normalize(want, dim=0), atol=1e-5, rtol=0)
+    assert got.usage.prompt_tokens == sum(len(tok(t).input_ids) for t in texts)
+    with pytest.raises(openai.BadRequestError, match="dimensions"):
+        client.embeddings.create(model="tiny", input="x", dimensions=3)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.embeddings.create(model="tiny", input=[[1] * 600])

@@ -252,6 +252,23 @@ class LLM:
         ids = t[0].tolist()
         return [(ids[0], None, {})] + [(tok, p, d) for tok, p, d in zip(ids[1:], picked, tops)]
 
+    @torch.inference_mode()
+    def embed(self, inputs: Sequence[str | Sequence[int]], pooling: str = "mean",
+              normalize: bool = True) -> torch.Tensor:
+        """Texts or token-id lists -> embeddings (N, C) float32: the final-normed hidden states of each input,
+        averaged over its tokens ('mean') or taken at its last token ('last'), then scaled to unit length
+        (llama.cpp's --pooling mean / last with normalization). One forward per input, no cache."""
+        if pooling not in ("mean", "last"):
+            raise GlmkitError(f"pooling must be 'mean' or 'last', got {pooling!r}.")
+        rows = []
+        for item in inputs:
+            t = self._as_batch(self.tokenizer.encode_prompt(item) if isinstance(item, str) else list(item))
+            positions, prefix_len = prompt_positions(t, self.config)
+            h = self.model.hidden_states(t, positions, prefix_len=prefix_len)[0].float()  # (T, C)
+            rows.append(h.mean(0) if pooling == "mean" else h[-1])  # (C,)
+        out = torch.stack(rows) if rows else torch.zeros(0, self.config.hidden_size)  # (N, C)
+        return torch.nn.functional.normalize(out, dim=-1) if normalize else out
+
     def _as_batch(self, ids) -> torch.Tensor:
         t = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids)
         t = t[None] if t.dim() == 1 else t

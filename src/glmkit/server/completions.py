@@ -27,7 +27,7 @@ async def completions(body: CompletionRequest, request: Request):
     check_text([body.prompt, body.stop])
     if _is_infill(body.prompt, s.llm):
         return await _infill(s, body, request)
-    prompts = await asyncio.to_thread(_prompts, body.prompt, s.llm)  # tokenizing a long prompt: off the event loop
+    prompts = await asyncio.to_thread(prompt_ids, body.prompt, s.llm)  # tokenizing a long prompt: off the event loop
     if len(prompts) > 1 and body.stream:
         raise ApiError(400, "stream=true takes a single prompt.")
     if body.stream and body.n > 1:
@@ -122,8 +122,8 @@ def _is_infill(prompt, llm) -> bool:
         and c.sop_token_id is not None and llm.tokenizer is not None
 
 
-def _prompts(prompt, llm) -> list[list[int]]:
-    """OpenAI's four prompt shapes -> token id lists."""
+def prompt_ids(prompt, llm) -> list[list[int]]:
+    """OpenAI's four prompt shapes (also /v1/embeddings' inputs) -> token id lists."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if prompt and all(isinstance(p, int) for p in prompt):

@@ -1,11 +1,12 @@
 """The routes of the OpenAI-compatible API and the page, as module-level functions over the app's ServerState:
-/v1/chat/completions, /v1/models, /tokenize, /detokenize, /tokenizer_info, /health, /metrics and `/`
+/v1/chat/completions, /v1/models, /v1/embeddings, /tokenize, /detokenize, /tokenizer_info, /health, /metrics and `/`
 (/v1/completions lives in completions.py). Model output is only parsed, never executed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 import uuid
 from pathlib import Path
@@ -14,7 +15,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 
 from glmkit.chat import ChatTurn
-from glmkit.server.schema import ChatRequest, DetokenizeRequest, TokenizeRequest, error_body
+from glmkit.server.completions import prompt_ids
+from glmkit.server.schema import ChatRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest, error_body
 from glmkit.server.state import N_STREAMED, ApiError, ServerState, check_text, render_error, sse, state_of
 
 STATIC = Path(__file__).parent / "static"
@@ -138,6 +140,30 @@ async def _chat_stream(s: ServerState, handle, turn: ChatTurn, base: dict, start
     if include_usage:
         yield sse({**head, "choices": [], "usage": usage})
     yield sse("[DONE]")
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request):
+    """Mean (or, with "pooling": "last", last-token) pooling of the final hidden states, unit length."""
+    s = state_of(request)
+    s.check_model(body.model)
+    check_text(body.input)
+    if body.dimensions not in (None, s.llm.config.hidden_size):
+        raise ApiError(400, f"this model's embeddings have {s.llm.config.hidden_size} dimensions; leave "
+                            "'dimensions' out or send that number.")
+    ids = await asyncio.to_thread(prompt_ids, body.input, s.llm)
+    if max(map(len, ids)) > s.ctx:
+        raise ApiError(400, f"an input has {max(map(len, ids))} tokens but the model's context is {s.ctx}; shorten it.")
+    vectors = await s.worker.call(lambda: s.llm.embed(ids, body.pooling))  # on the engine thread: no race
+    data = [{"object": "embedding", "index": i, "embedding": _encoded(v, body.encoding_format)}
+            for i, v in enumerate(vectors)]
+    n = sum(map(len, ids))
+    return {"object": "list", "data": data, "model": s.model_name, "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+
+def _encoded(vector, encoding: str):
+    """float: a list of numbers; base64: little-endian float32 bytes, as OpenAI's client decodes them."""
+    return vector.tolist() if encoding == "float" else base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode()
 
 
 @router.post("/tokenize")

@@ -18,6 +18,13 @@ UNSUPPORTED = {"audio": "audio output", "prediction": "predicted outputs", "web_
                "suffix": "a suffix after the completion (use a [MASK] prompt on ChatGLM-6B models)"}
 
 
+def _at_most_max_prompts(v):
+    """A list of prompts (texts or id lists; not one list of ids) holds at most MAX_PROMPTS."""
+    if isinstance(v, list) and v and not isinstance(v[0], int) and len(v) > MAX_PROMPTS:
+        raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+    return v
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -74,15 +81,21 @@ class ChatRequest(_Request):
 class CompletionRequest(_Request):
     prompt: Union[str, list[str], list[int], list[list[int]]]
 
-    @field_validator("prompt")
-    @classmethod
-    def _bounded_prompts(cls, v):
-        if isinstance(v, list) and v and not isinstance(v[0], int) and len(v) > MAX_PROMPTS:
-            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
-        return v
+    _bounded_prompts = field_validator("prompt")(lambda cls, v: _at_most_max_prompts(v))
     max_tokens: int | None = 16
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    input: Union[str, list[str], list[int], list[list[int]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    pooling: Literal["mean", "last"] = "mean"  # glmkit's: how hidden states become one vector
+
+    _bounded_inputs = field_validator("input")(lambda cls, v: _at_most_max_prompts(v))
 
 
 class TokenizeRequest(BaseModel):
