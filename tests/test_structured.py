@@ -1,4 +1,4 @@
-"""Structured outputs: JSON schemas, json_object and forced tool calls, decoded under llguidance's token masks,
+"""Structured outputs (JSON schemas, json_object, forced tool calls) decoded under llguidance's token masks,
 through the Python API, the official `openai` client, LangChain and instructor."""
 
 from __future__ import annotations
@@ -221,3 +221,23 @@ def test_instructor_gets_a_valid_object(default_server):
         city = client.chat.completions.create(model="tiny", messages=ASK_CITY, response_model=City, max_retries=0,
                                               max_tokens=120, temperature=0)
         assert isinstance(city, City), mode
+
+
+# ------------------------------------------------------------------------------ the default model's defaults
+@pytest.mark.slow
+def test_default_model_replies_stop_on_their_own(default_server):
+    """No sampling fields at all (the server's and the model's defaults: llama-server's, as its GGUF carries no
+    generation settings): seeded replies end with 'stop' well within the default max tokens. Greedy replies
+    too, on the prompts where greedy decoding of this 135M model stops at all (llama.cpp's greedy loops on
+    "What is the capital of France?" exactly as glmkit's does). Chinese prompts are left out: this model
+    rambles on them under llama-server's sampling too (README: Sampling defaults)."""
+    client = default_server.client()
+    for prompt in ["Hi", "What is the capital of France?", "What is 2 + 2?", "Write a haiku about the sea."]:
+        for seed in (1, 2):
+            done = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
+                                                  seed=seed)
+            assert done.choices[0].finish_reason == "stop" and done.usage.completion_tokens < 300, (prompt, seed)
+    for prompt in ["Hi", "What is 2 + 2?"]:
+        done = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
+                                              temperature=0)
+        assert done.choices[0].finish_reason == "stop" and done.usage.completion_tokens < 100, prompt
