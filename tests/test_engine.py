@@ -281,3 +281,25 @@ def test_prompt_logprobs_in_chunks_equal_the_reference(tiny, random_ids):
         assert abs(got[i][1] - float(lp[i - 1, ids[i]])) < 1e-4
         top = torch.topk(lp[i - 1], 3)
         assert list(got[i][2]) == top.indices.tolist()
+
+
+@pytest.mark.parametrize("kind", ["glm", "llama"])
+def test_samples_of_one_prompt_share_its_prefill(tiny, random_ids, kind):
+    """n sequences of one prompt admitted together: one prefill, the others copy its cache row; each one's
+    greedy ids equal the naive loop's (ChatGLM-6B's 2d positions and prefix mask included), and seeded ones
+    differ from each other."""
+    llm, _ = tiny[kind]
+    engine = llm.make_engine(max_batch=4)
+    prompt = random_ids(1, 11, llm.config.vocab_size, seed=5)[0].tolist()
+    seqs = [engine.submit(prompt, SamplingParams(max_tokens=6, **GREEDY)) for _ in range(3)]
+    seqs.append(engine.submit(prompt, SamplingParams(max_tokens=6, temperature=1.0, seed=7, ignore_eos=True)))
+    while engine.has_work:
+        engine.step()
+    assert [s.prefilled for s in seqs] == [len(prompt), 0, 0, 0]
+    want = naive_greedy(llm, prompt, 6)
+    assert all(s.output == want for s in seqs[:3])
+    alone = llm.make_engine(max_batch=1)
+    solo = alone.submit(prompt, SamplingParams(max_tokens=6, temperature=1.0, seed=7, ignore_eos=True))
+    while alone.has_work:
+        alone.step()
+    assert seqs[3].output == solo.output and seqs[3].output != want

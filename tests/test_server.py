@@ -674,6 +674,7 @@ def test_sigterm_ends_streams_in_flight_at_once(tmp_path):
 
 
 def test_n_choices(server):
+    """n choices, plain and streamed (chat and completions): seeded samples repeat, greedy ones agree."""
     client = server.client()
     messages = [{"role": "user", "content": "hello"}]
     three = client.chat.completions.create(model="tiny", messages=messages, n=3, max_tokens=5, temperature=1.0,
@@ -689,9 +690,23 @@ def test_n_choices(server):
                                        extra_body={"ignore_eos": True})
     texts = [c.text for c in sorted(greedy.choices, key=lambda c: c.index)]
     assert len(texts) == 4 and texts[0] == texts[1] and texts[2] == texts[3] and greedy.usage.completion_tokens == 16
-    streamed = httpx.post(server.url + "/v1/chat/completions", headers=headers(),
-                          json={"messages": messages, "n": 2, "stream": True})
-    assert streamed.status_code == 400 and "n > 1" in streamed.json()["error"]["message"]
+    streamed = client.chat.completions.create(model="tiny", messages=messages, n=3, max_tokens=5, temperature=1.0,
+                                              seed=11, stream=True, stream_options={"include_usage": True},
+                                              extra_body={"ignore_eos": True})
+    pieces, reasons, usage = {0: "", 1: "", 2: ""}, {}, None
+    for chunk in streamed:
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            pieces[c.index] += c.delta.content or ""
+            reasons[c.index] = c.finish_reason or reasons.get(c.index)
+    assert [pieces[i] for i in range(3)] == [c.message.content for c in three.choices]  # the same samples
+    assert reasons == {0: "length", 1: "length", 2: "length"} and usage.completion_tokens == 15
+    text_stream = client.completions.create(model="tiny", prompt="a b", n=2, max_tokens=4, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+    by_index = {0: "", 1: ""}
+    for chunk in text_stream:
+        by_index[chunk.choices[0].index] += chunk.choices[0].text
+    assert by_index[0] == by_index[1] == texts[0]
 
 
 def test_n_beyond_capacity_admits_none(tmp_path):

@@ -49,6 +49,12 @@ class KVCache:
             self.k[layer][:, :, :P] = keys[layer].to(self.k[layer])
             self.v[layer][:, :, :P] = values[layer].to(self.v[layer])
 
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Row dst's first `length` positions become row src's (n samples of one prompt share its prefill)."""
+        for buffers in (self.k, self.v):
+            for t in buffers:
+                t[dst, :, :length] = t[src, :, :length]
+
     def rows(self, lo: int, hi: int) -> "KVCache":
         """A view of rows [lo, hi) that shares storage with this cache."""
         view = KVCache.__new__(KVCache)

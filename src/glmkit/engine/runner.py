@@ -68,6 +68,14 @@ class ModelRunner:
             self.cache.rows(new_rows.start, new_rows.stop).write_prefix(*self.prefix)
 
     @torch.inference_mode()
+    def fork(self, src: int, dst: int, length: int, reserve: int) -> None:
+        """Row dst starts as a copy of row src's first `length` positions (and its position anchor), with room
+        for `reserve` positions: a second sample of the same prompt without a second prefill."""
+        self.reserve(reserve, dst + 1)
+        self.cache.copy_row(src, dst, self.P + length)
+        self.anchors[dst] = self.anchors.get(src)
+
+    @torch.inference_mode()
     def step(self, inputs: StepInputs) -> torch.Tensor:
         """-> the logits after each row's last id, (rows, V)."""
         return self._prefill(inputs) if inputs.is_prefill else self._decode(inputs)

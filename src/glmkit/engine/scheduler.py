@@ -61,10 +61,11 @@ class Scheduler:
     def step(self) -> list[tuple[Sequence, Chunk]]:
         """Admit waiting sequences into free slots (prefill), then one decode step for all running ones."""
         out: list[tuple[Sequence, Chunk]] = []
+        shared: dict = {}  # prompt ids -> (row, its logits (V,)) for the prompts prefilled in this step
         while self.waiting and None in self.slots:
             seq = self.waiting.popleft()
             try:
-                chunk = self._prefill(seq)
+                chunk = self._prefill(seq, shared)
             except Exception as e:  # noqa: BLE001 - one prompt's failure ends that request only
                 chunk = seq.fail(e, "prefill")
             self._emit(seq, chunk, out)
@@ -85,7 +86,17 @@ class Scheduler:
             self.cached[seq.slot] = seq.ids[: seq.fed]
         seq.slot = None
 
-    def _prefill(self, seq: Sequence) -> Chunk | None:
+    def _prefill(self, seq: Sequence, shared: dict) -> Chunk | None:
+        """Prefill a sequence's prompt into a free row; a prompt already prefilled in this step (n samples of one
+        request) is copied from that row instead, and samples from the same logits."""
+        key = tuple(seq.prompt)
+        if key in shared and self._holds(shared[key][0], seq.prompt):
+            row, logits = shared[key]
+            slot = next(i for i, s in enumerate(self.slots) if s is None)
+            seq.slot, self.slots[slot], self.cached[slot] = slot, seq, []
+            self.runner.fork(row, slot, len(seq.prompt), len(seq.prompt) + seq.max_new)
+            seq.prefilled, seq.fed = 0, len(seq.prompt)
+            return seq.take(logits)
         free = [i for i, s in enumerate(self.slots) if s is None]
         slot = max(free, key=lambda i: (_common(self.cached[i], seq.prompt), -i))
         common = _common(self.cached[slot], seq.prompt) if self.reuse else 0
@@ -95,7 +106,14 @@ class Scheduler:
         inputs = StepInputs([slot], [seq.prompt[common:]], [common], seq.prompt, len(seq.prompt) + seq.max_new)
         logits = self.runner.step(inputs)[0]  # (V,); on failure the row holds nothing reusable (cached stays [])
         seq.prefilled, seq.fed = len(seq.prompt) - common, len(seq.prompt)
+        shared[tuple(seq.prompt)] = (slot, logits)
         return seq.take(logits)
+
+    def _holds(self, row: int, prompt: list[int]) -> bool:
+        """Row `row` still holds `prompt`'s keys: its sequence runs there, or left them behind."""
+        owner = self.slots[row]
+        kept = owner.prompt if owner is not None else self.cached[row]
+        return kept[: len(prompt)] == prompt
 
     def _decode(self, running: list[int], out: list) -> None:
         n = max(running) + 1

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from glmkit.server.schema import CompletionRequest, error_body
-from glmkit.server.state import N_STREAMED, ApiError, ServerState, check_text, sse, state_of
+from glmkit.server.state import ApiError, ServerState, check_text, merged, sse, state_of
 
 router = APIRouter()
 
@@ -30,8 +30,6 @@ async def completions(body: CompletionRequest, request: Request):
     prompts = await asyncio.to_thread(prompt_ids, body.prompt, s.llm)  # tokenizing a long prompt: off the event loop
     if len(prompts) > 1 and body.stream:
         raise ApiError(400, "stream=true takes a single prompt.")
-    if body.stream and body.n > 1:
-        raise ApiError(400, N_STREAMED)
     max_tokens = body.max_tokens if body.max_tokens is not None else 16
     grammar = await s.grammar(body)
     rid, started = f"cmpl-{uuid.uuid4().hex[:24]}", time.time()
@@ -101,11 +99,12 @@ async def _complete(s: ServerState, index: int, prompt: list[int], handle, body:
 async def _stream(s: ServerState, prompt: list[int], body: CompletionRequest, max_tokens: int, grammar, head: dict,
                   started: float, request: Request):
     try:
-        handle = s.admit(prompt, s.sampling(body, max_tokens, len(prompt), grammar=grammar))
+        params = s.sampling(body, max_tokens, len(prompt), grammar=grammar)
+        handles = s.admit_all([(prompt, s.with_seed(params, i)) for i in range(body.n)])  # n samples, one prefill
         n = 0
-        async for c in s.chunks(handle, started, request):
+        async for i, c in merged(s, handles, started, request):
             n += len(c.token_ids)
-            yield sse({**head, "choices": [{"index": 0, "text": c.text, "finish_reason": c.finish_reason,
+            yield sse({**head, "choices": [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
                                             "logprobs": None}]})
         if (body.stream_options or {}).get("include_usage"):
             yield sse({**head, "choices": [], "usage": {"prompt_tokens": len(prompt), "completion_tokens": n,

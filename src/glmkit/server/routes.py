@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 from glmkit.chat import ChatTurn
 from glmkit.server.completions import prompt_ids
 from glmkit.server.schema import ChatRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest, error_body
-from glmkit.server.state import N_STREAMED, ApiError, ServerState, check_text, render_error, sse, state_of
+from glmkit.server.state import ApiError, ServerState, check_text, merged, render_error, sse, state_of
 
 STATIC = Path(__file__).parent / "static"
 router = APIRouter()
@@ -74,15 +74,12 @@ async def chat(body: ChatRequest, request: Request):
                         **extra)
     started = time.time()
     base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(started), "model": s.model_name}
-    if body.stream:
-        if body.n > 1:
-            raise ApiError(400, N_STREAMED)
-        handle, turn = s.admit(ids, params), ChatTurn(s.llm.chat_format, tools, len(ids))
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(_chat_stream(s, handle, turn, base, started, request, include_usage, body.logprobs),
-                                 media_type="text/event-stream")
-    handles = s.admit_all([(ids, s.with_seed(params, i)) for i in range(body.n)])  # n samples side by side
+    handles = s.admit_all([(ids, s.with_seed(params, i)) for i in range(body.n)])  # n samples, one prefill
     turns = [ChatTurn(s.llm.chat_format, tools, len(ids)) for _ in handles]
+    if body.stream:
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        return StreamingResponse(_chat_stream(s, handles, turns, base, started, request, include_usage, body.logprobs),
+                                 media_type="text/event-stream")
     choices = await asyncio.gather(*(_choice(s, i, h, t, started, request, body.logprobs)
                                      for i, (h, t) in enumerate(zip(handles, turns))))
     n_out = sum(t.tokens for t in turns)
@@ -111,34 +108,39 @@ def _logprobs(s: ServerState, seq, lo: int, hi: int) -> dict:
                         for t, (lp, top) in zip(seq.output[lo:hi], seq.logprobs[lo:hi])]}
 
 
-async def _chat_stream(s: ServerState, handle, turn: ChatTurn, base: dict, started: float, request: Request,
-                       include_usage: bool, want_logprobs: bool = False):
+async def _chat_stream(s: ServerState, handles: list, turns: list[ChatTurn], base: dict, started: float,
+                       request: Request, include_usage: bool, want_logprobs: bool = False):
+    """SSE chunks of n choices as they decode (each with its index), their closing deltas, then usage."""
     head = {**base, "object": "chat.completion.chunk"}
 
-    def delta(d: dict, reason: str | None = None, logprobs: dict | None = None) -> str:
-        return sse({**head, "choices": [{"index": 0, "delta": d, "finish_reason": reason, "logprobs": logprobs}]})
+    def delta(i: int, d: dict, reason: str | None = None, logprobs: dict | None = None) -> str:
+        return sse({**head, "choices": [{"index": i, "delta": d, "finish_reason": reason, "logprobs": logprobs}]})
 
-    yield delta({"role": "assistant", "content": ""})
-    shown = 0  # output tokens whose logprobs went out
+    for i in range(len(handles)):
+        yield delta(i, {"role": "assistant", "content": ""})
+    shown = [0] * len(handles)  # output tokens of each choice whose logprobs went out
     try:
-        async for c in s.chunks(handle, started, request):
-            piece = turn.feed(c.text, len(c.token_ids), c.finish_reason)
+        async for i, c in merged(s, handles, started, request):
+            piece = turns[i].feed(c.text, len(c.token_ids), c.finish_reason)
             if piece:
-                upto = len(handle.seq.output)
-                logprobs = _logprobs(s, handle.seq, shown, upto) if want_logprobs else None
-                shown = upto
-                yield delta({"content": piece}, logprobs=logprobs)
+                seq, upto = handles[i].seq, len(handles[i].seq.output)
+                logprobs = _logprobs(s, seq, shown[i], upto) if want_logprobs else None
+                shown[i] = upto
+                yield delta(i, {"content": piece}, logprobs=logprobs)
+            if c.finish_reason is not None:
+                message, reason, _ = turns[i].finish()
+                closing = turns[i].closing_delta(message)
+                if closing is not None:
+                    yield delta(i, closing)
+                yield delta(i, {}, reason)
     except ApiError as e:
         yield sse(error_body(e.message, e.kind))
         yield sse("[DONE]")
         return
-    message, reason, usage = turn.finish()
-    closing = turn.closing_delta(message)
-    if closing is not None:
-        yield delta(closing)
-    yield delta({}, reason)
     if include_usage:
-        yield sse({**head, "choices": [], "usage": usage})
+        n_out = sum(t.tokens for t in turns)
+        yield sse({**head, "choices": [], "usage": {"prompt_tokens": turns[0].prompt_tokens, "completion_tokens":
+                                                    n_out, "total_tokens": turns[0].prompt_tokens + n_out}})
     yield sse("[DONE]")
 
 

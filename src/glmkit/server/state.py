@@ -22,7 +22,6 @@ from glmkit.server.metrics import Metrics
 from glmkit.server.worker import Busy, EngineWorker, Handle
 
 
-N_STREAMED = "n > 1 is not supported with stream=true yet; stream n = 1 requests instead."
 POLL_S = 0.25  # how often a waiting request checks that its client is still there
 
 
@@ -155,6 +154,37 @@ class ServerState:
                     return
         finally:
             self.worker.cancel(handle)
+
+
+async def merged(state: ServerState, handles: list[Handle], started: float,
+                 request: Request | None = None) -> AsyncIterator[tuple[int, Chunk]]:
+    """(index, chunk) from several sequences as they come (n > 1 streamed); the first error raises, and
+    leaving early cancels every sequence still running."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, handle: Handle) -> None:
+        try:
+            async for chunk in state.chunks(handle, started, request):
+                queue.put_nowait((i, chunk))
+        except ApiError as e:
+            queue.put_nowait((i, e))
+        finally:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        running = len(tasks)
+        while running:
+            i, item = await queue.get()
+            if isinstance(item, ApiError):
+                raise item
+            if item is None:
+                running -= 1
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def check_text(value: Any, where: str = "the request") -> None:
