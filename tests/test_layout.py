@@ -27,7 +27,8 @@ MAY = {
     "chat": ["jinja2", "glmkit.tokenizer"],
     "engine": ["torch", *MODEL],
     "llm": ["torch", "typing_extensions", "glmkit.loaders", *MODEL, "glmkit.chat", "glmkit.engine", "glmkit.tokenizer",
-            "glmkit.quant", "glmkit.adapters", "glmkit.grammar"],
+            "glmkit.quant", "glmkit.adapters", "glmkit.grammar", "glmkit.forward",
+            "glmkit.infill"],
     "server": ["glmkit.llm", "glmkit.engine", "glmkit.chat", "glmkit.tokenizer", "fastapi", "uvicorn", "starlette",
                "pydantic", "prometheus_client"],
     "train": ["torch", "safetensors", "tqdm", *MODEL, "glmkit.loaders", "glmkit.tokenizer", "glmkit.chat",
@@ -36,6 +37,8 @@ MAY = {
     "tokenizer": ["sentencepiece", "tiktoken", "tokenizers", "google.protobuf"],
     "adapters": ["torch", "safetensors", "glmkit.loaders", "glmkit.quant"],
     "grammar": ["torch", "llguidance", "glmkit.tokenizer"],
+    "forward": ["torch", *MODEL],
+    "infill": [],
 }
 MUST_NOT = {
     "config": ["torch", "glmkit.model", "glmkit.engine", "glmkit.loaders", "glmkit.llm"],
@@ -53,6 +56,7 @@ MUST_NOT = {
     "server": ["glmkit.train", "glmkit.cli"],
     "train": ["glmkit.server", "glmkit.cli"],
     "grammar": ["glmkit.engine", "glmkit.model", "glmkit.chat", "glmkit.server", "glmkit.llm"],
+    "forward": ["glmkit.loaders", "glmkit.tokenizer", "glmkit.engine", "glmkit.server", "glmkit.llm"],
 }
 EVERYONE = ["__future__", "glmkit.errors", "glmkit.config", "glmkit.__version__"]
 

@@ -66,6 +66,20 @@ def response_schema(response_format: dict | None) -> dict | None:
     return spec.get("schema") or {"type": "object"}
 
 
+def forced_tool(tool_choice: Any) -> tuple[bool, str | None]:
+    """OpenAI's tool_choice -> (a call is forced, the function it must be: None for any)."""
+    if tool_choice in (None, "none", "auto"):
+        return False, None
+    if tool_choice == "required":
+        return True, None
+    fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    if tool_choice.get("type", "function") != "function" or not isinstance(fn, dict) or \
+            not isinstance(fn.get("name"), str):
+        raise GlmkitError("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
+                          "{'name': ...}}.")
+    return True, fn["name"]
+
+
 def _lark_item(item: str | dict | list) -> str:
     if isinstance(item, str):
         return json.dumps(item, ensure_ascii=False)  # a Lark string literal
@@ -95,6 +109,19 @@ class Grammars:
                 self._compiled = llguidance.LLTokenizer(llguidance.TokenizerWrapper(wrapper),
                                                         n_vocab=self.vocab_size, eos_token=self.stop_ids)
             return self._compiled
+
+    def for_reply(self, chat_format, response_format: dict | None = None, tools: list[dict] | None = None,
+                  tool_choice: Any = None) -> "Grammar | None":
+        """The grammar a chat reply must follow: a forced tool call (tool_choice 'required' or {'type':
+        'function', 'function': {'name': ...}}) in `chat_format`'s own syntax (its forced_call), else OpenAI's
+        response_format (json_object, json_schema); None for free text."""
+        forced, name = forced_tool(tool_choice)
+        if forced:
+            if chat_format is None:
+                raise GlmkitError("tool_choice needs a chat format; this model has none.")
+            return self.choice(chat_format.forced_call(tools, name))
+        schema = response_schema(response_format)
+        return None if schema is None else self.json(schema)
 
     def json(self, schema: dict | None = None) -> "Grammar":
         """One JSON value of `schema` (None: any JSON object), then a stop id."""

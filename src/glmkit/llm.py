@@ -15,10 +15,10 @@ from typing import Any, Iterator, Sequence
 import torch
 from typing_extensions import Unpack
 
-from glmkit import loaders
+from glmkit import forward, loaders
+from glmkit import infill as blanks
 from glmkit.adapters import apply_lora, load_prefix
 from glmkit.chat import ChatDelta, ChatFormat, ChatReply, ChatTurn, fit_conversation, tokenizer_and_format
-from glmkit.chat.tools import forced_tool
 from glmkit.config import ModelConfig
 from glmkit.engine.generate import complete, complete_batch, stream as stream_chunks
 from glmkit.engine.runner import ModelRunner
@@ -26,11 +26,10 @@ from glmkit.engine.sampling import Sampling, SamplingParams, sampling_defaults
 from glmkit.engine.scheduler import Scheduler
 from glmkit.engine.sequence import Chunk, Completion
 from glmkit.errors import GlmkitError
-from glmkit.grammar import Grammar, Grammars, response_schema
+from glmkit.grammar import Grammar, Grammars
 from glmkit.loaders.hub import home
 from glmkit.loaders.layouts import Layout
 from glmkit.model import Transformer
-from glmkit.positions import prompt_positions
 from glmkit.tokenizer import Tokenizer
 
 # compiled decode steps are cached with glmkit's files (torch would otherwise pick /tmp, often wiped, and
@@ -75,24 +74,15 @@ class LLM:
 
     def output_grammar(self, response_format: dict | None = None, tools: list[dict] | None = None,
                        tool_choice: Any = None) -> Grammar | None:
-        """The grammar a reply must follow: a forced tool call (tool_choice 'required' or {'type': 'function',
-        'function': {'name': ...}}) in this chat format's own syntax, else OpenAI's response_format (json_object,
-        json_schema); None for free text."""
-        forced, name = forced_tool(tool_choice)
-        if forced:
-            if self.chat_format is None:
-                raise GlmkitError("tool_choice needs a chat format; this model has none.")
-            return self.grammars.choice(self.chat_format.forced_call(tools, name))
-        schema = response_schema(response_format)
-        return None if schema is None else self.grammars.json(schema)
+        """The grammar a reply must follow (Grammars.for_reply: a forced tool call, else a response_format)."""
+        return self.grammars.for_reply(self.chat_format, response_format, tools, tool_choice)
 
     def make_engine(self, max_batch: int = 8) -> Scheduler:
         """A new continuous-batching engine over this model: its stop ids, detokenizer, prefix and compiled step."""
-        stops = self.stop_ids
         decode = None if self._tokenizer is None else (lambda ids: self._tokenizer.decode(ids, skip_special=True))
         runner = ModelRunner(self.model, self.prefix_kv)
         runner.compiled = self.compiled
-        return Scheduler(runner, stops, decode, max_batch=max_batch)
+        return Scheduler(runner, self.stop_ids, decode, max_batch=max_batch)
 
     @property
     def engine(self) -> Scheduler:
@@ -182,26 +172,11 @@ class LLM:
 
     def infill(self, prompt: str | Sequence[int], **sampling: Any) -> str | list[int]:
         """Fill every [MASK] of a prompt, left to right (GLM blank infilling; ChatGLM-6B-architecture models).
-        Each blank is generated after <sop> until <eop> at the GLM objective's positions and spliced in before
-        the next blank is filled. Text in, text out; token ids in, token ids out."""
-        c = self.config
-        if c.positions != "2d" or c.mask_token_id is None or c.sop_token_id is None:
-            raise GlmkitError("blank infilling needs a GLM (ChatGLM-6B-architecture) model with [MASK] and <sop>.")
-        as_text = isinstance(prompt, str)
-        ids = self.tokenizer.encode(prompt, allow_special=True) if as_text else [int(i) for i in prompt]
-        if c.mask_token_id not in ids:
-            raise GlmkitError("the prompt has no [MASK] to fill.")
-        while c.mask_token_id in ids:
-            ids = self.fill_first_blank(ids, self.generate(ids + [c.sop_token_id], **sampling).token_ids)
-        return self.tokenizer.decode(ids) if as_text else ids
+        Text in, text out; token ids in, token ids out."""
+        return blanks.infill(self, prompt, **sampling)
 
     def fill_first_blank(self, ids: list[int], fill: list[int]) -> list[int]:
-        """ids with its first [MASK] replaced by fill; blank-structure tokens a weak model may emit inside a
-        fill (<sop>, [MASK], [gMASK]) are dropped so the next blank keeps its GLM positions."""
-        c = self.config
-        structure = {c.sop_token_id, c.mask_token_id, c.gmask_token_id}
-        at = ids.index(c.mask_token_id)
-        return ids[:at] + [t for t in fill if t not in structure] + ids[at + 1:]
+        return blanks.fill_first_blank(self.config, ids, fill)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -227,61 +202,26 @@ class LLM:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
-    @torch.inference_mode()
     def logits(self, ids: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor) -> torch.Tensor:
         """Full forward without a cache, the reference path: ids [T] or [B, T] -> logits [B, T, V] float32."""
-        ids = self._as_batch(ids)
-        positions, prefix_len = prompt_positions(ids, self.config)
-        return self.model(ids, positions, prefix_len=prefix_len).float()
+        return forward.logits(self.model, self._as_batch(ids))
 
-    @torch.inference_mode()
     def prompt_logprobs(self, ids: Sequence[int], top: int = 0,
                         chunk: int = 256) -> list[tuple[int, float | None, dict[int, float]]]:
         """Per prompt token: (id, its log-probability given the tokens before it, the `top` likeliest ids there).
         One forward; the head and log-softmax run `chunk` positions at a time, so memory stays chunk x V."""
-        t = self._as_batch(ids)
-        positions, prefix_len = prompt_positions(t, self.config)
-        h = self.model.hidden_states(t, positions, prefix_len=prefix_len)[:, :-1]  # (1, T - 1, C)
-        picked, tops = [], []
-        for lo in range(0, h.shape[1], chunk):
-            lp = torch.log_softmax(self.model.head(h[:, lo: lo + chunk])[0].float(), dim=-1)  # (n, V)
-            picked += lp.gather(-1, t[0, lo + 1: lo + 1 + chunk, None])[:, 0].tolist()
-            best = torch.topk(lp, top) if top else None
-            tops += [{} for _ in range(lp.shape[0])] if best is None else [
-                dict(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
-        ids = t[0].tolist()
-        return [(ids[0], None, {})] + [(tok, p, d) for tok, p, d in zip(ids[1:], picked, tops)]
+        return forward.prompt_logprobs(self.model, self._as_batch(ids), top, chunk)
 
-    @torch.inference_mode()
     def embed(self, inputs: Sequence[str | Sequence[int]], pooling: str = "mean",
               normalize: bool = True) -> torch.Tensor:
         """Texts or token-id lists -> embeddings (N, C) float32: the final-normed hidden states of each input,
-        averaged over its tokens ('mean') or taken at its last token ('last'), then scaled to unit length
-        (llama.cpp's --pooling mean / last with normalization). One forward per input, no cache."""
-        if pooling not in ("mean", "last"):
-            raise GlmkitError(f"pooling must be 'mean' or 'last', got {pooling!r}.")
-        rows = []
-        for item in inputs:
-            t = self._as_batch(self.tokenizer.encode_prompt(item) if isinstance(item, str) else list(item))
-            positions, prefix_len = prompt_positions(t, self.config)
-            h = self.model.hidden_states(t, positions, prefix_len=prefix_len)[0].float()  # (T, C)
-            rows.append(h.mean(0) if pooling == "mean" else h[-1])  # (C,)
-        out = torch.stack(rows) if rows else torch.zeros(0, self.config.hidden_size)  # (N, C)
-        return torch.nn.functional.normalize(out, dim=-1) if normalize else out
+        averaged over its tokens ('mean') or taken at its last token ('last'), scaled to unit length. One forward
+        per input, no cache."""
+        batches = [self._as_batch(self.tokenizer.encode_prompt(x) if isinstance(x, str) else list(x)) for x in inputs]
+        return forward.embed(self.model, batches, pooling, normalize)
 
     def _as_batch(self, ids) -> torch.Tensor:
-        t = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids)
-        t = t[None] if t.dim() == 1 else t
-        if t.dim() != 2 or t.shape[1] == 0 or t.is_floating_point():
-            raise GlmkitError(f"token ids must be a non-empty list of ints or a [batch, time] integer tensor, "
-                              f"got shape {tuple(t.shape)} of {t.dtype}.")
-        V, T, lo, hi = self.config.vocab_size, t.shape[1], int(t.min()), int(t.max())
-        if lo < 0 or hi >= V:
-            raise GlmkitError(f"token id {hi if hi >= V else lo} is outside this model's vocabulary (0..{V - 1}).")
-        if T > self.config.max_seq_len:
-            raise GlmkitError(f"the input has {T} tokens but this model's context is {self.config.max_seq_len}; "
-                              "shorten the input.")
-        return t.long().to(self.device)
+        return forward.as_batch(ids, self.config, self.device)
 
     def __repr__(self) -> str:
         c = self.config

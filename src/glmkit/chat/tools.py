@@ -46,20 +46,6 @@ def functions(tools: list[dict] | None, name: str | None = None) -> list[tuple[s
     return out
 
 
-def forced_tool(tool_choice: Any) -> tuple[bool, str | None]:
-    """OpenAI's tool_choice -> (a call is forced, the function it must be: None for any)."""
-    if tool_choice in (None, "none", "auto"):
-        return False, None
-    if tool_choice == "required":
-        return True, None
-    fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
-    if tool_choice.get("type", "function") != "function" or not isinstance(fn, dict) or \
-            not isinstance(fn.get("name"), str):
-        raise GlmkitError("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
-                          "{'name': ...}}.")
-    return True, fn["name"]
-
-
 def forced_json_call(tools: list[dict] | None, name: str | None = None) -> list[list]:
     """The generic forced call: one alternative per tool, `{"name": "<name>", "arguments": <its schema>}`. An
     alternative is a list of items: text (literal), a dict (a JSON schema), or a list (an optional group)."""
