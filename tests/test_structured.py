@@ -241,3 +241,17 @@ def test_default_model_replies_stop_on_their_own(default_server):
         done = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
                                               temperature=0)
         assert done.choices[0].finish_reason == "stop" and done.usage.completion_tokens < 100, prompt
+
+
+@pytest.mark.slow
+def test_readme_python_example_runs_as_written():
+    """The README's Python API block, executed as it stands, on the default model."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Python API"):]
+    code = section[section.index("```python\n") + 10: section.index("```\n", section.index("```python\n") + 10)]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own documentation
+    assert scope["call"].tool_calls[0]["function"]["name"] == "get_weather"
+    assert scope["vectors"].shape == (2, scope["llm"].config.hidden_size)
