@@ -34,10 +34,13 @@ def roundtrip(w: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, object
     return q, quants.dequantize(q, t), t
 
 
-def write_gguf(hf, path, qtype: str):
-    """Write a transformers Llama model as llama.cpp would; return the state dict of the values stored."""
+def write_gguf(hf, path, qtype: str, sampling: dict | None = None):
+    """Write a transformers Llama model as llama.cpp would (with general.sampling.* keys when given, through
+    gguf's own add_sampling_* writers); return the state dict of the values stored."""
     c, sd = hf.config, {k: v.float().numpy() for k, v in hf.state_dict().items()}
     w = gguf_writer(path, "llama", c, rope_dims=c.head_dim)
+    for key, value in (sampling or {}).items():
+        getattr(w, f"add_sampling_{key}")(value)
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)
     w.add_vocab_size(c.vocab_size)
@@ -106,6 +109,21 @@ def test_gguf_matches_transformers(tmp_path, random_ids, qtype, name):
         want = hf(input_ids=ids).logits
     got = glmkit.load(tmp_path / "m.gguf", dtype="float32").logits(ids)  # the float reference path
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_gguf_sampling_settings_become_the_defaults(tmp_path):
+    """A GGUF's general.sampling.* keys (the authors' settings, as llama.cpp reads them) are the model's defaults;
+    keys it leaves out are neutral, and a request's own values still win."""
+    hf = make_hf_model("llama", LLAMA_CONFIGS["mqa-tied"], vocab_size=64, hidden_size=48, intermediate_size=64)
+    write_gguf(hf, tmp_path / "s.gguf", "F32", sampling={"temp": 0.6, "top_k": 20, "penalty_repeat": 1.1})
+    llm = glmkit.load(tmp_path / "s.gguf")
+    assert llm.defaults == pytest.approx({"temperature": 0.6, "top_k": 20, "top_p": 1.0, "min_p": 0.0,
+                                          "repetition_penalty": 1.1})
+    params = llm.sampling_params(temperature=0.2)
+    assert (params.temperature, params.top_k, params.repetition_penalty) == (0.2, 20, pytest.approx(1.1))
+    write_gguf(hf, tmp_path / "plain.gguf", "F32")
+    assert glmkit.load(tmp_path / "plain.gguf").defaults == {"temperature": 0.8, "top_k": 40, "top_p": 0.95,
+                                                              "min_p": 0.05}  # llama-server's
 
 
 def test_gguf_errors(tmp_path):

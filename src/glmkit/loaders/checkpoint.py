@@ -34,7 +34,7 @@ class Checkpoint:
     tokenizer_config: dict[str, Any] = field(default_factory=dict)  # tokenizer_config.json (GGUF: special strings)
     chat_template: str | None = None
     raw_config: dict[str, Any] = field(default_factory=dict)
-    generation: dict[str, Any] = field(default_factory=dict)  # generation_config.json: the authors' sampling
+    generation: dict[str, Any] = field(default_factory=dict)  # the authors' sampling: generation_config.json, GGUF
 
     def named(self, keep_int4: bool = False, keep_int8: bool = False, dtype: torch.dtype = torch.float32):
         """(source name, file, loader) triples under the checkpoint's own names."""
@@ -100,11 +100,11 @@ def open(source: str | Path | None = None) -> Checkpoint:  # noqa: A001 - the lo
 
 
 def _open_gguf(path: Path) -> Checkpoint:
-    from glmkit.loaders.gguf import gguf_config, open_gguf, special_strings, stored_quantization
+    from glmkit.loaders.gguf import gguf_config, open_gguf, sampling_settings, special_strings, stored_quantization
 
     reader = open_gguf(path)
     config = gguf_config(reader, path)
     layout = GGUF_LAYOUTS[reader.fields["general.architecture"].contents()]
     template = reader.fields.get("tokenizer.chat_template")
     return Checkpoint(str(path), layout, config, stored_quantization(reader), None, reader, special_strings(reader),
-                      template.contents() if template is not None else None)
+                      template.contents() if template is not None else None, generation=sampling_settings(reader))

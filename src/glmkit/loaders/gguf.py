@@ -284,6 +284,21 @@ def stored_quantization(reader: GGUFFile) -> str | None:
     return None
 
 
+SAMPLING_KEYS = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                 "penalty_repeat": "repetition_penalty"}  # llama.cpp's general.sampling.* -> generation_config's
+
+
+def sampling_settings(reader: GGUFFile) -> dict[str, float]:
+    """The authors' sampling settings a GGUF carries (general.sampling.*, as llama.cpp reads them), spelled as
+    generation_config.json spells them; {} when it carries none."""
+    out = {}
+    for key, name in SAMPLING_KEYS.items():
+        field = reader.fields.get(f"general.sampling.{key}")
+        if field is not None and isinstance(field.contents(), (int, float)):
+            out[name] = field.contents()
+    return out
+
+
 def special_strings(reader: GGUFFile) -> dict[str, str]:
     """bos_token / eos_token as text, as a tokenizer_config.json would give them to a chat template."""
     fields = reader.fields
