@@ -112,3 +112,29 @@ def test_checkpoint_generation_config_is_the_default(tmp_path, random_ids):
     greedy = llm.generate(ids, max_tokens=8, temperature=0, ignore_eos=True).token_ids
     assert llm.generate(ids, max_tokens=8, ignore_eos=True).token_ids == greedy
     assert llm.sampling_params(temperature=0.5).temperature == 0.5
+
+
+def test_python_api_surface(tmp_path):
+    """dir(glmkit) lists load and LLM; results read as attributes and as keys; misuse is one clear error."""
+    import typing
+
+    from glmkit.engine.sampling import Sampling, SamplingParams
+
+    assert {"load", "LLM"} <= set(dir(glmkit))
+    make_hf_model("llama", LLAMA_CONFIGS["mqa-tied"], vocab_size=500).save_pretrained(tmp_path)
+    save_hf_tokenizer(tmp_path, CHATML_SPECIALS, SMOLLM2_TEMPLATE, eos_token="<|im_end|>")
+    llm = glmkit.load(tmp_path)
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(GlmkitError, match="for chat messages use llm.chat"):
+        llm.generate(messages)
+    with pytest.raises(GlmkitError, match="unknown sampling parameter"):
+        llm.generate("hi", temprature=0.5)
+    done = llm.generate("hi", max_tokens=3, temperature=0, ignore_eos=True, logprobs=2)
+    assert done["text"] == done.text and done["token_ids"] == done.token_ids and len(done.logprobs) == 3
+    reply = llm.chat(messages, max_tokens=3, temperature=0)
+    assert reply.content == reply["content"] and reply.finish_reason == reply["finish_reason"]
+    assert reply.message == {"role": "assistant", "content": reply.content} and reply.usage["completion_tokens"] <= 3
+    *deltas, last = llm.chat(messages, max_tokens=3, temperature=0, stream=True)
+    assert "".join(d.delta for d in deltas) == last.content == reply.content
+    # every Sampling keyword is a SamplingParams field (or response_format, turned into one)
+    assert set(typing.get_type_hints(Sampling)) - {"response_format"} <= set(SamplingParams.__dataclass_fields__)
