@@ -14,12 +14,13 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "glmkit"
 
 # DESIGN.md's table. Every module may also import the standard library (unless MUST_NOT says otherwise),
 # glmkit.errors and glmkit.config (the bottom layers), and its own package. "model" stands for the model
-# group of the table's row (model, positions, kv_cache). loaders' third-party extras: numpy (gguf's arrays)
+# group of the table's row (model, moe, positions, kv_cache). loaders' third-party extras: numpy (gguf's arrays)
 # and huggingface_hub (hub.py's downloads).
-MODEL = ["glmkit.model", "glmkit.positions", "glmkit.kv_cache"]
+MODEL = ["glmkit.model", "glmkit.moe", "glmkit.positions", "glmkit.kv_cache"]
 MAY = {
     "config": [],
-    "model": ["torch", "glmkit.kv_cache"],
+    "model": ["torch", "glmkit.kv_cache", "glmkit.moe"],
+    "moe": ["torch"],
     "positions": ["torch"],
     "kv_cache": ["torch"],
     "loaders": ["torch", "safetensors", "gguf", "numpy", "huggingface_hub", "glmkit.quant"],
@@ -47,6 +48,8 @@ MUST_NOT = {
     "model": ["glmkit.loaders", "glmkit.tokenizer", "glmkit.engine", "glmkit.server", "glmkit.train", "glmkit.llm",
               "safetensors", "json", "pathlib", "os"],
     "positions": ["glmkit.loaders", "glmkit.tokenizer", "glmkit.engine", "json", "pathlib", "os"],
+    "moe": ["glmkit.loaders", "glmkit.tokenizer", "glmkit.engine", "glmkit.server", "glmkit.model", "json", "pathlib",
+            "os"],
     "kv_cache": ["glmkit.loaders", "glmkit.tokenizer", "glmkit.engine", "glmkit.server", "glmkit.model"],
     "loaders": ["glmkit.engine", "glmkit.server", "glmkit.train", "glmkit.model", "glmkit.llm"],
     "quant": ["glmkit.engine", "glmkit.server", "glmkit.train"],

@@ -102,7 +102,9 @@ class ModelConfig:
     gmask_token_id: int | None = None  # [gMASK]
     sop_token_id: int | None = None  # <sop>: starts the generated (causal) part in prefix mode
     eop_token_id: int | None = None
-    moe: MoEConfig | None = None  # the sub-configs of what is coming; the model refuses them until it runs them
+    qk_norm: bool = False  # an RMSNorm over each head's q and k before rotary (GLM-4.5 355B)
+    mtp_layers: int = 0  # next-token-prediction layers stored after the last layer (GLM-4.5's MTP), kept aside
+    moe: MoEConfig | None = None  # Mixture-of-Experts MLPs after the first dense layers (GLM-4.5 family)
     mla: MLAConfig | None = None
     vision: VisionConfig | None = None
 
@@ -140,6 +142,8 @@ class ModelConfig:
                               "the causal part).")
         if self.positions == "2d" and self.mask_token_id is None and self.gmask_token_id is None:
             raise ConfigError("ModelConfig.positions '2d' needs mask_token_id or gmask_token_id.")
+        if self.moe is not None:
+            _check_moe(self.moe, self.num_layers)
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
 
     @property
@@ -185,6 +189,21 @@ class ModelConfig:
             f"GLM-4 (THUDM layout), and transformers' {', '.join(sorted(_HF_FAMILIES))} models.")
 
 
+def _check_moe(m: MoEConfig, num_layers: int) -> None:
+    rules = [(m.num_experts > 0 and m.expert_size > 0, "num_experts and expert_size must be positive"),
+             (0 < m.experts_per_token <= m.num_experts, "experts_per_token must lie in 1..num_experts"),
+             (m.groups > 0 and m.num_experts % m.groups == 0, "num_experts must be a multiple of groups"),
+             (0 < m.topk_groups <= m.groups, "topk_groups must lie in 1..groups"),
+             (m.groups == 1 or m.num_experts // m.groups >= 2, "group routing needs at least 2 experts a group"),
+             (m.experts_per_token <= m.num_experts // m.groups * m.topk_groups,
+              "experts_per_token exceeds the experts of the kept groups"),
+             (0 <= m.first_dense_layers <= num_layers, "first_dense_layers must lie in 0..num_layers"),
+             (m.shared_experts >= 0, "shared_experts must be 0 or more")]
+    for ok, rule in rules:
+        if not ok:
+            raise ConfigError(f"MoEConfig: {rule} (got {m}).")
+
+
 def hf_spelling(d: dict[str, Any]) -> str | None:
     """Which spelling a config.json uses: 'thudm_v1' (ChatGLM-6B remote code), 'thudm_v2' (ChatGLM2/3,
     GLM-4-9B remote code), 'transformers' (a model_type glmkit reads), or None. The one place that decides
@@ -207,9 +226,16 @@ UNSUPPORTED_FEATURES = {
 }
 
 
+SUPPORTED_BY = {"glm4_moe": {"n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "use_qk_norm",
+                             "num_nextn_predict_layers"}}  # model types that run some of those features
+
+
 def _refuse_unsupported_features(d: dict[str, Any]) -> None:
+    runs = SUPPORTED_BY.get(d.get("model_type"), set())
     for key, what in UNSUPPORTED_FEATURES.items():
         value = d.get(key)
+        if key in runs:
+            continue
         if key == "sliding_window" and d.get("use_sliding_window") is False:
             continue  # configured but switched off
         if value:
@@ -327,7 +353,8 @@ def _from_thudm(k: _Keys) -> ModelConfig:
     return cfg
 
 
-_HF_FAMILIES = {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "llama": "LlamaForCausalLM"}
+_HF_FAMILIES = {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
+                "llama": "LlamaForCausalLM"}
 
 
 def _rope_parameters(k: _Keys) -> dict[str, Any]:
@@ -353,23 +380,39 @@ def _rope_parameters(k: _Keys) -> dict[str, Any]:
     return out
 
 
+def _moe(k: _Keys) -> dict[str, Any]:
+    """GLM-4.5's Mixture-of-Experts keys (Glm4MoeConfig) -> moe / qk_norm / mtp_layers fields."""
+    k.expect("topk_method", (None, "noaux_tc"), None)
+    k.expect("scoring_func", (None, "sigmoid"), None)
+    k.get("output_router_logits")  # training only
+    k.get("router_aux_loss_coef")
+    moe = MoEConfig(num_experts=int(k.need("n_routed_experts")), experts_per_token=int(k.need("num_experts_per_tok")),
+                    expert_size=int(k.need("moe_intermediate_size")), shared_experts=int(k.get("n_shared_experts", 1)),
+                    first_dense_layers=int(k.get("first_k_dense_replace", 1)), groups=int(k.get("n_group", 1)),
+                    topk_groups=int(k.get("topk_group", 1)), norm_topk_prob=bool(k.get("norm_topk_prob", True)),
+                    routed_scaling_factor=float(k.get("routed_scaling_factor", 1.0)))
+    return {"moe": moe, "qk_norm": bool(k.get("use_qk_norm", False)),
+            "mtp_layers": int(k.get("num_nextn_predict_layers") or 0)}
+
+
 def _from_transformers(k: _Keys, model_type: str) -> ModelConfig:
     """transformers-native GlmConfig, Glm4Config and LlamaConfig (4.x and 5.x spellings)."""
     k.expect("hidden_act", ("silu",), "silu")
     hidden = int(k.need("hidden_size"))
     heads = int(k.need("num_attention_heads"))
-    attention_bias = bool(k.get("attention_bias", model_type != "llama"))
+    attention_bias = bool(k.get("attention_bias", model_type not in ("llama", "glm4_moe")))
     rope = _rope_parameters(k)
     glm = model_type in ("glm", "glm4")
+    moe = _moe(k) if model_type == "glm4_moe" else {}
     cfg = ModelConfig(
         vocab_size=int(k.need("vocab_size")), hidden_size=hidden, intermediate_size=int(k.need("intermediate_size")),
         num_layers=int(k.need("num_hidden_layers")), num_heads=heads,
         num_kv_heads=int(k.get("num_key_value_heads") or heads), head_dim=int(k.get("head_dim") or hidden // heads),
         norm_eps=float(k.get("rms_norm_eps", 1e-6)), qkv_bias=attention_bias,
-        out_bias=attention_bias and not glm, mlp_bias=bool(k.get("mlp_bias", False)),
+        out_bias=attention_bias and model_type == "llama", mlp_bias=bool(k.get("mlp_bias", False)),
         extra_norms="sandwich" if model_type == "glm4" else "none",
-        rope_layout="interleaved" if glm else "half_split",
-        **{"rope_fraction": 0.5 if glm else 1.0, **rope},
+        rope_layout="interleaved" if glm else "half_split",  # glm4_moe rotates NeoX-style, half against half
+        **{"rope_fraction": 0.5 if glm or moe else 1.0, **rope}, **moe,
         tie_embeddings=bool(k.get("tie_word_embeddings", False)),
         max_seq_len=int(k.get("max_position_embeddings", 2048)), bos_token_id=k.get("bos_token_id"),
         eos_token_ids=_eos_list(k.get("eos_token_id")), pad_token_id=k.get("pad_token_id"))

@@ -9,7 +9,7 @@ Glossary: B batch, T new tokens, S attended length (cached + new), C hidden size
 K kv heads, D head dim, R rotated dims per rotary block, F ffn size, V vocab.
 Parameter names: embed, layers.N.{attn_norm, attn.qkv, attn.out, attn_post_norm, mlp_norm,
 mlp.in_proj, mlp.out_proj, mlp_post_norm}, norm, lm_head. qkv rows are [Q | K | V]; for SwiGLU the
-in_proj rows are [gate | up].
+in_proj rows are [gate | up]. MoE layers: mlp.{router, experts.{gate_up_proj, down_proj}, shared} (moe.py).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch import nn
 from glmkit.config import ModelConfig
 from glmkit.errors import UnsupportedArchitectureError
 from glmkit.kv_cache import KVCache
+from glmkit.moe import MoE
 
 
 class Step(NamedTuple):
@@ -131,14 +132,19 @@ class Attention(nn.Module):
         c = config
         self.qkv = nn.Linear(c.hidden_size, c.qkv_size, bias=c.qkv_bias)
         self.out = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.out_bias)
+        self.q_norm = Norm(c.head_dim, c.norm_eps) if c.qk_norm else None  # per head, before rotary
+        self.k_norm = Norm(c.head_dim, c.norm_eps) if c.qk_norm else None
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
         H, K, D = c.num_heads, c.num_kv_heads, c.head_dim
         q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        q, k = q.view(B, T, H, D), k.view(B, T, K, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        k = k.transpose(1, 2)  # (B, K, T, D)
         v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         q, k = apply_rope(q, step.cos, step.sin, c), apply_rope(k, step.cos, step.sin, c)
         if step.cache is not None:
@@ -155,10 +161,11 @@ class MLP(nn.Module):
     """SwiGLU (in_proj rows [gate | up]) or GELU-tanh. Under float16 the activation product and the
     down-projection run in float32 (DESIGN principle 6): GLM's gate * up products overflow float16's 65504."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, size: int | None = None):
+        """size: the intermediate width, when not config.intermediate_size (a MoE layer's shared experts)."""
         super().__init__()
         self.gated = config.mlp == "swiglu"
-        F_ = config.intermediate_size
+        F_ = size or config.intermediate_size
         self.in_proj = nn.Linear(config.hidden_size, 2 * F_ if self.gated else F_, bias=config.mlp_bias)
         self.out_proj = nn.Linear(F_, config.hidden_size, bias=config.mlp_bias)
 
@@ -180,7 +187,9 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm block `index`; `deepnorm` keeps alpha * normalized input as the residual (ChatGLM-6B);
-    `sandwich` adds a norm after each sublayer (GLM-4-0414)."""
+    `sandwich` adds a norm after each sublayer (GLM-4-0414); a MoE MLP past the first dense layers (GLM-4.5).
+    Blocks past num_layers are GLM-4.5's next-token-prediction (MTP) layers: they also hold enorm / hnorm /
+    eh_proj / head_norm (next id's embedding and the last hidden state, joined), and are kept, not run."""
 
     def __init__(self, config: ModelConfig, index: int):
         super().__init__()
@@ -188,7 +197,15 @@ class Block(nn.Module):
         self.deepnorm = config.residual == "deepnorm"
         self.alpha = config.residual_alpha
         self.attn_norm, self.attn = model_norm(config), Attention(config, index)
-        self.mlp_norm, self.mlp = model_norm(config), MLP(config)
+        moe = config.moe
+        if moe is not None and index >= moe.first_dense_layers:
+            shared = MLP(config, moe.expert_size * moe.shared_experts) if moe.shared_experts else None
+            self.mlp_norm, self.mlp = model_norm(config), MoE(config.hidden_size, moe, shared)
+        else:
+            self.mlp_norm, self.mlp = model_norm(config), MLP(config)
+        if index >= config.num_layers:  # an MTP layer
+            self.enorm, self.hnorm, self.head_norm = model_norm(config), model_norm(config), model_norm(config)
+            self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         sandwich = config.extra_norms == "sandwich"
         self.attn_post_norm = model_norm(config) if sandwich else None
         self.mlp_post_norm = model_norm(config) if sandwich else None
@@ -210,14 +227,15 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, init: bool = True):
         """init=False leaves the embedding uninitialised (see skeleton)."""
         super().__init__()
-        for name in ("moe", "mla", "vision"):
+        for name in ("mla", "vision"):
             if getattr(config, name) is not None:
                 raise UnsupportedArchitectureError(f"unsupported architecture feature {name!r}: glmkit's model does "
                                                    "not run it yet.")
         self.config = config
         table = None if init else torch.empty(config.vocab_size, config.hidden_size)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size, _weight=table)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        # MTP blocks after the num_layers that run (hidden_states stops before them)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers + config.mtp_layers))
         self.norm = model_norm(config)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # training: recompute each block's activations in backward
@@ -262,7 +280,7 @@ class Transformer(nn.Module):
         prefix_len (B,) makes keys before it visible to every query (ChatGLM-6B's prefix mask)."""
         x = self.embed(tokens) if embeds is None else embeds  # (B, T, C)
         step = self.step(x.shape[1], positions, cache, start, prefix_len)
-        for layer in self.layers:
+        for layer in self.layers[: self.config.num_layers]:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, step, use_reentrant=False)
             else:

@@ -9,6 +9,8 @@ tensors under our names only when `tensors()` is called. No model is built and n
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +64,15 @@ class Checkpoint:
             except (RuntimeError, ValueError) as e:  # a layout fix that does not fit the stored shape
                 raise CheckpointError(f"a tensor in {self.source} does not fit its config ({e}).") from None
         self._check_layers(tensors)
+        self._without_absent_mtp(tensors)
         return tensors, sources
+
+    def _without_absent_mtp(self, names) -> None:
+        """config.json counts MTP layers that files written by transformers (and many conversions) leave out:
+        then the model has none (it never runs them), instead of failing on their missing weights."""
+        c = self.config
+        if c.mtp_layers and not any(layer_index(name) == str(c.num_layers) for name in names):
+            self.config = dataclasses.replace(c, mtp_layers=0)
 
     def _check_layers(self, names) -> None:
         """config.json's layer count against the layers the weights hold (our names), before the model is built: a

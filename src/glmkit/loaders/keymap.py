@@ -32,6 +32,9 @@ class Module:
     split: str | None = None  # how our rows divide into the pieces: key of SPLITS
     linear: bool = False  # a linear layer: adapters may target it
     export: bool = True
+    param_name: str | None = None  # our parameter these tensors fill, when not the source's own suffix
+    dim: int = 0  # the axis pieces join along (GGUF's stacked gate / up experts: 1)
+    per_expert: bool = False  # theirs has an {e}: one tensor per expert, stacked into our 3-D parameter
 
     @property
     def pieces(self) -> tuple[str, ...]:
@@ -45,6 +48,8 @@ class Target:
     transform: str | None = None
     split: str | None = None
     count: int = 1  # how many pieces the parameter has
+    dim: int = 0
+    expert: str | None = None  # the expert index of a per-expert tensor
 
 
 def _v1_qkv(t: torch.Tensor, c: ModelConfig) -> torch.Tensor:
@@ -88,16 +93,17 @@ class Table:
             for p, theirs in enumerate(m.pieces):
                 piece = p if len(m.pieces) > 1 else None
                 for param in m.params:
-                    index.setdefault(f"{theirs}.{param}", Target(f"{m.ours}.{param}", piece, m.transform, m.split,
-                                                                 len(m.pieces)))
+                    index.setdefault(f"{theirs}.{param}", Target(f"{m.ours}.{m.param_name or param}", piece,
+                                                                 m.transform, m.split, len(m.pieces), m.dim,
+                                                                 "{e}" if m.per_expert else None))
         object.__setattr__(self, "by_name", index)
 
     def target(self, name: str, config: ModelConfig | None = None) -> Target | None | object:
         """Our Target for a source tensor name, None when dropped on purpose, NO_MATCH when unknown."""
-        template, i = _template(name)
+        template, i, e = _template(name)
         target = self.by_name.get(template)
         if target is not None:
-            return replace(target, name=target.name.replace("{i}", i or ""))
+            return replace(target, name=target.name.replace("{i}", i or ""), expert=e if target.expert else None)
         drops = list(self.drops) + (self.config_drops(config) if self.config_drops and config else [])
         return None if any(re.fullmatch(d, name) for d in drops) else NO_MATCH
 
@@ -120,10 +126,14 @@ class Table:
 NO_MATCH = object()
 
 
-def _template(name: str) -> tuple[str, str | None]:
-    """'model.layers.3.mlp.down_proj.weight' -> ('model.layers.{i}.mlp.down_proj.weight', '3')."""
-    m = re.search(r"(?<=\.)\d+(?=\.)", name)
-    return (name, None) if m is None else (name[: m.start()] + "{i}" + name[m.end():], m.group())
+def _template(name: str) -> tuple[str, str | None, str | None]:
+    """'model.layers.3.mlp.experts.7.up_proj.weight' -> ('model.layers.{i}.mlp.experts.{e}.up_proj.weight', '3',
+    '7'): the first dotted number is the layer, a second one the expert."""
+    numbers = list(re.finditer(r"(?<=\.)\d+(?=\.)", name))[:2]
+    for m, tag in reversed(list(zip(numbers, ("{i}", "{e}")))):
+        name = name[: m.start()] + tag + name[m.end():]
+    found = [m.group() for m in numbers] + [None, None]
+    return name, found[0], found[1]
 
 
 def layer_index(name: str) -> str | None:
@@ -144,7 +154,7 @@ def export_tensors(table: Table, state: dict[str, torch.Tensor], config: ModelCo
     out = {}
     for name, t in state.items():
         path, _, param = name.rpartition(".")
-        template, i = _template(path + ".")
+        template, i, _ = _template(path + ".")
         module = table.exported(template[:-1])
         if module is None:
             raise CheckpointError(f"the layout has no name for {name!r}; write the checkpoint in glmkit's own layout.")
@@ -164,10 +174,9 @@ def map_tensors(table: Table, named: Iterable[tuple[str, str, Callable[[], torch
     With tied embeddings an `lm_head.weight` in the file is dropped: the embedding serves as the head."""
     tensors: dict[str, torch.Tensor] = {}
     sources: dict[str, str] = {}
-    pieces: dict[str, dict[int, torch.Tensor]] = {}
-    counts: dict[str, int] = {}
-    splits: dict[str, str | None] = {}
-    piece_sources: dict[tuple[str, int], str] = {}
+    pieces: dict[str, dict[tuple[int, int], torch.Tensor]] = {}  # ours -> (expert, piece) -> tensor
+    targets: dict[str, Target] = {}
+    piece_sources: dict[tuple[str, int, int], str] = {}  # (ours, expert, piece) -> where it came from
     for name, file, load in named:
         target = table.target(name, config)
         if target is NO_MATCH:
@@ -175,38 +184,67 @@ def map_tensors(table: Table, named: Iterable[tuple[str, str, Callable[[], torch
                                   "architecture. The checkpoint may belong to a different model or be damaged.")
         if target is None or (target.name == "lm_head.weight" and config is not None and config.tie_embeddings):
             continue
-        ours = target.name
-        if ours in sources and target.piece is None:
+        ours, whole = target.name, target.piece is None and target.expert is None
+        if ours in sources and whole:
             raise CheckpointError(f"tensor {name!r} in {file} fills {ours!r}, which {sources[ours]} already filled.")
         sources.setdefault(ours, f"{file}: {name}")
         tensor = load()
         if target.transform:
             tensor = TRANSFORMS[target.transform](tensor, config)
-        if target.piece is None:
+        if whole:
             tensors[ours] = tensor
         else:
-            pieces.setdefault(ours, {})[target.piece] = tensor
-            counts[ours], splits[ours] = target.count, target.split
-            piece_sources[(ours, target.piece)] = f"{file}: {name}"
+            key = (int(target.expert or 0), target.piece or 0)
+            pieces.setdefault(ours, {})[key] = tensor
+            targets[ours] = target
+            piece_sources[(ours, *key)] = f"{file}: {name}"
     for ours, parts in pieces.items():
-        if sorted(parts) != list(range(counts[ours])):
-            raise CheckpointError(f"{sources[ours]}: the checkpoint has only some pieces of {ours!r} "
-                                  f"(found {sorted(parts)}); the file set is incomplete.")
-        ordered = [parts[i] for i in sorted(parts)]
-        if config is not None and splits[ours] is not None and ours.endswith(".weight"):
-            sizes = SPLITS[splits[ours]](config, sum(p.shape[0] for p in ordered))
-            wrong = next((i for i, (p, n) in enumerate(zip(ordered, sizes)) if p.shape[0] != n), None)
-            if wrong is not None:  # name the piece that does not fit, not the first one
-                raise CheckpointError(f"{piece_sources[(ours, wrong)]} has {ordered[wrong].shape[0]} rows but the "
-                                      f"config implies {sizes[wrong]}; the config and the weights disagree.")
-        tensors[ours] = _join(ordered)
+        t = targets[ours]
+        experts = _expert_count(ours, parts, config) if t.expert is not None else 1
+        missing = [(e, p) for e in range(experts) for p in range(t.count) if (e, p) not in parts]
+        if missing:
+            what = f"expert {missing[0][0]} of " if t.expert is not None else f"piece {missing[0][1]} of "
+            raise CheckpointError(f"{sources[ours]}: the checkpoint has no {what}{ours!r} ({len(missing)} tensor(s) "
+                                  "missing); the file set is incomplete.")
+        joined = []
+        for e in range(experts):
+            ordered = [parts[(e, p)] for p in range(t.count)]
+            _check_piece_sizes(ours, t, ordered, config, {p: piece_sources[(ours, e, p)] for p in range(t.count)})
+            joined.append(_join(ordered, t.dim))
+            if tuple(joined[-1].shape) != tuple(joined[0].shape):
+                raise CheckpointError(f"{piece_sources[(ours, e, 0)]} has shape {tuple(joined[-1].shape)} but expert 0 "
+                                      f"has {tuple(joined[0].shape)}; every expert of a layer has the same shape.")
+        tensors[ours] = torch.stack(joined) if t.expert is not None else joined[0]
     return tensors, sources
 
 
-def _join(ordered: list) -> torch.Tensor:
+def _expert_count(ours: str, parts: dict, config: ModelConfig | None) -> int:
+    """How many experts a per-expert parameter stacks: the config's count (a stray higher index is an error)."""
+    n = config.moe.num_experts if config is not None and config.moe is not None else max(e for e, _ in parts) + 1
+    if max(e for e, _ in parts) >= n:
+        raise CheckpointError(f"the checkpoint has expert {max(e for e, _ in parts)} for {ours!r} but the config "
+                              f"says {n} experts; the config and the weights disagree.")
+    return n
+
+
+def _check_piece_sizes(ours: str, t: Target, ordered: list, config: ModelConfig | None,
+                       piece_sources: dict[int, str]) -> None:
+    """Each piece of a fused weight has the rows the config implies (naming the piece that does not fit)."""
+    if config is None or t.split is None or not ours.endswith((".weight", "_proj")) or len(ordered) < 2:
+        return
+    sizes = SPLITS[t.split](config, sum(p.shape[t.dim] for p in ordered))
+    wrong = next((i for i, (p, n) in enumerate(zip(ordered, sizes)) if p.shape[t.dim] != n), None)
+    if wrong is not None:
+        raise CheckpointError(f"{piece_sources[wrong]} has {ordered[wrong].shape[t.dim]} rows but the "
+                              f"config implies {sizes[wrong]}; the config and the weights disagree.")
+
+
+def _join(ordered: list, dim: int = 0) -> torch.Tensor:
     """Pieces of one parameter, stacked: float tensors concatenate; packed weights (GGUF blocks) bring their own
     cat, and a mix of kinds (e.g. Q4_K q and k with a Q6_K v) concatenates as float."""
     if len({"float" if isinstance(p, torch.Tensor) else p.layout for p in ordered}) > 1:
         dtype = next((p.dtype for p in ordered if isinstance(p, torch.Tensor)), torch.float32)
         ordered = [p if isinstance(p, torch.Tensor) else p.to_float(dtype) for p in ordered]
-    return torch.cat(ordered, dim=0) if isinstance(ordered[0], torch.Tensor) else type(ordered[0]).cat(ordered)
+    if len(ordered) == 1:
+        return ordered[0]
+    return torch.cat(ordered, dim=dim) if isinstance(ordered[0], torch.Tensor) else type(ordered[0]).cat(ordered)

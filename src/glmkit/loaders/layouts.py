@@ -53,10 +53,11 @@ THUDM_V2 = _thudm("thudm_v2", "transformer.encoder.layers.{i}", "self_attention"
 _HF = "model.layers.{i}"
 
 
-def _transformers(name: str, fused_gate_up: bool) -> Layout:
+def _transformers(name: str, fused_gate_up: bool, extra: tuple[Module, ...] = (),
+                  drops: tuple[str, ...] = ()) -> Layout:
     """GlmForCausalLM / Glm4ForCausalLM write gate_up_proj fused, LlamaForCausalLM gate and up apart; both
-    spellings are read."""
-    return Layout(name, Table((
+    spellings are read. `extra`: a family's own modules (Glm4Moe's experts), which then names its adapters."""
+    return Layout(name, Table(extra + (
         Module("embed", "model.embed_tokens", W),
         Module("layers.{i}.attn_norm", f"{_HF}.input_layernorm", W),
         qkv("layers.{i}.attn.qkv", f"{_HF}.self_attn.q_proj", f"{_HF}.self_attn.k_proj", f"{_HF}.self_attn.v_proj"),
@@ -69,11 +70,32 @@ def _transformers(name: str, fused_gate_up: bool) -> Layout:
         Module("layers.{i}.mlp.out_proj", f"{_HF}.mlp.down_proj", linear=True),
         Module("norm", "model.norm", W),
         Module("lm_head", "lm_head", W),
-    ), drops=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)), "transformers", "hf")
+    ), drops=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",) + drops),
+        name if extra else "transformers", "hf")
 
 
 TRANSFORMERS_GLM = _transformers("transformers", fused_gate_up=True)
 TRANSFORMERS_LLAMA = _transformers("transformers_llama", fused_gate_up=False)
+_MLP = f"{_HF}.mlp"
+TRANSFORMERS_GLM4_MOE = _transformers("transformers_glm4_moe", fused_gate_up=False, extra=(
+    Module("layers.{i}.attn.q_norm", f"{_HF}.self_attn.q_norm", W),
+    Module("layers.{i}.attn.k_norm", f"{_HF}.self_attn.k_norm", W),
+    Module("layers.{i}.mlp.router", f"{_MLP}.gate", ("weight", "e_score_correction_bias")),
+    # experts: transformers v5's fused 3-D tensors (written on export), or one tensor per expert as released
+    Module("layers.{i}.mlp.experts", f"{_MLP}.experts", ("gate_up_proj", "down_proj")),
+    Module("layers.{i}.mlp.experts", (f"{_MLP}.experts.{{e}}.gate_proj", f"{_MLP}.experts.{{e}}.up_proj"), W,
+           split="halves", export=False, param_name="gate_up_proj", per_expert=True),
+    Module("layers.{i}.mlp.experts", f"{_MLP}.experts.{{e}}.down_proj", W, export=False, param_name="down_proj",
+           per_expert=True),
+    gate_up("layers.{i}.mlp.shared.in_proj", f"{_MLP}.shared_experts.gate_proj", f"{_MLP}.shared_experts.up_proj"),
+    Module("layers.{i}.mlp.shared.out_proj", f"{_MLP}.shared_experts.down_proj", linear=True),
+    # the next-token-prediction (MTP) layer after the last one; its embed_tokens / shared_head.head, where a file
+    # has them, are the main model's embedding and head (which the layer shares), so they are not kept twice
+    Module("layers.{i}.eh_proj", f"{_HF}.eh_proj", W),
+    Module("layers.{i}.enorm", f"{_HF}.enorm", W),
+    Module("layers.{i}.hnorm", f"{_HF}.hnorm", W),
+    Module("layers.{i}.head_norm", f"{_HF}.shared_head.norm", W),
+), drops=(r"model\.layers\.\d+\.embed_tokens\.weight", r"model\.layers\.\d+\.shared_head\.head\.weight"))
 GLMKIT = Layout("glmkit", None, "transformers", "hf")
 GLMKIT_QUANTIZED = Layout("glmkit_quantized", None, "transformers", "hf")
 
@@ -99,8 +121,8 @@ GGUF_GLM4 = Layout("gguf_glm4", Table(_GGUF_COMMON + _GGUF_CHATGLM + (  # GLM-4-
     _GGUF_QKV, Module("layers.{i}.attn_post_norm", f"{_B}.post_attention_norm", W),
     Module("layers.{i}.mlp_post_norm", f"{_B}.post_ffw_norm", W))), "transformers", "gguf")
 GGUF_LAYOUTS = {"llama": GGUF_LLAMA, "chatglm": GGUF_CHATGLM, "glm4": GGUF_GLM4}
-LAYOUTS = {layout.name: layout for layout in (THUDM_V1, THUDM_V2, TRANSFORMERS_GLM, TRANSFORMERS_LLAMA, GLMKIT,
-                                              GLMKIT_QUANTIZED, *GGUF_LAYOUTS.values())}
+LAYOUTS = {layout.name: layout for layout in (THUDM_V1, THUDM_V2, TRANSFORMERS_GLM, TRANSFORMERS_LLAMA,
+                                              TRANSFORMERS_GLM4_MOE, GLMKIT, GLMKIT_QUANTIZED, *GGUF_LAYOUTS.values())}
 
 
 def detect(raw: dict[str, Any]) -> Layout:
@@ -112,7 +134,8 @@ def detect(raw: dict[str, Any]) -> Layout:
     if spelling in ("thudm_v1", "thudm_v2"):
         return LAYOUTS[spelling]
     if spelling == "transformers":
-        return TRANSFORMERS_LLAMA if raw.get("model_type") == "llama" else TRANSFORMERS_GLM
+        return {"llama": TRANSFORMERS_LLAMA, "glm4_moe": TRANSFORMERS_GLM4_MOE}.get(raw.get("model_type"),
+                                                                                  TRANSFORMERS_GLM)
     ModelConfig.from_hf_dict(raw)  # raises the unknown- or unsupported-architecture error
     raise CheckpointError("config.json describes no layout glmkit reads.")
 

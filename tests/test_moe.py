@@ -1,0 +1,171 @@
+"""GLM-4.5-family Mixture-of-Experts models (glm4_moe) against transformers' Glm4MoeForCausalLM: tiny random
+models in both expert layouts, with and without an MTP layer, greedy decoding, batching and bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import glmkit
+from glmkit.errors import CheckpointError, ConfigError
+
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+            n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=1.0,
+            norm_topk_prob=True, use_qk_norm=False, attention_bias=True, max_position_embeddings=256,
+            rope_parameters={"rope_theta": 1e6, "partial_rotary_factor": 0.5, "rope_type": "default"})
+SHAPES = {  # what differs between the released models, each exercised
+    "air": {},  # GLM-4.5-Air: no q/k norm, one group, scaling 1
+    "full": dict(use_qk_norm=True, routed_scaling_factor=2.5, first_k_dense_replace=2, num_hidden_layers=4),
+    "groups": dict(n_group=4, topk_group=2, num_experts_per_tok=3, use_qk_norm=True, routed_scaling_factor=1.7),
+    "mha-unnormed": dict(num_key_value_heads=4, norm_topk_prob=False, n_shared_experts=2, attention_bias=False),
+}
+
+
+def make_moe(directory, shape: str = "air", seed: int = 0, fused: bool = False, mtp: bool = False, **overrides):
+    """A tiny random Glm4MoeForCausalLM saved to `directory` (per-expert tensors as released, or transformers v5's
+    fused 3-D experts); a random non-zero correction bias and a wide router, so that choosing with the bias and
+    weighting without it matters; mtp: a next-token-prediction layer added to the file as released."""
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = Glm4MoeConfig(**{**BASE, **SHAPES[shape], **overrides})
+    model = Glm4MoeForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.5 if name.endswith("gate.weight") else 0.05)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.normal_(0, 0.2)
+    model.save_pretrained(directory)
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    if fused:  # transformers v5's in-memory layout, as save_pretrained(save_original_format=False) writes it
+        tensors = _fuse_experts(tensors, config)
+    if mtp:
+        tensors.update(_mtp_tensors(model, tensors, config.num_hidden_layers))
+    save_file(tensors, path, metadata={"format": "pt"})
+    return model
+
+
+def _fuse_experts(tensors: dict, config) -> dict:
+    out = {k: v for k, v in tensors.items() if ".experts." not in k}
+    for i in range(config.first_k_dense_replace, config.num_hidden_layers):
+        p = f"model.layers.{i}.mlp.experts"
+        out[f"{p}.gate_up_proj"] = torch.stack([torch.cat([tensors[f"{p}.{e}.gate_proj.weight"],
+                                                           tensors[f"{p}.{e}.up_proj.weight"]])
+                                                for e in range(config.n_routed_experts)])
+        out[f"{p}.down_proj"] = torch.stack([tensors[f"{p}.{e}.down_proj.weight"]
+                                             for e in range(config.n_routed_experts)])
+    return out
+
+
+def _mtp_tensors(model, tensors: dict, n: int) -> dict:
+    """Layer n as released: a full decoder layer (random, the last one's names and shapes) plus eh_proj, enorm,
+    hnorm, shared_head.norm, and the embed_tokens / shared_head.head copies some files carry."""
+    g = torch.Generator().manual_seed(5)
+    last = {k: v for k, v in tensors.items() if k.startswith(f"model.layers.{n - 1}.")}
+    out = {k.replace(f"layers.{n - 1}.", f"layers.{n}."): torch.randn(v.shape, generator=g) for k, v in last.items()}
+    H = model.config.hidden_size
+    out.update({f"model.layers.{n}.eh_proj.weight": torch.randn(H, 2 * H, generator=g),
+                f"model.layers.{n}.enorm.weight": torch.randn(H, generator=g),
+                f"model.layers.{n}.hnorm.weight": torch.randn(H, generator=g),
+                f"model.layers.{n}.shared_head.norm.weight": torch.randn(H, generator=g),
+                f"model.layers.{n}.embed_tokens.weight": model.model.embed_tokens.weight.detach().clone(),
+                f"model.layers.{n}.shared_head.head.weight": model.lm_head.weight.detach().clone()})
+    return out
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("fused", [False, True], ids=["per-expert", "fused"])
+def test_logits_equal_transformers(tmp_path, random_ids, shape, fused):
+    hf = make_moe(tmp_path, shape, seed=len(shape), fused=fused, mtp=shape == "full")
+    llm = glmkit.load(tmp_path, dtype="float32")
+    ids = random_ids(2, 13, 128, seed=3)
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+    torch.testing.assert_close(llm.logits(ids), want, atol=1e-5, rtol=0)
+
+
+def test_mtp_layer_is_kept_and_absent_mtp_is_no_error(tmp_path):
+    """A file's MTP layer lands on the model (past the layers that run), every tensor of it; a config that counts
+    an MTP layer its file leaves out (what transformers writes) loads without one."""
+    make_moe(tmp_path / "with", "full", mtp=True)
+    stored = load_file(tmp_path / "with" / "model.safetensors")
+    llm = glmkit.load(tmp_path / "with", dtype="float32")
+    n = llm.config.num_layers
+    mtp = llm.model.layers[n]
+    assert llm.config.mtp_layers == 1 and len(llm.model.layers) == n + 1
+    torch.testing.assert_close(mtp.eh_proj.weight, stored[f"model.layers.{n}.eh_proj.weight"])
+    torch.testing.assert_close(mtp.head_norm.weight, stored[f"model.layers.{n}.shared_head.norm.weight"])
+    torch.testing.assert_close(mtp.mlp.experts.down_proj[3], stored[f"model.layers.{n}.mlp.experts.3.down_proj.weight"])
+    make_moe(tmp_path / "without", "full")
+    plain = glmkit.load(tmp_path / "without", dtype="float32")
+    assert plain.config.mtp_layers == 0 and len(plain.model.layers) == plain.config.num_layers
+
+
+@pytest.mark.parametrize("shape", ["air", "groups"])
+def test_greedy_generation_and_batching_equal_transformers(tmp_path, random_ids, shape):
+    """Greedy tokens equal transformers' generate; prompts decoded together equal each decoded alone (the decode
+    step's gathered experts and the prefill's grouped ones agree)."""
+    hf = make_moe(tmp_path, shape, seed=9)
+    llm = glmkit.load(tmp_path, dtype="float32")
+    prompts = [random_ids(1, n, 128, seed=n)[0].tolist() for n in (5, 9, 12)]
+    for prompt in prompts:
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt):].tolist()
+        assert llm.generate(prompt, max_tokens=10, temperature=0, ignore_eos=True).token_ids == want
+    alone = [llm.generate(p, max_tokens=8, temperature=0, ignore_eos=True).token_ids for p in prompts]
+    together = llm.generate_batch(prompts, max_tokens=8, temperature=0, ignore_eos=True)
+    assert [c.token_ids for c in together] == alone
+
+
+def test_gathered_and_grouped_experts_agree():
+    from glmkit.config import MoEConfig
+    from glmkit.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(32, MoEConfig(num_experts=8, experts_per_token=3, expert_size=16, groups=2, topk_groups=1), None)
+    for p in moe.parameters():
+        p.data.normal_(0, 0.3)
+    x = torch.randn(1, 10, 32)
+    grouped = moe(x)
+    moe.experts.gather_below = 100
+    torch.testing.assert_close(moe(x), grouped, atol=1e-6, rtol=1e-5)
+
+
+def _edit(directory, change):
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_bad_moe_checkpoints_are_one_clear_sentence(tmp_path):
+    make_moe(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "scoring_func": "softmax"}))
+    with pytest.raises(ConfigError, match="scoring_func='softmax' is not supported"):
+        glmkit.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "moe_layer_freq": 2}))
+    with pytest.raises(ConfigError, match=r"\['moe_layer_freq'\] are not understood"):
+        glmkit.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _edit(tmp_path, lambda t: t.pop("model.layers.2.mlp.experts.5.up_proj.weight"))
+    with pytest.raises(CheckpointError, match="no expert 5 of 'layers.2.mlp.experts.gate_up_proj'"):
+        glmkit.load(tmp_path)
+    make_moe(tmp_path)
+    _edit(tmp_path, lambda t: t.update({"model.layers.1.mlp.experts.2.down_proj.weight": torch.zeros(64, 31)}))
+    with pytest.raises(CheckpointError, match="down_proj"):
+        glmkit.load(tmp_path)
+    make_moe(tmp_path)
+    _edit(tmp_path, lambda t: t.update({"model.layers.1.mlp.gate.e_score_correction_bias": torch.zeros(7)}))
+    with pytest.raises(CheckpointError, match=r"shape \(7,\) but config.json implies \(8,\)"):
+        glmkit.load(tmp_path)
+    make_moe(tmp_path)
+    _edit(tmp_path, lambda t: t.update({"model.layers.1.mlp.experts.8.down_proj.weight": torch.zeros(64, 32)}))
+    with pytest.raises(CheckpointError, match="expert 8 .* says 8 experts"):
+        glmkit.load(tmp_path)
