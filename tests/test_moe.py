@@ -3,6 +3,7 @@ models in both expert layouts, with and without an MTP layer, greedy decoding, b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -169,3 +170,96 @@ def test_bad_moe_checkpoints_are_one_clear_sentence(tmp_path):
     _edit(tmp_path, lambda t: t.update({"model.layers.1.mlp.experts.8.down_proj.weight": torch.zeros(64, 32)}))
     with pytest.raises(CheckpointError, match="expert 8 .* says 8 experts"):
         glmkit.load(tmp_path)
+
+
+# ------------------------------------------------------------------------------ GGUF (llama.cpp's glm4moe)
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+              "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+              "mlp.gate": "ffn_gate_inp", "mlp.shared_experts.gate_proj": "ffn_gate_shexp",
+              "mlp.shared_experts.up_proj": "ffn_up_shexp", "mlp.shared_experts.down_proj": "ffn_down_shexp"}
+
+
+def write_glm4moe_gguf(hf, path, expert_qtype: str) -> None:
+    """The tiny model as llama.cpp's converter (conversion/glm.py, Glm4MoeModel) writes it: glm4moe keys, experts
+    stacked to 3-D (gate and up apart), q/k rows as they are (NeoX rotary), the correction bias as
+    exp_probs_b.bias; the experts stored in `expert_qtype` and written back into `hf`, so both hold the same
+    rounded values."""
+    import gguf
+    import numpy as np
+    from test_gguf import roundtrip
+    from test_quant import gguf_blocks
+
+    c = hf.config
+    w = gguf.GGUFWriter(str(path), "glm4moe")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_rope_dimension_count(int(c.head_dim * 0.5))
+    w.add_expert_count(c.n_routed_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    w.add_expert_shared_count(c.n_shared_experts)
+    w.add_leading_dense_block_count(c.first_k_dense_replace)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_expert_weights_scale(c.routed_scaling_factor)
+    w.add_expert_weights_norm(c.norm_topk_prob)
+    if c.n_group > 1:  # GLM-4.5's releases route in one group; these keys are the ones DeepSeek-V3 files carry
+        w.add_expert_group_count(c.n_group)
+        w.add_expert_group_used_count(c.topk_group)
+    state = {k: v.detach() for k, v in hf.state_dict().items()}
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    for key, value in state.items():
+        if key in top:
+            w.add_tensor(top[key], value.float().numpy())
+            continue
+        i, rest = key[len("model.layers."):].split(".", 1)
+        module, kind = rest.rsplit(".", 1)
+        if module == "mlp.experts":
+            I = c.moe_intermediate_size
+            parts = {"ffn_gate_exps": value[:, :I], "ffn_up_exps": value[:, I:]} if kind == "gate_up_proj" else \
+                {"ffn_down_exps": value}
+            stored = []
+            for name, part in parts.items():
+                E, N, K = part.shape
+                flat = part.float().reshape(E * N, K).numpy()
+                t = getattr(gguf.GGMLQuantizationType, expert_qtype)
+                raw = gguf_blocks(expert_qtype, flat) if expert_qtype == "Q4_K" else roundtrip(flat, expert_qtype)[0]
+                values = flat if expert_qtype == "F32" else gguf.quants.dequantize(raw, t)
+                w.add_tensor(f"blk.{i}.{name}.weight", raw.reshape(E, N, -1),
+                             raw_dtype=None if expert_qtype == "F32" else t)
+                stored.append(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(E, N, K))
+            with torch.no_grad():
+                hf.get_parameter(key).copy_(torch.cat(stored, dim=1))
+            continue
+        name = "exp_probs_b.bias" if kind == "e_score_correction_bias" else f"{GGUF_NAMES[module]}.{kind}"
+        w.add_tensor(f"blk.{i}.{name}", value.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_K"])
+def test_gguf_glm4moe_equals_transformers(tmp_path, random_ids, qtype):
+    """Experts stored F32, Q8_0 or Q4_K: glmkit on the GGUF equals transformers holding the same rounded values."""
+    wide = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=256, head_dim=64)  # Q4_K: 256 a row
+    hf = make_moe(tmp_path, "groups", seed=4, **wide)
+    write_glm4moe_gguf(hf, tmp_path / "m.gguf", qtype)
+    llm = glmkit.load(tmp_path / "m.gguf", dtype="float32")
+    theirs = glmkit.load(tmp_path, dtype="float32").config.moe
+    assert llm.config.moe.routed_scaling_factor == pytest.approx(theirs.routed_scaling_factor)  # stored as float32
+    assert dataclasses.replace(llm.config.moe, routed_scaling_factor=theirs.routed_scaling_factor) == theirs
+    ids = random_ids(2, 9, 128, seed=1)
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+    torch.testing.assert_close(llm.logits(ids), want, atol=1e-5, rtol=0)

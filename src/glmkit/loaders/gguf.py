@@ -74,21 +74,41 @@ def config_from_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]
     if rope_dims != head_dim and not glm:
         raise ConfigError("this GGUF rotates only part of each head, which glmkit does not support for llama files.")
     eos = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    moe = _moe_fields(a, tensor_names) if arch == "glm4moe" else {}
     return ModelConfig(
         vocab_size=int(shapes["token_embd.weight"][0]),
-        hidden_size=hidden, intermediate_size=int(a("feed_forward_length")), num_layers=int(a("block_count")),
+        hidden_size=hidden, intermediate_size=int(a("feed_forward_length")),
+        num_layers=int(a("block_count")) - moe.get("mtp_layers", 0),
         num_heads=heads, num_kv_heads=int(a("attention.head_count_kv", heads)), head_dim=head_dim,
         norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-5)),
         qkv_bias=bool({"blk.0.attn_q.bias", "blk.0.attn_qkv.bias"} & tensor_names),
         out_bias="blk.0.attn_output.bias" in tensor_names, mlp_bias="blk.0.ffn_up.bias" in tensor_names,
         extra_norms="sandwich" if "blk.0.post_ffw_norm.weight" in tensor_names else "none",
-        rope_layout="interleaved",  # GLM's own layout; for llama files, the converter's permuted q/k rows
+        # GLM's own layout (for llama files, the converter's permuted q/k rows); glm4moe rotates NeoX-style
+        rope_layout="half_split" if moe else "interleaved",
         rope_fraction=rope_dims / head_dim, rope_theta=float(a("rope.freq_base", 10000.0)),
         rope_linear_factor=float(a("rope.scaling.factor", 1.0) or 1.0) if a("rope.scaling.type") == "linear" else 1.0,
         tie_embeddings="output.weight" not in tensor_names, max_seq_len=int(a("context_length", 2048)),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
-        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"), **moe)
+
+
+def _moe_fields(a, tensor_names: set[str]) -> dict[str, Any]:
+    """glm4moe's expert keys (llama.cpp's converter) -> moe / qk_norm / mtp_layers fields."""
+    from glmkit.config import MoEConfig
+
+    if a("expert_gating_func", 2) != 2:  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
+        raise ConfigError(f"this glm4moe GGUF gates its experts with function {a('expert_gating_func')}; GLM-4.5 "
+                          "models use sigmoid (2), the only one glmkit runs.")
+    moe = MoEConfig(num_experts=int(a("expert_count")), experts_per_token=int(a("expert_used_count")),
+                    expert_size=int(a("expert_feed_forward_length")), shared_experts=int(a("expert_shared_count", 0)),
+                    first_dense_layers=int(a("leading_dense_block_count", 0)),
+                    groups=int(a("expert_group_count", 1) or 1), topk_groups=int(a("expert_group_used_count", 1) or 1),
+                    norm_topk_prob=bool(a("expert_weights_norm", True)),
+                    routed_scaling_factor=float(a("expert_weights_scale", 1.0) or 1.0))
+    return {"moe": moe, "qk_norm": "blk.0.attn_q_norm.weight" in tensor_names,
+            "mtp_layers": int(a("nextn_predict_layers", 0) or 0)}
 
 
 CHUNK = 1 << 20  # elements dequantized at a time: float32 intermediates stay at a few MB whatever the tensor
@@ -263,8 +283,8 @@ def named_tensors(reader: GGUFFile, config: ModelConfig, keep_int4: bool = False
 
     def reader_of(t):
         kind = t.tensor_type.name
-        if kind not in SUPPORTED_TYPES:
-            return lambda: dequantize(t, dtype)  # which names the tensor and its type
+        if kind not in SUPPORTED_TYPES or len(t.shape) != 2 or ".ffn_gate_inp." in t.name:
+            return lambda: dequantize(t, dtype)  # stacked experts and routers come as floats (or an error naming them)
         if keep_int4 and kind in ("Q4_0", "Q4_1", "Q4_K") and t.name.startswith("blk."):
             return lambda: int4_blocks(t)
         if keep_int8 and kind not in ("F32", "F16", "BF16") and (linear(t.name) or t.name in head):

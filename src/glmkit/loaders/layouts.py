@@ -120,7 +120,23 @@ GGUF_CHATGLM = Layout("gguf_chatglm", Table(_GGUF_COMMON + _GGUF_CHATGLM), "tran
 GGUF_GLM4 = Layout("gguf_glm4", Table(_GGUF_COMMON + _GGUF_CHATGLM + (  # GLM-4-0414: q/k/v apart, two more norms
     _GGUF_QKV, Module("layers.{i}.attn_post_norm", f"{_B}.post_attention_norm", W),
     Module("layers.{i}.mlp_post_norm", f"{_B}.post_ffw_norm", W))), "transformers", "gguf")
-GGUF_LAYOUTS = {"llama": GGUF_LLAMA, "chatglm": GGUF_CHATGLM, "glm4": GGUF_GLM4}
+GGUF_GLM4MOE = Layout("gguf_glm4moe", Table(_GGUF_COMMON + (  # GLM-4.5 family; q/k rows as released (NeoX rotary)
+    _GGUF_QKV, gate_up("layers.{i}.mlp.in_proj", f"{_B}.ffn_gate", f"{_B}.ffn_up"),
+    Module("layers.{i}.mlp_norm", f"{_B}.post_attention_norm", W),
+    Module("layers.{i}.attn.q_norm", f"{_B}.attn_q_norm", W), Module("layers.{i}.attn.k_norm", f"{_B}.attn_k_norm", W),
+    Module("layers.{i}.mlp.router", f"{_B}.ffn_gate_inp", W),
+    Module("layers.{i}.mlp.router", f"{_B}.exp_probs_b", ("bias",), param_name="e_score_correction_bias"),
+    Module("layers.{i}.mlp.experts", (f"{_B}.ffn_gate_exps", f"{_B}.ffn_up_exps"), W, split="halves", dim=1,
+           param_name="gate_up_proj"),  # (E, I, C) each -> (E, 2I, C)
+    Module("layers.{i}.mlp.experts", f"{_B}.ffn_down_exps", W, param_name="down_proj"),
+    gate_up("layers.{i}.mlp.shared.in_proj", f"{_B}.ffn_gate_shexp", f"{_B}.ffn_up_shexp"),
+    Module("layers.{i}.mlp.shared.out_proj", f"{_B}.ffn_down_shexp", linear=True),
+    Module("layers.{i}.eh_proj", f"{_B}.nextn.eh_proj", W), Module("layers.{i}.enorm", f"{_B}.nextn.enorm", W),
+    Module("layers.{i}.hnorm", f"{_B}.nextn.hnorm", W),
+    Module("layers.{i}.head_norm", f"{_B}.nextn.shared_head_norm", W),
+), drops=(r"blk\.\d+\.nextn\.embed_tokens\.weight", r"blk\.\d+\.nextn\.shared_head_head\.weight")),
+    "transformers_glm4_moe", "gguf")
+GGUF_LAYOUTS = {"llama": GGUF_LLAMA, "chatglm": GGUF_CHATGLM, "glm4": GGUF_GLM4, "glm4moe": GGUF_GLM4MOE}
 LAYOUTS = {layout.name: layout for layout in (THUDM_V1, THUDM_V2, TRANSFORMERS_GLM, TRANSFORMERS_LLAMA,
                                               TRANSFORMERS_GLM4_MOE, GLMKIT, GLMKIT_QUANTIZED, *GGUF_LAYOUTS.values())}
 
