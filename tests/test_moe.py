@@ -263,3 +263,53 @@ def test_gguf_glm4moe_equals_transformers(tmp_path, random_ids, qtype):
     with torch.no_grad():
         want = hf(input_ids=ids).logits
     torch.testing.assert_close(llm.logits(ids), want, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------ quantized experts
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_experts_decode_like_their_dequantized_reference(tmp_path, random_ids, bits):
+    """int8 / int4 experts (stacked, no float copy) decode exactly like a float32 model holding their dequantized
+    values; `glmkit quantize` writes them and they load back bit-exact."""
+    from glmkit.loaders.quantized import save_quantized
+    from glmkit.quant import StackedInt4, StackedInt8, quantize_model
+
+    make_moe(tmp_path / "m", "groups", seed=2)
+    llm = glmkit.load(tmp_path / "m", dtype="float32")
+    quantize_model(llm.model, bits)
+    experts = llm.model.layers[1].mlp.experts
+    assert isinstance(experts.gate_up_proj, StackedInt4 if bits == 4 else StackedInt8)
+    assert not any(p.dim() == 3 for p in llm.model.parameters())  # no float expert weights left
+    reference = glmkit.load(tmp_path / "m", dtype="float32")
+    with torch.no_grad():  # the float model holding exactly what the quantized one computes with
+        for name, module in llm.model.named_modules():
+            if hasattr(module, "dequantize"):  # Int8Linear / Int4Linear (the head too), or stacked experts
+                parent, _, child = name.rpartition(".")
+                stacked = child.endswith("_proj") and parent.endswith("experts")
+                owner = reference.model.get_submodule(parent if stacked else name)
+                (getattr(owner, child) if stacked else owner.weight).copy_(module.dequantize())
+    ids = random_ids(1, 7, 128, seed=2)[0].tolist()
+    assert llm.generate(ids, max_tokens=12, temperature=0, ignore_eos=True).token_ids == \
+        reference.generate(ids, max_tokens=12, temperature=0, ignore_eos=True).token_ids
+    torch.testing.assert_close(llm.logits(ids), reference.logits(ids), atol=1e-5, rtol=0)
+    save_quantized(llm.model, tmp_path / "q", bits, 32)
+    again = glmkit.load(tmp_path / "q", dtype="float32")
+    for (name, a), (_, b) in zip(llm.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K"])
+def test_gguf_int4_experts_stay_4_bit(tmp_path, qtype):
+    """Q4_0 / Q4_K experts load as StackedInt4 straight from the file's blocks (no float copy, no requantization):
+    the values they compute with are the file's."""
+    from glmkit.quant import StackedInt4
+
+    wide = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=256, head_dim=64)
+    hf = make_moe(tmp_path, "air", seed=6, **wide)
+    write_glm4moe_gguf(hf, tmp_path / "m.gguf", qtype)
+    packed = glmkit.load(tmp_path / "m.gguf", quantize="int4", dtype="float32")
+    exact = glmkit.load(tmp_path / "m.gguf", dtype="float32")
+    for ours, theirs in zip(packed.model.layers[1:], exact.model.layers[1:]):
+        for name in ("gate_up_proj", "down_proj"):
+            module = getattr(ours.mlp.experts, name)
+            assert isinstance(module, StackedInt4)
+            torch.testing.assert_close(module.dequantize(), getattr(theirs.mlp.experts, name), atol=1e-6, rtol=0)

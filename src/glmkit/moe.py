@@ -51,7 +51,13 @@ class Experts(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, 2 * width, hidden))  # (E, 2I, C)
         self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden, width))  # (E, C, I)
-        self.gather_below = gather_below
+        self.num_experts, self.gather_below = num_experts, gather_below
+
+    def weight(self, name: str, index, dtype: torch.dtype) -> torch.Tensor:
+        """The experts at `index` of gate_up_proj / down_proj, in `dtype`: indexed, or dequantized when the weights
+        are stacked int8 / int4 (quant.StackedInt8 / StackedInt4, which quantize_model puts in their place)."""
+        w = getattr(self, name)
+        return w.dequantize(index, dtype) if isinstance(w, nn.Module) else w[index].to(dtype)
 
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, C), chosen (N, k), weights (N, k) -> (N, C)."""
@@ -61,10 +67,10 @@ class Experts(nn.Module):
 
     def _gathered(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         wide = torch.float32 if x.dtype == torch.float16 else x.dtype  # float16 products overflow (GLM's MLPs)
-        h = torch.einsum("nkfc,nc->nkf", self.gate_up_proj[chosen], x)  # (N, k, 2I)
+        h = torch.einsum("nkfc,nc->nkf", self.weight("gate_up_proj", chosen, x.dtype), x)  # (N, k, 2I)
         gate, up = h.float().chunk(2, dim=-1)  # (N, k, I) each
         a = (F.silu(gate) * up).to(wide)  # (N, k, I)
-        y = torch.einsum("nkci,nki->nkc", self.down_proj[chosen].to(wide), a)  # (N, k, C)
+        y = torch.einsum("nkci,nki->nkc", self.weight("down_proj", chosen, wide), a)  # (N, k, C)
         return (y.float() * weights[..., None]).sum(1).to(x.dtype)  # (N, C)
 
     def _grouped(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -73,14 +79,14 @@ class Experts(nn.Module):
         out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)  # (N, C)
         flat = chosen.flatten()  # (N k,)
         order = flat.argsort()
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         lo = 0
         for e, n in enumerate(counts):
             if n:
                 slots = order[lo: lo + n]  # positions in (N k)
                 rows = slots // k  # (n,) token of each
-                gate, up = F.linear(x[rows], self.gate_up_proj[e]).float().chunk(2, dim=-1)  # (n, I) each
-                y = F.linear((F.silu(gate) * up).to(wide), self.down_proj[e].to(wide))  # (n, C)
+                gate, up = F.linear(x[rows], self.weight("gate_up_proj", e, x.dtype)).float().chunk(2, dim=-1)
+                y = F.linear((F.silu(gate) * up).to(wide), self.weight("down_proj", e, wide))  # (n, C)
                 out.index_add_(0, rows, y.float() * weights.flatten()[slots, None])
                 lo += n
         return out.to(x.dtype)

@@ -20,7 +20,9 @@ from torch import nn
 from glmkit.config import ModelConfig
 from glmkit.errors import CheckpointError, GlmkitError
 from glmkit.loaders.checkpoint import Checkpoint
-from glmkit.quant import Int4Linear, Int8Linear, TiedInt8Embedding, quantize_model, replace_module
+from glmkit.quant import (Int4Linear, Int8Linear, StackedInt4, StackedInt8, TiedInt8Embedding, quantize_model,
+                          replace_module)
+from glmkit.quant.int4_packing import to_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -99,7 +101,14 @@ def fill(model: nn.Module, tensors: dict, sources: dict[str, str], device: torch
     packed = [name for name, t in tensors.items() if not isinstance(t, torch.Tensor)]
     state = {name: tensors.pop(name).to(device=device, dtype=dtype) for name in list(tensors) if name not in packed}
     for name in packed:  # GGUF int4 / int8 blocks become quantized modules directly, never float
-        _packed_module(model, name.rsplit(".", 1)[0], tensors.pop(name), state, dtype)
+        blocks = tensors.pop(name)
+        if hasattr(blocks, "experts"):  # a MoE layer's stacked experts: the parameter becomes a StackedInt4
+            E, N, K = blocks.shape
+            b = blocks.blocks
+            replace_module(model, name, StackedInt4(to_bytes(b.q.view(E, N, K)), b.scales.view(E, N, -1),
+                                                    b.zeros.view(E, N, -1), 32))
+        else:
+            _packed_module(model, name.rsplit(".", 1)[0], blocks, state, dtype)
     model.load_state_dict(state, strict=False, assign=True)  # completeness was checked above
     return model.to(device).requires_grad_(False)  # quantized layers were built on the CPU: moved (and repacked)
 
@@ -165,6 +174,11 @@ def _glmkit_quantized(checkpoint: Checkpoint, skeleton: Skeleton, dtype: torch.d
             if kind == "int4":
                 module = Int4Linear(from_bytes(take(f"{name}.qweight")), take(f"{name}.scales"),
                                     take(f"{name}.zeros"), spec["group_size"], bias)
+            elif kind == "int4_experts":
+                module = StackedInt4(take(f"{name}.qweight"), take(f"{name}.scales"), take(f"{name}.zeros"),
+                                     spec["group_size"])
+            elif kind == "int8_experts":
+                module = StackedInt8(take(f"{name}.qweight"), take(f"{name}.scales"))
             else:
                 module = Int8Linear(take(f"{name}.qweight"), take(f"{name}.scales"), bias)
         except KeyError as e:

@@ -152,7 +152,7 @@ class PackedRows:
         return type(self).__name__, self.raw.shape[1:], getattr(self, "kind", None)
 
     @classmethod
-    def cat(cls, parts: list["PackedRows"]):
+    def cat(cls, parts: list["PackedRows"], dim: int = 0):
         return replace(parts[0], raw=np.concatenate([p.raw for p in parts]))
 
     def to_float(self, dtype: torch.dtype) -> torch.Tensor:
@@ -258,11 +258,40 @@ class Int8Rows(PackedRows):
         return torch.from_numpy(np.ascontiguousarray(quants.dequantize(self.raw[lo:hi], self.kind), np.float32))
 
 
-def int4_blocks(tensor) -> Int4Blocks:
-    N, K = (int(n) for n in reversed(tensor.shape))
+@dataclass
+class StackedBlocks:
+    """A MoE layer's stacked experts (E, N, K) kept as the file's int4 blocks (`blocks` holds E N rows), which
+    become a StackedInt4 module; gate and up join along the rows of each expert (dim 1)."""
+    blocks: Int4Blocks
+    experts: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        rows, K = self.blocks.shape
+        return self.experts, rows // self.experts, K
+
+    @property
+    def layout(self) -> tuple:
+        return ("stacked", *self.blocks.layout)
+
+    @classmethod
+    def cat(cls, parts: list["StackedBlocks"], dim: int = 1):
+        E = parts[0].experts
+        raw = np.concatenate([p.blocks.raw.reshape(E, -1, *p.blocks.raw.shape[1:]) for p in parts], axis=dim)
+        return cls(replace(parts[0].blocks, raw=raw.reshape(-1, *raw.shape[2:])), E)
+
+    def to_float(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.blocks.to_float(dtype).view(self.shape)
+
+
+def int4_blocks(tensor) -> Int4Blocks | StackedBlocks:
+    *experts, N, K = (int(n) for n in reversed(tensor.shape))
+    rows = N * (experts[0] if experts else 1)
     if tensor.tensor_type.name == "Q4_K":
-        return Q4KBlocks(tensor.data.reshape(N, K // 256, 144))
-    return Int4Blocks(tensor.data.reshape(N, K // 32, -1))
+        blocks = Q4KBlocks(tensor.data.reshape(rows, K // 256, 144))
+    else:
+        blocks = Int4Blocks(tensor.data.reshape(rows, K // 32, -1))
+    return StackedBlocks(blocks, experts[0]) if experts else blocks
 
 
 def gguf_config(reader, path) -> ModelConfig:
@@ -283,10 +312,12 @@ def named_tensors(reader: GGUFFile, config: ModelConfig, keep_int4: bool = False
 
     def reader_of(t):
         kind = t.tensor_type.name
-        if kind not in SUPPORTED_TYPES or len(t.shape) != 2 or ".ffn_gate_inp." in t.name:
-            return lambda: dequantize(t, dtype)  # stacked experts and routers come as floats (or an error naming them)
+        if kind not in SUPPORTED_TYPES or ".ffn_gate_inp." in t.name:
+            return lambda: dequantize(t, dtype)  # routers come as floats (or an error naming the type)
         if keep_int4 and kind in ("Q4_0", "Q4_1", "Q4_K") and t.name.startswith("blk."):
-            return lambda: int4_blocks(t)
+            return lambda: int4_blocks(t)  # stacked experts too: they become StackedInt4 modules
+        if len(t.shape) != 2:
+            return lambda: dequantize(t, dtype)
         if keep_int8 and kind not in ("F32", "F16", "BF16") and (linear(t.name) or t.name in head):
             return lambda: Int8Rows(t.rows(0, t.n_rows), t.tensor_type, int(t.shape[0]))
         return lambda: dequantize(t, dtype)

@@ -247,4 +247,4 @@ def _join(ordered: list, dim: int = 0) -> torch.Tensor:
         ordered = [p if isinstance(p, torch.Tensor) else p.to_float(dtype) for p in ordered]
     if len(ordered) == 1:
         return ordered[0]
-    return torch.cat(ordered, dim=dim) if isinstance(ordered[0], torch.Tensor) else type(ordered[0]).cat(ordered)
+    return torch.cat(ordered, dim=dim) if isinstance(ordered[0], torch.Tensor) else type(ordered[0]).cat(ordered, dim)

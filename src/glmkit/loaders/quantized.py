@@ -1,7 +1,7 @@
 """glmkit's own quantized checkpoints: the writer (loaders/assemble.py rebuilds a model from one).
 
 config.json holds {"glmkit_config": ModelConfig fields, "quantization": {"bits", "group_size",
-"modules": {name: "int4" | "int8"}}}; model.safetensors holds glmkit's parameter names, with int4
+"modules": {name: "int4" | "int8" | "int4_experts" | "int8_experts"}}}; model.safetensors holds glmkit's parameter names, with int4
 weights as nibbles two per byte (portable, not torch's CPU-specific packing) plus scales and zeros, and
 int8 weights with their per-channel scales. The recorded module list, not tensor names, says which
 layers are quantized; "embedding": "lm_head" says a tied embedding is served from the int8 head. No engine here.
@@ -15,7 +15,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from glmkit.quant import Int4Linear, Int8Linear, TiedInt8Embedding
+from glmkit.quant import Int4Linear, Int8Linear, StackedInt4, StackedInt8, TiedInt8Embedding
 from glmkit.quant.int4_packing import to_bytes
 
 FORMAT = "glmkit-weight-only-v1"
@@ -32,6 +32,13 @@ def save_quantized(model: nn.Module, directory: Path, bits: int, group_size: int
         elif isinstance(module, Int8Linear):
             modules[name] = "int8"
             tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = module.q, module.scales
+        elif isinstance(module, (StackedInt4, StackedInt8)):  # a MoE layer's stacked experts
+            modules[name] = f"int{module.bits}_experts"
+            tensors[f"{name}.qweight"] = module.packed if module.bits == 4 else module.q
+            tensors[f"{name}.scales"] = module.scales
+            if module.bits == 4:
+                tensors[f"{name}.zeros"] = module.zeros
+            continue
         else:
             continue
         if module.bias is not None:

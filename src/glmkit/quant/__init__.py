@@ -1,4 +1,5 @@
-"""Weight-only int8 / int4 linear layers, and swapping them in for nn.Linear.
+"""Weight-only int8 / int4 linear layers and stacked MoE expert weights, and swapping them in for nn.Linear
+and 3-D expert parameters.
 
 Int8Linear: symmetric per-output-channel int8. Int4Linear: asymmetric group-wise int4 in torch's
 tinygemm layout, w = (q - 8) * scale + zero per group of `group_size` input columns (GGUF Q4_0 / Q4_1
@@ -186,6 +187,60 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
+class StackedInt8(nn.Module):
+    """Stacked expert weights (E, N, K) as int8 with per-row scales (E, N); `dequantize(index)` gives the chosen
+    experts' weights, so a MoE layer reads 8 bits per weight and keeps no float copy."""
+
+    bits = 8
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.register_buffer("q", q.to(torch.int8).contiguous())  # (E, N, K)
+        self.register_buffer("scales", scales.float().contiguous())  # (E, N)
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor) -> "StackedInt8":
+        scales = (w.float().abs().amax(dim=-1) / 127).clamp(min=1e-12)  # (E, N)
+        return cls(torch.round(w.float() / scales[..., None]).clamp(-127, 127), scales)
+
+    def dequantize(self, index=slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The experts at `index` (an int, or ids of any shape S) -> (*S, N, K) in `dtype`."""
+        return self.q[index].to(dtype) * self.scales[index][..., None].to(dtype)
+
+
+class StackedInt4(nn.Module):
+    """Stacked expert weights (E, N, K) as Int4Linear's asymmetric group-wise int4, w = (q - 8) * scale + zero per
+    `group_size` columns, two values a byte (the portable layout, which gathering reads directly)."""
+
+    bits = 4
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int):
+        super().__init__()
+        self.group_size = group_size
+        self.register_buffer("packed", packed.to(torch.uint8).contiguous())  # (E, N, K / 2)
+        self.register_buffer("scales", scales.float().contiguous())  # (E, N, K / gs)
+        self.register_buffer("zeros", zeros.float().contiguous())  # (E, N, K / gs)
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, group_size: int = 32) -> "StackedInt4":
+        E, N, K = w.shape
+        if K % group_size:
+            raise GlmkitError(f"int4 experts need a group size ({group_size}) dividing the input size ({K}).")
+        g = w.float().view(E, N, K // group_size, group_size)
+        lo, hi = g.amin(-1), g.amax(-1)  # (E, N, K / gs)
+        scales = ((hi - lo) / 15).clamp(min=1e-12)
+        q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).view(E, N, K)
+        return cls(packing.to_bytes(q), scales, lo + 8 * scales, group_size)
+
+    def dequantize(self, index=slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The experts at `index` (an int, or ids of any shape S) -> (*S, N, K) in `dtype`."""
+        q = packing.from_bytes(self.packed[index]).to(dtype)  # (*S, N, K)
+        shape = q.shape
+        g = q.view(*shape[:-1], -1, self.group_size)  # (*S, N, K / gs, gs)
+        w = (g - 8) * self.scales[index][..., None].to(dtype) + self.zeros[index][..., None].to(dtype)
+        return w.view(shape)
+
+
 class TiedInt8Embedding(nn.Module):
     """The token embedding served from an int8 output head that shares its weights (tied embeddings): rows
     are gathered and scaled, so the float table need not stay in memory beside the head. The head is held
@@ -202,9 +257,20 @@ class TiedInt8Embedding(nn.Module):
 
 
 def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    """Put `module` at the dotted `path` of model (e.g. 'layers.3.attn.qkv', or 'lm_head')."""
+    """Put `module` at the dotted `path` of model (e.g. 'layers.3.attn.qkv', 'lm_head', or a parameter such as
+    'layers.3.mlp.experts.gate_up_proj')."""
     parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+    owner = model.get_submodule(parent) if parent else model
+    if child in owner._parameters:  # stacked expert weights: a parameter becomes a quantized module
+        delattr(owner, child)
+    setattr(owner, child, module)
+
+
+def quantize_experts(w: torch.Tensor, bits: int, group_size: int = 32) -> nn.Module:
+    """Stacked expert weights (E, N, K) -> StackedInt4 (int8 where the width does not fit the groups) or StackedInt8."""
+    if bits == 4 and w.shape[-1] % group_size == 0:
+        return StackedInt4.from_float(w, group_size)
+    return StackedInt8.from_float(w)
 
 
 def quantize_model(model: nn.Module, bits: int, group_size: int = 32, include_head: bool = True) -> nn.Module:
@@ -227,6 +293,9 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 32, include_he
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and (child_name != "lm_head" or include_head):
                 setattr(module, child_name, make(child.weight.detach(), child.bias, child_name == "lm_head"))
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.dim() == 3 and name.endswith("_proj"):  # stacked experts (E, N, K): a MoE layer
+                replace_module(module, name, quantize_experts(param.detach(), bits, group_size))
     if include_head and getattr(model, "lm_head", False) is None:  # tied: one int8 table serves head and embedding
         dtype = model.embed.weight.dtype
         model.lm_head = make(model.embed.weight.detach(), None, head=True)

@@ -20,14 +20,14 @@ import torch
 
 
 def to_bytes(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) values 0..15 -> (N, K / 2) uint8, even column in the low nibble."""
+    """(..., N, K) values 0..15 -> (..., N, K / 2) uint8, even column in the low nibble."""
     q = q.to(torch.uint8)
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous()
 
 
 def from_bytes(packed: torch.Tensor) -> torch.Tensor:
-    """(N, K / 2) uint8 -> (N, K) values 0..15."""
-    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).view(packed.shape[0], -1)
+    """(..., N, K / 2) uint8 -> (..., N, K) values 0..15."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).view(*packed.shape[:-1], -1)
 
 
 # ------------------------------------------------------------------------------------------------ CPU
