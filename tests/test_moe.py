@@ -124,7 +124,7 @@ def test_greedy_generation_and_batching_equal_transformers(tmp_path, random_ids,
     assert [c.token_ids for c in together] == alone
 
 
-def test_gathered_and_grouped_experts_agree():
+def test_per_token_and_grouped_experts_agree():
     from glmkit.config import MoEConfig
     from glmkit.moe import MoE
 
@@ -134,8 +134,8 @@ def test_gathered_and_grouped_experts_agree():
         p.data.normal_(0, 0.3)
     x = torch.randn(1, 10, 32)
     grouped = moe(x)
-    moe.experts.gather_below = 100
-    torch.testing.assert_close(moe(x), grouped, atol=1e-6, rtol=1e-5)
+    moe.experts.pairs_below = 100
+    torch.testing.assert_close(moe(x), grouped, atol=1e-5, rtol=1e-5)  # float32 sums in another order
 
 
 def _edit(directory, change):
@@ -181,11 +181,12 @@ GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_
               "mlp.shared_experts.up_proj": "ffn_up_shexp", "mlp.shared_experts.down_proj": "ffn_down_shexp"}
 
 
-def write_glm4moe_gguf(hf, path, expert_qtype: str) -> None:
-    """The tiny model as llama.cpp's converter (conversion/glm.py, Glm4MoeModel) writes it: glm4moe keys, experts
+def write_glm4moe_gguf(hf, path, expert_qtype: str, linear_qtype: str = "F32", vocabulary: bool = False) -> None:
+    """The model as llama.cpp's converter (conversion/glm.py, Glm4MoeModel) writes it: glm4moe keys, experts
     stacked to 3-D (gate and up apart), q/k rows as they are (NeoX rotary), the correction bias as
-    exp_probs_b.bias; the experts stored in `expert_qtype` and written back into `hf`, so both hold the same
-    rounded values."""
+    exp_probs_b.bias, no vocabulary; the experts stored in `expert_qtype` and written back into `hf`, so both
+    hold the same rounded values; other 2-D weights in `linear_qtype` (benchmarks/moe.py: a whole-model Q4_0);
+    vocabulary: a made-up SentencePiece vocabulary of the model's size (llama.cpp will not load a file without)."""
     import gguf
     import numpy as np
     from test_gguf import roundtrip
@@ -212,6 +213,14 @@ def write_glm4moe_gguf(hf, path, expert_qtype: str) -> None:
     w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
     w.add_expert_weights_scale(c.routed_scaling_factor)
     w.add_expert_weights_norm(c.norm_topk_prob)
+    if vocabulary:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, c.vocab_size)])
+        w.add_token_scores([0.0] * c.vocab_size)
+        w.add_token_types([2, 3, 3] + [1] * (c.vocab_size - 3))
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
     if c.n_group > 1:  # GLM-4.5's releases route in one group; these keys are the ones DeepSeek-V3 files carry
         w.add_expert_group_count(c.n_group)
         w.add_expert_group_used_count(c.topk_group)
@@ -220,7 +229,8 @@ def write_glm4moe_gguf(hf, path, expert_qtype: str) -> None:
            "lm_head.weight": "output.weight"}
     for key, value in state.items():
         if key in top:
-            w.add_tensor(top[key], value.float().numpy())
+            raw, _, t = roundtrip(value.float().numpy(), linear_qtype if key != "model.norm.weight" else "F32")
+            w.add_tensor(top[key], raw, raw_dtype=t)
             continue
         i, rest = key[len("model.layers."):].split(".", 1)
         module, kind = rest.rsplit(".", 1)
@@ -242,7 +252,9 @@ def write_glm4moe_gguf(hf, path, expert_qtype: str) -> None:
                 hf.get_parameter(key).copy_(torch.cat(stored, dim=1))
             continue
         name = "exp_probs_b.bias" if kind == "e_score_correction_bias" else f"{GGUF_NAMES[module]}.{kind}"
-        w.add_tensor(f"blk.{i}.{name}", value.float().numpy())
+        linear = value.dim() == 2 and module != "mlp.gate"  # the router stays float32, as llama.cpp keeps it
+        raw, _, t = roundtrip(value.float().numpy(), linear_qtype if linear else "F32")
+        w.add_tensor(f"blk.{i}.{name}", raw, raw_dtype=t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -300,7 +312,8 @@ def test_quantized_experts_decode_like_their_dequantized_reference(tmp_path, ran
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K"])
 def test_gguf_int4_experts_stay_4_bit(tmp_path, qtype):
     """Q4_0 / Q4_K experts load as StackedInt4 straight from the file's blocks (no float copy, no requantization):
-    the values they compute with are the file's."""
+    the values they compute with are the file's, up to the bfloat16 scales the int4 kernel takes (as for
+    dense int4 layers)."""
     from glmkit.quant import StackedInt4
 
     wide = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=256, head_dim=64)
@@ -312,7 +325,8 @@ def test_gguf_int4_experts_stay_4_bit(tmp_path, qtype):
         for name in ("gate_up_proj", "down_proj"):
             module = getattr(ours.mlp.experts, name)
             assert isinstance(module, StackedInt4)
-            torch.testing.assert_close(module.dequantize(), getattr(theirs.mlp.experts, name), atol=1e-6, rtol=0)
+            want = getattr(theirs.mlp.experts, name)  # bfloat16 scale and zero: 2^-9 of their size, at most
+            torch.testing.assert_close(module.dequantize(), want, atol=4e-3 * float(want.abs().max()), rtol=0)
 
 
 @pytest.mark.slow

@@ -22,7 +22,6 @@ from glmkit.errors import CheckpointError, GlmkitError
 from glmkit.loaders.checkpoint import Checkpoint
 from glmkit.quant import (Int4Linear, Int8Linear, StackedInt4, StackedInt8, TiedInt8Embedding, quantize_model,
                           replace_module)
-from glmkit.quant.int4_packing import to_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -105,7 +104,7 @@ def fill(model: nn.Module, tensors: dict, sources: dict[str, str], device: torch
         if hasattr(blocks, "experts"):  # a MoE layer's stacked experts: the parameter becomes a StackedInt4
             E, N, K = blocks.shape
             b = blocks.blocks
-            replace_module(model, name, StackedInt4(to_bytes(b.q.view(E, N, K)), b.scales.view(E, N, -1),
+            replace_module(model, name, StackedInt4(b.q.view(E, N, K), b.scales.view(E, N, -1),
                                                     b.zeros.view(E, N, -1), 32))
         else:
             _packed_module(model, name.rsplit(".", 1)[0], blocks, state, dtype)
@@ -175,8 +174,8 @@ def _glmkit_quantized(checkpoint: Checkpoint, skeleton: Skeleton, dtype: torch.d
                 module = Int4Linear(from_bytes(take(f"{name}.qweight")), take(f"{name}.scales"),
                                     take(f"{name}.zeros"), spec["group_size"], bias)
             elif kind == "int4_experts":
-                module = StackedInt4(take(f"{name}.qweight"), take(f"{name}.scales"), take(f"{name}.zeros"),
-                                     spec["group_size"])
+                module = StackedInt4(from_bytes(take(f"{name}.qweight")), take(f"{name}.scales"),
+                                     take(f"{name}.zeros"), spec["group_size"])
             elif kind == "int8_experts":
                 module = StackedInt8(take(f"{name}.qweight"), take(f"{name}.scales"))
             else:

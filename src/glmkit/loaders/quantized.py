@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
@@ -34,10 +35,13 @@ def save_quantized(model: nn.Module, directory: Path, bits: int, group_size: int
             tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = module.q, module.scales
         elif isinstance(module, (StackedInt4, StackedInt8)):  # a MoE layer's stacked experts
             modules[name] = f"int{module.bits}_experts"
-            tensors[f"{name}.qweight"] = module.packed if module.bits == 4 else module.q
-            tensors[f"{name}.scales"] = module.scales
-            if module.bits == 4:
-                tensors[f"{name}.zeros"] = module.zeros
+            if module.bits == 4:  # portable nibbles, as for Int4Linear
+                tensors[f"{name}.qweight"] = to_bytes(torch.stack([module.nibbles(e) for e in range(module.experts)]))
+                sz = module.scales_zeros  # (E, K / gs, N, 2) bfloat16
+                tensors[f"{name}.scales"] = sz[..., 0].transpose(1, 2).contiguous()
+                tensors[f"{name}.zeros"] = sz[..., 1].transpose(1, 2).contiguous()
+            else:
+                tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = module.q, module.scales
             continue
         else:
             continue

@@ -188,8 +188,8 @@ class Int4Linear(nn.Module):
 
 
 class StackedInt8(nn.Module):
-    """Stacked expert weights (E, N, K) as int8 with per-row scales (E, N); `dequantize(index)` gives the chosen
-    experts' weights, so a MoE layer reads 8 bits per weight and keeps no float copy."""
+    """Stacked expert weights (E, N, K) as int8 with per-row scales (E, N): `linear(e, x)` runs expert e through
+    torch's int8 kernel, `dequantize(e)` gives its weights; no float copy is kept."""
 
     bits = 8
 
@@ -197,6 +197,7 @@ class StackedInt8(nn.Module):
         super().__init__()
         self.register_buffer("q", q.to(torch.int8).contiguous())  # (E, N, K)
         self.register_buffer("scales", scales.float().contiguous())  # (E, N)
+        self.register_buffer("scales_bf16", self.scales.to(torch.bfloat16))
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> "StackedInt8":
@@ -204,22 +205,35 @@ class StackedInt8(nn.Module):
         return cls(torch.round(w.float() / scales[..., None]).clamp(-127, 127), scales)
 
     def dequantize(self, index=slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The experts at `index` (an int, or ids of any shape S) -> (*S, N, K) in `dtype`."""
+        """Expert `index` (an int, or a slice) -> (N, K) (or (E', N, K)) in `dtype`."""
         return self.q[index].to(dtype) * self.scales[index][..., None].to(dtype)
+
+    def linear(self, e, x: torch.Tensor) -> torch.Tensor:
+        """x (n, K) through expert e -> (n, N)."""
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[0] < PREFILL_ROWS and \
+                self.q.shape[-1] % 16 == 0:
+            return torch._weight_int8pack_mm(x, self.q[e], self.scales_bf16[e])
+        return F.linear(x, self.dequantize(e, x.dtype))
 
 
 class StackedInt4(nn.Module):
     """Stacked expert weights (E, N, K) as Int4Linear's asymmetric group-wise int4, w = (q - 8) * scale + zero per
-    `group_size` columns, two values a byte (the portable layout, which gathering reads directly)."""
+    `group_size` columns, each expert packed for torch's CPU int4 kernel (two values a byte elsewhere):
+    `linear(e, x)` runs expert e through that kernel, `dequantize(e)` gives its weights (as computed with)."""
 
     bits = 4
 
-    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int):
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int):
+        """q (E, N, K) ints 0..15; scales and zeros (E, N, K / group_size)."""
         super().__init__()
-        self.group_size = group_size
-        self.register_buffer("packed", packed.to(torch.uint8).contiguous())  # (E, N, K / 2)
-        self.register_buffer("scales", scales.float().contiguous())  # (E, N, K / gs)
-        self.register_buffer("zeros", zeros.float().contiguous())  # (E, N, K / gs)
+        E, N, K = q.shape
+        if K % group_size:
+            raise GlmkitError(f"int4 experts need a group size ({group_size}) dividing the input size ({K}).")
+        self.experts, self.out_features, self.in_features, self.group_size = E, N, K, group_size
+        self.register_buffer("packed", torch.empty(0, dtype=torch.uint8))
+        self._pack(q)
+        self.register_buffer("scales_zeros", torch.stack([scales.float().transpose(1, 2), zeros.float().transpose(1, 2)],
+                                                         dim=-1).to(torch.bfloat16).contiguous())  # (E, K / gs, N, 2)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, group_size: int = 32) -> "StackedInt4":
@@ -230,15 +244,54 @@ class StackedInt4(nn.Module):
         lo, hi = g.amin(-1), g.amax(-1)  # (E, N, K / gs)
         scales = ((hi - lo) / 15).clamp(min=1e-12)
         q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).view(E, N, K)
-        return cls(packing.to_bytes(q), scales, lo + 8 * scales, group_size)
+        return cls(q, scales, lo + 8 * scales, group_size)
+
+    def _pack(self, q: torch.Tensor) -> None:
+        N, K = self.out_features, self.in_features
+        if q.device.type == "cpu" and N % 16 == 0 and self.group_size in (32, 64, 128, 256):
+            self.packed = torch.stack([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                q[e].to(torch.int32).contiguous(), 1) for e in range(q.shape[0])])
+            self.layout = "cpu"
+        else:
+            self.packed, self.layout = packing.to_bytes(q), "bytes"
+
+    def _apply(self, fn, recurse: bool = True):
+        """A move to another kind of device repacks, as Int4Linear does."""
+        target = fn(torch.empty(0, dtype=torch.uint8, device=self.packed.device)).device
+        if target.type == self.packed.device.type:
+            return super()._apply(fn, recurse)
+        q = torch.stack([self.nibbles(e) for e in range(self.experts)])
+        self.packed = torch.empty(0, dtype=torch.uint8)
+        super()._apply(fn, recurse)
+        self._pack(q.to(target))
+        return self
+
+    def nibbles(self, e: int) -> torch.Tensor:
+        """Expert e's stored 4-bit values (N, K), 0..15."""
+        N, K = self.out_features, self.in_features
+        if self.layout == "bytes":
+            return packing.from_bytes(self.packed[e])
+        if packing.cpu_layout_known(N, K):
+            return packing.cpu_blocks(self.packed[e], N, K).transpose(1, 2).reshape(N, K)
+        eye = torch.eye(K, dtype=torch.bfloat16)
+        unit = torch.empty_like(self.scales_zeros[e])
+        unit[..., 0], unit[..., 1] = 1.0, 8.0
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed[e], self.group_size, unit).T.round().to(
+            torch.uint8)
 
     def dequantize(self, index=slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The experts at `index` (an int, or ids of any shape S) -> (*S, N, K) in `dtype`."""
-        q = packing.from_bytes(self.packed[index]).to(dtype)  # (*S, N, K)
-        shape = q.shape
-        g = q.view(*shape[:-1], -1, self.group_size)  # (*S, N, K / gs, gs)
-        w = (g - 8) * self.scales[index][..., None].to(dtype) + self.zeros[index][..., None].to(dtype)
-        return w.view(shape)
+        """Expert `index` (an int, or a slice) -> (N, K) (or (E', N, K)) in `dtype`, with the bfloat16 scales."""
+        if isinstance(index, slice):
+            return torch.stack([self.dequantize(e, dtype) for e in range(self.experts)[index]])
+        sz = self.scales_zeros[index].to(dtype)  # (K / gs, N, 2)
+        g = self.nibbles(index).to(dtype).view(self.out_features, -1, self.group_size) - 8  # (N, K / gs, gs)
+        return (g * sz[..., 0].T[..., None] + sz[..., 1].T[..., None]).view(self.out_features, self.in_features)
+
+    def linear(self, e, x: torch.Tensor) -> torch.Tensor:
+        """x (n, K) through expert e -> (n, N)."""
+        if self.layout == "cpu" and x.dtype == torch.bfloat16 and x.shape[0] < PREFILL_ROWS_INT4:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed[e], self.group_size, self.scales_zeros[e])
+        return F.linear(x, self.dequantize(e, x.dtype))
 
 
 class TiedInt8Embedding(nn.Module):
