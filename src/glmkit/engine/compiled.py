@@ -52,13 +52,14 @@ class DecodeStep(torch.nn.Module):
 
 
 def inductor_options(model: Transformer) -> dict:
-    """All-int8 models keep to the C++ GEMM templates (on a busy machine autotuning can wrongly prefer ATen's
+    """All-int8 dense models keep to the C++ GEMM templates (on a busy machine autotuning can wrongly prefer ATen's
     slower weight-only kernel); float ones may also use ATen's GEMMs. On a GPU: inductor's defaults."""
     if model.device.type != "cpu":
         return {"freezing": True}
 
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) or getattr(m, "bits", None)]
-    int8 = bool(linears) and all(getattr(m, "bits", None) == 8 for m in linears)
+    # MoE experts' int8 kernel runs on an expert chosen at run time, which the C++ templates cannot take
+    int8 = bool(linears) and all(getattr(m, "bits", None) == 8 for m in linears) and model.config.moe is None
     return {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP" if int8 else "CPP,ATEN"}
 
 

@@ -1,10 +1,10 @@
 """glmkit's own quantized checkpoints: the writer (loaders/assemble.py rebuilds a model from one).
 
 config.json holds {"glmkit_config": ModelConfig fields, "quantization": {"bits", "group_size",
-"modules": {name: "int4" | "int8" | "int4_experts" | "int8_experts"}}}; model.safetensors holds glmkit's parameter names, with int4
-weights as nibbles two per byte (portable, not torch's CPU-specific packing) plus scales and zeros, and
-int8 weights with their per-channel scales. The recorded module list, not tensor names, says which
-layers are quantized; "embedding": "lm_head" says a tied embedding is served from the int8 head. No engine here.
+"modules": {name: "int4" | "int8" | "int4_experts" | "int8_experts"}}}; model.safetensors holds glmkit's
+parameter names, with int4 weights as nibbles two per byte (portable, not torch's CPU-specific packing) plus
+scales and zeros, and int8 weights with their per-channel scales (MoE experts: the same, stacked per layer).
+The recorded module list, not tensor names, says which layers are quantized; "embedding": "lm_head" says a tied embedding is served from the int8 head. No engine here.
 """
 
 from __future__ import annotations

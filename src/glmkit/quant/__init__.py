@@ -211,9 +211,11 @@ class StackedInt8(nn.Module):
     def linear(self, e, x: torch.Tensor) -> torch.Tensor:
         """x (n, K) through expert e -> (n, N)."""
         if x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[0] < PREFILL_ROWS and \
-                self.q.shape[-1] % 16 == 0:
+                self.q.shape[-1] % 16 == 0 and not torch.compiler.is_compiling():
             return torch._weight_int8pack_mm(x, self.q[e], self.scales_bf16[e])
-        return F.linear(x, self.dequantize(e, x.dtype))
+        # compiled: inductor's int8 lowering cannot take an expert chosen at run time; scaling after the
+        # matmul keeps the int8 weights the only thing read
+        return F.linear(x, self.q[e].to(x.dtype)) * self.scales[e].to(x.dtype)
 
 
 class StackedInt4(nn.Module):
@@ -232,8 +234,8 @@ class StackedInt4(nn.Module):
         self.experts, self.out_features, self.in_features, self.group_size = E, N, K, group_size
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8))
         self._pack(q)
-        self.register_buffer("scales_zeros", torch.stack([scales.float().transpose(1, 2), zeros.float().transpose(1, 2)],
-                                                         dim=-1).to(torch.bfloat16).contiguous())  # (E, K / gs, N, 2)
+        sz = torch.stack([scales.float().transpose(1, 2), zeros.float().transpose(1, 2)], dim=-1)  # (E, K / gs, N, 2)
+        self.register_buffer("scales_zeros", sz.to(torch.bfloat16).contiguous())
 
     @classmethod
     def from_float(cls, w: torch.Tensor, group_size: int = 32) -> "StackedInt4":
@@ -247,8 +249,7 @@ class StackedInt4(nn.Module):
         return cls(q, scales, lo + 8 * scales, group_size)
 
     def _pack(self, q: torch.Tensor) -> None:
-        N, K = self.out_features, self.in_features
-        if q.device.type == "cpu" and N % 16 == 0 and self.group_size in (32, 64, 128, 256):
+        if q.device.type == "cpu" and self.out_features % 16 == 0 and self.group_size in (32, 64, 128, 256):
             self.packed = torch.stack([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 q[e].to(torch.int32).contiguous(), 1) for e in range(q.shape[0])])
             self.layout = "cpu"
