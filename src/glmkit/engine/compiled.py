@@ -53,13 +53,16 @@ class DecodeStep(torch.nn.Module):
 
 def inductor_options(model: Transformer) -> dict:
     """All-int8 dense models keep to the C++ GEMM templates (on a busy machine autotuning can wrongly prefer ATen's
-    slower weight-only kernel); float ones may also use ATen's GEMMs. On a GPU: inductor's defaults."""
+    slower weight-only kernel); float ones may also use ATen's GEMMs. MoE models are not frozen: inductor's
+    weight-only templates need constant weights, and an expert chosen at run time is a slice at a traced
+    offset, which freezing cannot lower. On a GPU: inductor's defaults."""
     if model.device.type != "cpu":
         return {"freezing": True}
 
+    if model.config.moe is not None:  # experts chosen at run time: weights stay inputs of the packed kernels
+        return {"freezing": False}
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) or getattr(m, "bits", None)]
-    # MoE experts' int8 kernel runs on an expert chosen at run time, which the C++ templates cannot take
-    int8 = bool(linears) and all(getattr(m, "bits", None) == 8 for m in linears) and model.config.moe is None
+    int8 = bool(linears) and all(getattr(m, "bits", None) == 8 for m in linears)
     return {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP" if int8 else "CPP,ATEN"}
 
 

@@ -211,11 +211,9 @@ class StackedInt8(nn.Module):
     def linear(self, e, x: torch.Tensor) -> torch.Tensor:
         """x (n, K) through expert e -> (n, N)."""
         if x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[0] < PREFILL_ROWS and \
-                self.q.shape[-1] % 16 == 0 and not torch.compiler.is_compiling():
+                self.q.shape[-1] % 16 == 0:
             return torch._weight_int8pack_mm(x, self.q[e], self.scales_bf16[e])
-        # compiled: inductor's int8 lowering cannot take an expert chosen at run time; scaling after the
-        # matmul keeps the int8 weights the only thing read
-        return F.linear(x, self.q[e].to(x.dtype)) * self.scales[e].to(x.dtype)
+        return F.linear(x, self.dequantize(e, x.dtype))
 
 
 class StackedInt4(nn.Module):
