@@ -126,9 +126,9 @@ def test_switched_off_sliding_window_is_accepted():
     assert c.num_layers == 2
 
 
-def test_sub_configs_round_trip_and_the_model_refuses_them():
-    from glmkit.config import MoEConfig
-    from glmkit.errors import UnsupportedArchitectureError
+def test_sub_configs_round_trip_and_the_model_refuses_what_it_does_not_run():
+    from glmkit.config import MLAConfig, MoEConfig
+    from glmkit.errors import ConfigError, UnsupportedArchitectureError
     from glmkit.model import Transformer
 
     base = ModelConfig.from_hf_dict(GLM_4_9B_CHAT).to_dict()
@@ -136,5 +136,10 @@ def test_sub_configs_round_trip_and_the_model_refuses_them():
     moe = ModelConfig.from_dict({**base, "num_layers": 1, "moe": {"num_experts": 8, "experts_per_token": 2,
                                                                   "expert_size": 64}})
     assert isinstance(moe.moe, MoEConfig) and ModelConfig.from_dict(moe.to_dict()) == moe
-    with pytest.raises(UnsupportedArchitectureError, match="'moe'"):
-        Transformer.skeleton(moe)
+    assert Transformer.skeleton(moe).layers[0].mlp.experts.gate_up_proj.shape == (8, 128, base["hidden_size"])
+    with pytest.raises(ConfigError, match="num_experts must be a multiple of groups"):
+        ModelConfig.from_dict({**base, "moe": {"num_experts": 8, "experts_per_token": 2, "expert_size": 64,
+                                               "groups": 3}})
+    mla = ModelConfig.from_dict({**base, "num_layers": 1, "mla": MLAConfig(16, 16, 8, 16).__dict__})
+    with pytest.raises(UnsupportedArchitectureError, match="'mla'"):
+        Transformer.skeleton(mla)
