@@ -82,18 +82,12 @@ def build(workdir: Path) -> tuple[Path, dict[str, Path]]:
     import torch
     from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
 
-    from test_moe import write_glm4moe_gguf
+    from test_moe import randomized, write_glm4moe_gguf
 
     print("building the model (once) ...", file=sys.stderr)
     workdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    model = Glm4MoeForCausalLM(Glm4MoeConfig(**SHAPE)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.5 if name.endswith("gate.weight") else 0.02)
-        for name, b in model.named_buffers():
-            if "e_score_correction_bias" in name:
-                b.normal_(0, 0.05)
+    model = randomized(Glm4MoeForCausalLM(Glm4MoeConfig(**SHAPE)).eval(), std=0.02, bias_std=0.05)
     for qtype, path in ggufs.items():
         write_glm4moe_gguf(model, path, qtype, linear_qtype=qtype, vocabulary=True)
     model.to(torch.bfloat16).save_pretrained(hf_dir)

@@ -34,13 +34,7 @@ def make_moe(directory, shape: str = "air", seed: int = 0, fused: bool = False, 
 
     torch.manual_seed(seed)
     config = Glm4MoeConfig(**{**BASE, **SHAPES[shape], **overrides})
-    model = Glm4MoeForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.5 if name.endswith("gate.weight") else 0.05)
-        for name, b in model.named_buffers():
-            if "e_score_correction_bias" in name:
-                b.normal_(0, 0.2)
+    model = randomized(Glm4MoeForCausalLM(config).eval(), std=0.05, bias_std=0.2)
     model.save_pretrained(directory)
     path = directory / "model.safetensors"
     tensors = load_file(path)
@@ -49,6 +43,17 @@ def make_moe(directory, shape: str = "air", seed: int = 0, fused: bool = False, 
     if mtp:
         tensors.update(_mtp_tensors(model, tensors, config.num_hidden_layers))
     save_file(tensors, path, metadata={"format": "pt"})
+    return model
+
+
+def randomized(model, std: float, bias_std: float):
+    """Random weights (norms near 1), a wide router (std 0.5) and a non-zero correction bias."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.5 if name.endswith("gate.weight") else std)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.normal_(0, bias_std)
     return model
 
 
@@ -189,22 +194,13 @@ def write_glm4moe_gguf(hf, path, expert_qtype: str, linear_qtype: str = "F32", v
     vocabulary: a made-up SentencePiece vocabulary of the model's size (llama.cpp will not load a file without)."""
     import gguf
     import numpy as np
-    from test_gguf import roundtrip
+    from test_gguf import finish, gguf_writer, roundtrip
     from test_quant import gguf_blocks
 
     c = hf.config
-    w = gguf.GGUFWriter(str(path), "glm4moe")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
+    w = gguf_writer(path, "glm4moe", c, rope_dims=int(c.head_dim * 0.5))
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_rope_dimension_count(int(c.head_dim * 0.5))
     w.add_expert_count(c.n_routed_experts)
     w.add_expert_used_count(c.num_experts_per_tok)
     w.add_expert_feed_forward_length(c.moe_intermediate_size)
@@ -255,10 +251,7 @@ def write_glm4moe_gguf(hf, path, expert_qtype: str, linear_qtype: str = "F32", v
         linear = value.dim() == 2 and module != "mlp.gate"  # the router stays float32, as llama.cpp keeps it
         raw, _, t = roundtrip(value.float().numpy(), linear_qtype if linear else "F32")
         w.add_tensor(f"blk.{i}.{name}", raw, raw_dtype=t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_K"])

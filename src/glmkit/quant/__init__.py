@@ -29,6 +29,29 @@ PREFILL_ROWS_INT4 = 256
 PREFILL_ROWS_CUDA = 64
 
 
+def int4_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w (..., K) -> asymmetric int4 per `group_size` columns: q (..., K) 0..15, scales and zeros (..., K / gs),
+    with w ~ (q - 8) * scale + zero."""
+    g = w.float().view(*w.shape[:-1], -1, group_size)  # (..., K / gs, gs)
+    lo, hi = g.amin(-1), g.amax(-1)  # (..., K / gs)
+    scales = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).view(w.shape)
+    return q, scales, lo + 8 * scales
+
+
+def repacked(module: nn.Module, fn, recurse: bool, apply) -> nn.Module:
+    """Module.to() and friends for int4 modules: a move to another kind of device repacks the 4-bit values
+    (module.all_nibbles()) for that device's kernel (module._pack)."""
+    target = fn(torch.empty(0, dtype=torch.uint8, device=module.packed.device)).device
+    if target.type == module.packed.device.type:
+        return apply(fn, recurse)
+    q = module.all_nibbles()
+    module.packed = torch.empty(0, dtype=torch.uint8)  # not moved: repacked below
+    apply(fn, recurse)
+    module._pack(q.to(target))
+    return module
+
+
 class Int8Linear(nn.Module):
     bits = 8  # weight-only bits: what the compiler's options and the engine ask of a layer
 
@@ -108,11 +131,7 @@ class Int4Linear(nn.Module):
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32) -> "Int4Linear":
         N, K = w.shape
         cls.check(N, K, group_size)
-        g = w.float().view(N, K // group_size, group_size)
-        lo, hi = g.amin(-1), g.amax(-1)  # (N, K / gs)
-        scales = ((hi - lo) / 15).clamp(min=1e-12)
-        q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).view(N, K)
-        return cls(q, scales, lo + 8 * scales, group_size, bias)
+        return cls(*int4_groups(w, group_size), group_size, bias)
 
     def _pack(self, q: torch.Tensor) -> None:
         """Store q (N, K) in the layout of q's device's kernel, or two per byte where there is none."""
@@ -127,15 +146,10 @@ class Int4Linear(nn.Module):
             self.packed, self.layout = packing.to_bytes(q), "bytes"
 
     def _apply(self, fn, recurse: bool = True):
-        """Module.to() and friends: a move to another kind of device repacks for that device's kernel."""
-        target = fn(torch.empty(0, dtype=torch.uint8, device=self.packed.device)).device
-        if target.type == self.packed.device.type:
-            return super()._apply(fn, recurse)
-        q = self.nibbles()  # (N, K)
-        self.packed = torch.empty(0, dtype=torch.uint8)  # not moved: repacked below
-        super()._apply(fn, recurse)
-        self._pack(q.to(target))
-        return self
+        return repacked(self, fn, recurse, super()._apply)
+
+    def all_nibbles(self) -> torch.Tensor:
+        return self.nibbles()
 
     def nibbles(self) -> torch.Tensor:
         """The stored 4-bit values (N, K), 0..15."""
@@ -237,14 +251,9 @@ class StackedInt4(nn.Module):
 
     @classmethod
     def from_float(cls, w: torch.Tensor, group_size: int = 32) -> "StackedInt4":
-        E, N, K = w.shape
-        if K % group_size:
-            raise GlmkitError(f"int4 experts need a group size ({group_size}) dividing the input size ({K}).")
-        g = w.float().view(E, N, K // group_size, group_size)
-        lo, hi = g.amin(-1), g.amax(-1)  # (E, N, K / gs)
-        scales = ((hi - lo) / 15).clamp(min=1e-12)
-        q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).view(E, N, K)
-        return cls(q, scales, lo + 8 * scales, group_size)
+        if w.shape[-1] % group_size:
+            raise GlmkitError(f"int4 experts need a group size ({group_size}) dividing the input size ({w.shape[-1]}).")
+        return cls(*int4_groups(w, group_size), group_size)
 
     def _pack(self, q: torch.Tensor) -> None:
         if q.device.type == "cpu" and self.out_features % 16 == 0 and self.group_size in (32, 64, 128, 256):
@@ -255,15 +264,10 @@ class StackedInt4(nn.Module):
             self.packed, self.layout = packing.to_bytes(q), "bytes"
 
     def _apply(self, fn, recurse: bool = True):
-        """A move to another kind of device repacks, as Int4Linear does."""
-        target = fn(torch.empty(0, dtype=torch.uint8, device=self.packed.device)).device
-        if target.type == self.packed.device.type:
-            return super()._apply(fn, recurse)
-        q = torch.stack([self.nibbles(e) for e in range(self.experts)])
-        self.packed = torch.empty(0, dtype=torch.uint8)
-        super()._apply(fn, recurse)
-        self._pack(q.to(target))
-        return self
+        return repacked(self, fn, recurse, super()._apply)
+
+    def all_nibbles(self) -> torch.Tensor:
+        return torch.stack([self.nibbles(e) for e in range(self.experts)])  # (E, N, K)
 
     def nibbles(self, e: int) -> torch.Tensor:
         """Expert e's stored 4-bit values (N, K), 0..15."""
