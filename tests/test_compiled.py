@@ -133,3 +133,33 @@ def test_a_folder_others_can_write_is_not_trusted(tmp_path):
     with pytest.warns(UserWarning, match="writable by other users"):
         decoder = llm.compile(build=False)
     assert not decoder.ready and "writable by other users" in decoder.error
+
+
+def test_package_listing_garbage_collection_and_clearing(tmp_path, capsys):
+    """Packages carry the model they were built for; a build keeps the 3 most recently used per model;
+    `glmkit compile --list / --clear` show and remove them."""
+    import argparse
+    import os
+
+    from glmkit.cli import compile as compile_cli
+    from glmkit.engine import packages
+
+    directory = tmp_path / "home" / "compiled"
+    directory.mkdir(parents=True)
+    for i in range(5):
+        for model in ("a", "b"):
+            path = directory / f"decode-{model}{i}.pt2"
+            path.write_bytes(b"x" * 1000)
+            packages.record(path, model)
+            os.utime(path, (1000 + i, 1000 + i))  # used at time 1000 + i
+    packages.touch(directory / "decode-a0.pt2")  # the oldest one of model a, used just now
+    removed = packages.collect_garbage(directory)
+    kept = sorted(p.name for p in directory.glob("*.pt2"))
+    assert kept == ["decode-a0.pt2", "decode-a3.pt2", "decode-a4.pt2", "decode-b2.pt2", "decode-b3.pt2",
+                    "decode-b4.pt2"] and len(removed) == 4
+    assert not (directory / "decode-b0.json").exists()  # records go with their packages
+    compile_cli.main(argparse.Namespace(list=True, clear=False))
+    listed = capsys.readouterr().out
+    assert "6 compiled package(s)" in listed and listed.splitlines()[0].startswith("decode-a0.pt2")
+    compile_cli.main(argparse.Namespace(list=False, clear=True))
+    assert "removed 6" in capsys.readouterr().out and not list(directory.iterdir())

@@ -97,7 +97,7 @@ class LLM:
         package already on disk. Returns the CompiledDecoder (.ready, .cached, .error, .seconds, .path, .wait())."""
         from glmkit.engine.compiled import CompiledDecoder
 
-        self.compiled = self.engine.runner.compiled = CompiledDecoder(self.model, compiled_dir())
+        self.compiled = self.engine.runner.compiled = CompiledDecoder(self.model, compiled_dir(), self.source)
         return self.compiled.compile_in_background(build) if background else self.compiled.compile(build)
 
     def sampling_params(self, **sampling: Unpack[Sampling]) -> SamplingParams:

@@ -1,5 +1,7 @@
-"""`glmkit compile [MODEL]`: compile the one-token decode step ahead of time, so that later runs with
---compile find the package in $GLMKIT_HOME/compiled and start decoding compiled in a second or two.
+"""`glmkit compile [MODEL]`: compile the one-token decode step ahead of time, so that later runs find the
+package in $GLMKIT_HOME/compiled and start decoding compiled in a second or two. `--list` shows the packages
+there (model, size, last use), `--clear` removes them all; after each build only the 3 most recently used
+packages of each model are kept.
 """
 
 from __future__ import annotations
@@ -11,11 +13,16 @@ from glmkit.cli.common import add_model_args, load_model
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--list", action="store_true", help="list the compiled packages on disk and exit")
+    what.add_argument("--clear", action="store_true", help="remove every compiled package and exit")
 
 
 def main(args: argparse.Namespace) -> int:
     from glmkit.errors import GlmkitError
 
+    if args.list or args.clear:
+        return _manage(args.clear)
     args.eager = True  # compiled below, in the foreground
     llm = load_model(args)
     decoder = llm.compile()
@@ -23,4 +30,22 @@ def main(args: argparse.Namespace) -> int:
         raise GlmkitError(f"compiling failed ({decoder.error}); eager decoding still works.")
     verb = "found the compiled decode step" if decoder.cached else "compiled the decode step"
     print(f"{verb} of {args.model} in {decoder.seconds:.1f} s: {decoder.path}")
+    return 0
+
+
+def _manage(clear: bool) -> int:
+    import time
+
+    from glmkit.engine import packages
+    from glmkit.llm import compiled_dir
+
+    directory = compiled_dir()
+    if clear:
+        print(f"removed {packages.clear(directory)} compiled package(s) from {directory}")
+        return 0
+    found = packages.list_packages(directory)
+    for p in found:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(p["used"]))
+        print(f"{p['path'].name}  {p['mb']:8.1f} MB  last used {used}  {p['model']}")
+    print(f"{len(found)} compiled package(s) in {directory}")
     return 0

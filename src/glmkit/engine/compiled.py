@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from glmkit.engine import packages
 from glmkit.kv_cache import KVCache
 from glmkit.model import Transformer
 
@@ -110,8 +111,9 @@ class CompiledDecoder:
     """step(tokens (1, 1), positions, cache rows, start) -> logits (1, V), once `ready`. Packages live in
     `directory` ($GLMKIT_HOME/compiled as glmkit.load sets it up)."""
 
-    def __init__(self, model: Transformer, directory: Path):
-        self.model, self.directory = model, Path(directory)
+    def __init__(self, model: Transformer, directory: Path, label: str | None = None):
+        """label: which model this is (its source), recorded beside a package built for it."""
+        self.model, self.directory, self.label = model, Path(directory), label
         self.ready = False
         self.cached = False  # True when the package came from disk
         self.error: str | None = None
@@ -143,6 +145,10 @@ class CompiledDecoder:
             if runner is None:
                 self._build(options)
                 runner = self._load(strict=True)
+                packages.record(self.path, self.label)
+                packages.collect_garbage(self.directory)  # stale packages of this model (and others) go
+            else:
+                packages.touch(self.path)
             # the loader's own entry point: the Python wrapper around it re-flattens the inputs on every call
             self._run, self.ready, self.seconds = runner.loader.boxed_run, True, time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - any compiler failure means: keep decoding eagerly
