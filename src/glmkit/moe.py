@@ -78,18 +78,24 @@ class Experts(nn.Module):
         return self._grouped(x, chosen, weights)
 
     def _pairs(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Each token through its k experts: k kernel calls a token, no weights copied. The loop's length is
-        static; the expert ids are read as scalars (torch.export traces them as bounded unknowns), so the
-        compiled step covers it."""
+        """Each token through its k experts: one kernel call per expert and projection, no weights copied, the
+        activation and the weighted sum batched over the k. The loop's length is static; the expert ids are read
+        as scalars (torch.export traces them as bounded unknowns), so the compiled step covers it."""
+        wide = torch.float32 if x.dtype == torch.float16 else x.dtype
         rows = []
         for n in range(x.shape[0]):
-            acc = torch.zeros(1, x.shape[1], dtype=torch.float32, device=x.device)  # (1, C)
+            ids = []
             for j in range(chosen.shape[1]):
                 e = chosen[n, j].item()
                 torch._check(e >= 0)
                 torch._check(e < self.num_experts)
-                acc = acc + self.expert(e, x[n: n + 1], chosen[n, j]) * weights[n, j]  # (1, C)
-            rows.append(acc)
+                ids.append((e, chosen[n, j]))
+            xn = x[n: n + 1]  # (1, C)
+            h = torch.cat([self.linear("gate_up_proj", e, xn, i) for e, i in ids])  # (k, 2I)
+            gate, up = h.float().chunk(2, dim=-1)  # (k, I) each
+            a = (F.silu(gate) * up).to(wide)  # (k, I)
+            y = torch.cat([self.linear("down_proj", e, a[j: j + 1], i) for j, (e, i) in enumerate(ids)])  # (k, C)
+            rows.append(weights[n: n + 1] @ y.float())  # (1, C)
         return torch.cat(rows).to(x.dtype)  # (N, C)
 
     def _grouped(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
