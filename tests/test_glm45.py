@@ -1,0 +1,122 @@
+"""GLM-4.5 ... 5.x replies: <think> reasoning and XML tool calls, parsed whole and streamed in random pieces,
+read back from what the official chat templates render."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from glmkit.chat.glm45 import StreamParser, parse_glm45
+from glmkit.chat.jinja import compile_template
+
+TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+            "city": {"type": "string"}, "days": {"type": "integer"}, "zip": {"type": "string"},
+            "opts": {"type": "object"}}}}},
+         {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}]
+CALLS = [("get_weather", {"city": "北京 <north>\nside", "days": 3, "zip": "007", "opts": {"a": [1, 2]}}), ("now", {})]
+
+
+def _message(reasoning: str, content: str, calls) -> dict:
+    m = {"role": "assistant", "content": content,
+         "tool_calls": [{"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls] or None}
+    if reasoning:
+        m["reasoning_content"] = reasoning
+    return {k: v for k, v in m.items() if v is not None}
+
+
+def _reply_text(template: str, message: dict) -> str:
+    """What the official template renders for the assistant turn (the text after its <|assistant|>)."""
+    messages = [{"role": "user", "content": "Weather?"}, message]
+    text = compile_template((TEMPLATES / template).read_text()).render(
+        messages=messages, tools=TOOLS, add_generation_prompt=False, clear_thinking=False)
+    return text.rsplit("<|assistant|>", 1)[1]
+
+
+def _same(parsed: dict, reasoning: str, content: str, calls) -> None:
+    assert parsed.get("reasoning_content", "") == reasoning
+    assert (parsed["content"] or "") == content
+    got = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed.get("tool_calls", [])]
+    assert got == [(n, a) for n, a in calls]
+
+
+def _without_ids(message: dict) -> dict:
+    return {**message, "tool_calls": [{**c, "id": None} for c in message.get("tool_calls", [])]}
+
+
+CASES = [("thinking first", "Let me check <the> map.", "Checking two things.", CALLS),
+         ("calls only", "", "", CALLS[:1]),
+         ("zero-argument call", "why not", "", CALLS[1:]),
+         ("content only", "思考：天气", "北京明天晴。", [])]
+
+
+@pytest.mark.parametrize("template", ["GLM-4.6.jinja", "GLM-4.7-Flash.jinja"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_official_renderings_parse_back(template, case):
+    _, reasoning, content, calls = case
+    text = _reply_text(template, _message(reasoning, content, calls))
+    _same(parse_glm45(text, TOOLS), reasoning, content, calls)
+    # GLM-4.7's generation prompt ends in <think>: a reply then starts inside the reasoning
+    if reasoning and text.lstrip().startswith("<think>"):
+        _same(parse_glm45(text.lstrip()[len("<think>"):], TOOLS, in_reasoning=True), reasoning, content, calls)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_stream_in_random_pieces_gives_the_same_message(seed):
+    rng = random.Random(seed)
+    template = rng.choice(["GLM-4.6.jinja", "GLM-4.7-Flash.jinja"])
+    _, reasoning, content, calls = rng.choice(CASES)
+    text = _reply_text(template, _message(reasoning, content, calls))
+    cuts = sorted(rng.sample(range(1, len(text)), k=min(len(text) - 1, rng.randint(1, 25))))
+    parser = StreamParser(TOOLS)
+    early, pieces = [], [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+    for piece in pieces:
+        early += parser.feed(piece)
+    late = parser.close()
+    assert _without_ids(parser.message) == _without_ids(parse_glm45(text, TOOLS))
+    deltas = early + late
+    for key in ("reasoning_content", "content"):
+        streamed = "".join(d.get(key, "") for d in deltas).strip()
+        assert streamed == (parser.message.get(key) or ""), key
+    assert [c for d in deltas for c in d.get("tool_calls", [])] == [
+        {"index": i, **c} for i, c in enumerate(parser.message.get("tool_calls", []))]
+    shown = sum(len(d.get("content", "") + d.get("reasoning_content", "")) for d in early)
+    total = len(parser.message.get("content") or "") + len(parser.message.get("reasoning_content", ""))
+    assert shown * 2 >= total - 20  # most text arrives before close(); only tag prefixes wait
+
+
+def test_tag_text_never_reaches_content():
+    parser = StreamParser(TOOLS)
+    deltas = []
+    for ch in "<think>deep</think>\nHi <tool_call>now</tool_call>":
+        deltas += parser.feed(ch)
+    deltas += parser.close()
+    assert "".join(d.get("content", "") for d in deltas).strip() == "Hi"
+    assert all("<" not in d.get("content", "") and "<" not in d.get("reasoning_content", "") for d in deltas)
+
+
+@pytest.mark.parametrize("text", [
+    "<think>never closed", "<tool_call>get_weather<arg_key>city</arg_key><arg_value>x", "</think></think>",
+    "<tool_call>unknown_tool</tool_call>", "<tool_call>{not json}</tool_call>", "<think><tool_call>now</tool_call>",
+    "<arg_key>a</arg_key><arg_value>b</arg_value>", "<tool_call></tool_call>" * 3, "\x00<<<>>>" * 50])
+def test_hostile_output_never_crashes(text):
+    message = parse_glm45(text, TOOLS)
+    assert message["role"] == "assistant" and isinstance(message["content"], (str, type(None)))
+    parser = StreamParser(TOOLS)
+    for ch in text:
+        parser.feed(ch)
+    parser.close()
+    assert _without_ids(parser.message) == _without_ids(message)
+
+
+def test_arguments_typed_by_schema_and_drifted_json_bodies():
+    text = ("<tool_call>get_weather<arg_key>zip</arg_key><arg_value>007</arg_value><arg_key>days</arg_key>"
+            "<arg_value>3</arg_value><arg_key>city</arg_key><arg_value>null</arg_value></tool_call>"
+            '<tool_call>{"name": "now", "arguments": {}}</tool_call>')
+    calls = parse_glm45(text, TOOLS)["tool_calls"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"zip": "007", "days": 3, "city": "null"}
+    assert calls[1]["function"]["name"] == "now" and json.loads(calls[1]["function"]["arguments"]) == {}
+    assert parse_glm45("<tool_call>unknown</tool_call>", TOOLS)["content"] == "<tool_call>unknown</tool_call>"
