@@ -120,3 +120,39 @@ def test_arguments_typed_by_schema_and_drifted_json_bodies():
     assert json.loads(calls[0]["function"]["arguments"]) == {"zip": "007", "days": 3, "city": "null"}
     assert calls[1]["function"]["name"] == "now" and json.loads(calls[1]["function"]["arguments"]) == {}
     assert parse_glm45("<tool_call>unknown</tool_call>", TOOLS)["content"] == "<tool_call>unknown</tool_call>"
+
+
+@pytest.mark.parametrize("template", ["GLM-4.6.jinja", "GLM-4.7-Flash.jinja"])
+@pytest.mark.parametrize("kwargs", [{}, {"enable_thinking": False}, {"clear_thinking": False}])
+def test_template_kwargs_render_as_transformers_renders_them(vocab_dirs, tmp_path, template, kwargs):
+    """llm.apply_chat_template(**template_kwargs) on the official templates equals transformers'
+    apply_chat_template with the same arguments, over tools, reasoning, tool results and list content parts."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from glmkit.chat import JinjaFormat
+    from glmkit.tokenizer import load_tokenizer
+
+    source = (TEMPLATES / template).read_text()
+    for f in vocab_dirs["glm4-hf"].iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    (tmp_path / "chat_template.jinja").write_text(source)
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Weather in "}, {"type": "text", "text": "Beijing?"}]},
+        _message("I should look it up.", "", CALLS[:1]),
+        {"role": "tool", "content": "sunny"},
+        _message("Sunny, so.", "It is sunny.", []),
+        {"role": "user", "content": "Thanks! And tomorrow?"}]
+    for message in conversation:  # transformers reads the arguments of a call as they are
+        for call in message.get("tool_calls", []):
+            call["function"]["arguments"] = dict(call["function"]["arguments"])
+    ours = JinjaFormat(load_tokenizer(tmp_path), source, {}, set()).render_text(conversation, TOOLS, True, **kwargs)
+    theirs = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        conversation, tools=TOOLS, tokenize=False, add_generation_prompt=True, chat_template=source, **kwargs)
+    assert ours == theirs
+    if kwargs.get("enable_thinking") is False:  # the switch reaches the template: thinking is turned off
+        assert "/nothink" in ours or ours.endswith("</think>")
+    else:
+        assert "/nothink" not in ours and not ours.endswith("</think>")

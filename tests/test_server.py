@@ -792,3 +792,18 @@ def test_embeddings_equal_pooled_transformers_hidden_states(server, chatml_dir):
         client.embeddings.create(model="tiny", input="x", dimensions=3)
     with pytest.raises(openai.BadRequestError, match="context"):
         client.embeddings.create(model="tiny", input=[[1] * 600])
+
+
+def test_chat_template_kwargs_reach_the_template(server):
+    """`chat_template_kwargs` in a request (as vLLM accepts it) reaches the model's Jinja template: a variable the
+    template reads changes the prompt; the names glmkit sets itself are refused."""
+    llm = server.app.state.llm
+    messages = [{"role": "user", "content": "hi"}]
+    plain = httpx.post(server.url + "/tokenize", headers=headers(), json={"messages": messages}).json()["tokens"]
+    assert plain == llm.apply_chat_template(messages)
+    refused = httpx.post(server.url + "/v1/chat/completions", headers=headers(),
+                         json={"messages": messages, "chat_template_kwargs": {"add_generation_prompt": False}})
+    assert refused.status_code == 400 and "set by glmkit itself" in refused.json()["error"]["message"]
+    done = server.client().chat.completions.create(model="tiny", messages=messages, max_tokens=2,
+                                                   extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert done.usage.prompt_tokens == len(plain)  # SmolLM2's template reads no such variable: same prompt

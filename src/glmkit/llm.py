@@ -143,17 +143,17 @@ class LLM:
         return complete_batch(self.engine, ids, [self.sampling_params(**sampling) for _ in ids])
 
     def chat(self, messages: list[dict], *, tools: list[dict] | None = None, tool_choice: Any = None,
-             stream: bool = False, truncate: str = "error",
+             stream: bool = False, truncate: str = "error", chat_template_kwargs: dict | None = None,
              **sampling: Unpack[Sampling]) -> ChatReply | Iterator[ChatDelta | ChatReply]:
         """Reply to OpenAI-style messages: a ChatReply, the assistant message as a dict (role, content, tool_calls
         when the model called a tool, finish_reason, usage; also as attributes), or with stream=True an iterator
         of ChatDelta ({'delta': text, 'completion_tokens': n so far}) ending with that reply. tool_choice
         'required' or {'type': 'function', 'function': {'name': ...}} forces a call (constrained decoding), as
         response_format={'type': 'json_schema', ...} forces JSON. truncate='drop_oldest' drops the oldest turns
-        of a conversation longer than the context instead of raising."""
+        of a conversation longer than the context instead of raising. chat_template_kwargs: as for templates."""
         tools = None if tool_choice == "none" else tools
-        ids = fit_conversation(lambda m: self.apply_chat_template(m, tools), messages, self.config.max_seq_len,
-                               truncate)
+        ids = fit_conversation(lambda m: self.apply_chat_template(m, tools, **(chat_template_kwargs or {})), messages,
+                               self.config.max_seq_len, truncate)
         forced = self.output_grammar(tools=tools, tool_choice=tool_choice)
         params = self.sampling_params(**sampling, **({"grammar": forced} if forced is not None else {}))
         turn = ChatTurn(self.chat_format, tools, len(ids))
@@ -186,13 +186,14 @@ class LLM:
         return self._tokenizer
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
-                            add_generation_prompt: bool = True) -> list[int]:
-        """OpenAI-style messages -> prompt token ids in this model's own chat format."""
+                            add_generation_prompt: bool = True, **template_kwargs: Any) -> list[int]:
+        """OpenAI-style messages -> prompt token ids in this model's own chat format; template_kwargs
+        (enable_thinking=False, ...) reach a Jinja template as transformers passes them."""
         self.tokenizer  # a clear error first when there is no tokenizer at all
         if self.chat_format is None:
             raise GlmkitError(f"{self.source} has no chat format: no chat template in its tokenizer files and no GLM "
                               "role tokens. Use plain-text generation, or pass chat_format= to glmkit.load().")
-        return self.chat_format.render(messages, tools, add_generation_prompt)[0]
+        return self.chat_format.render(messages, tools, add_generation_prompt, **template_kwargs)[0]
 
     @property
     def device(self) -> torch.device:

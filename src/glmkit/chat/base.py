@@ -74,7 +74,10 @@ class ChatFormat:
     def __init__(self, tokenizer: Tokenizer):
         self.tok = tokenizer
 
-    def render(self, messages, tools=None, add_generation_prompt: bool = True) -> tuple[list[int], list[bool]]:
+    def render(self, messages, tools=None, add_generation_prompt: bool = True,
+               **template_kwargs) -> tuple[list[int], list[bool]]:
+        """-> (ids, loss mask). template_kwargs (enable_thinking, ...) are for Jinja templates; the native GLM
+        formats have no such switches and ignore them, as a template ignores variables it does not read."""
         raise NotImplementedError
 
     def parse_reply(self, text: str, tools: list[dict] | None = None) -> dict[str, Any]:

@@ -71,7 +71,7 @@ class ChatGLM1Format(_RoundsFormat):
         super().__init__(tokenizer)
         self.stop_ids = frozenset({tokenizer.token_id("<eop>")})
 
-    def render(self, messages, tools=None, add_generation_prompt=True):
+    def render(self, messages, tools=None, add_generation_prompt=True, **template_kwargs):
         if tools:
             raise self.no_tools()
         pairs, query, answer = self._rounds(normalize(messages))
@@ -99,7 +99,7 @@ class ChatGLM2Format(_RoundsFormat):
         self.eos = tokenizer.eos_id
         self.stop_ids = frozenset({self.eos})
 
-    def render(self, messages, tools=None, add_generation_prompt=True):
+    def render(self, messages, tools=None, add_generation_prompt=True, **template_kwargs):
         if tools:
             raise self.no_tools()
         pairs, query, answer = self._rounds(normalize(messages))
@@ -129,7 +129,7 @@ class _RoleTokenFormat(ChatFormat):
     def _tool_call_content(self, call: dict) -> str:
         raise NotImplementedError
 
-    def render(self, messages, tools=None, add_generation_prompt=True):
+    def render(self, messages, tools=None, add_generation_prompt=True, **template_kwargs):
         messages = normalize(messages)
         if tools:  # as the official servers do: the tools go first, in a system message of their own
             messages = [{"role": "system", "content": self._tools_system(tools)}] + messages

@@ -58,7 +58,7 @@ class JinjaFormat(ChatFormat):
         self._special_re = re.compile("|".join(map(re.escape, specials)) or "(?!)")
         self._marked_re = re.compile(f"{START}({self._special_re.pattern}){END}|[{START}{END}]")
 
-    def render_text(self, messages, tools=None, add_generation_prompt=True) -> str:
+    def render_text(self, messages, tools=None, add_generation_prompt=True, **template_kwargs) -> str:
         # the same checks as every format (roles, content types); lists of text parts become their text, which
         # every template reads; other None values are dropped
         flat = normalize(messages) if messages else []
@@ -67,10 +67,14 @@ class JinjaFormat(ChatFormat):
                     for m, f in zip(messages, flat)]  # an assistant tool call keeps its content ("" for None)
         import jinja2
 
+        reserved = sorted(set(template_kwargs) & {"messages", "tools", "documents", "add_generation_prompt",
+                                                  *self.special_strings})
+        if reserved:
+            raise GlmkitError(f"chat template argument(s) {reserved} are set by glmkit itself; leave them out.")
         try:
             return compile_template(self.template).render(
                 messages=self._mark(messages), tools=self._mark(tools), documents=None,
-                add_generation_prompt=add_generation_prompt, **self.special_strings)
+                add_generation_prompt=add_generation_prompt, **self.special_strings, **self._mark(template_kwargs))
         except jinja2.exceptions.TemplateError as e:
             raise GlmkitError(f"the chat template refused these messages: {e}") from None
         except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
@@ -102,14 +106,16 @@ class JinjaFormat(ChatFormat):
                     else self.tok.encode(piece, allow_special=not as_text))
         return ids
 
-    def render(self, messages, tools=None, add_generation_prompt=True):
-        ids = self.encode_rendered(self.render_text(messages, tools, add_generation_prompt))
+    def render(self, messages, tools=None, add_generation_prompt=True, **template_kwargs):
+        """template_kwargs: what the template reads beyond messages and tools (enable_thinking, clear_thinking,
+        reasoning_effort, ...), as transformers' apply_chat_template passes them."""
+        ids = self.encode_rendered(self.render_text(messages, tools, add_generation_prompt, **template_kwargs))
         mask = [False] * len(ids)
         for i, m in enumerate(messages):  # each assistant turn: the tokens it adds after the generation prompt
             if m.get("role") != "assistant":
                 continue
-            before = self.encode_rendered(self.render_text(messages[:i], tools, True)) if i else []
-            upto = self.encode_rendered(self.render_text(messages[: i + 1], tools, False))
+            before = self.encode_rendered(self.render_text(messages[:i], tools, True, **template_kwargs)) if i else []
+            upto = self.encode_rendered(self.render_text(messages[: i + 1], tools, False, **template_kwargs))
             if ids[: len(before)] == before and ids[: len(upto)] == upto:
                 mask[len(before): len(upto)] = [True] * (len(upto) - len(before))
         return ids, mask

@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from glmkit.cli.common import add_model_args, add_sampling_args, load_model, sampling
+from glmkit.cli.common import add_model_args, add_sampling_args, load_model, sampling, template_kwargs
 
 HELP = "commands: /clear  /system TEXT  /exit   (Ctrl-C stops a reply, Ctrl-D leaves)"
 
@@ -19,6 +19,9 @@ HELP = "commands: /clear  /system TEXT  /exit   (Ctrl-C stops a reply, Ctrl-D le
 def add_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
     parser.add_argument("--system", default=None, help="system prompt")
+    parser.add_argument("--no-think", action="store_true",
+                        help="ask a thinking model (GLM-4.5 and later) to answer without reasoning "
+                             "(enable_thinking=false)")
     add_sampling_args(parser, max_tokens=1024)
 
 
@@ -66,7 +69,8 @@ def main(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": line})
         convo = ([{"role": "system", "content": system}] if system else []) + messages
         reply, start, final, n = "", time.perf_counter(), None, 0
-        stream = llm.chat(convo, stream=True, truncate="drop_oldest", **sampling(args))
+        stream = llm.chat(convo, stream=True, truncate="drop_oldest", chat_template_kwargs=template_kwargs(args),
+                          **sampling(args))
         try:
             for item in stream:
                 if "delta" in item:

@@ -45,6 +45,11 @@ def sampling(args: argparse.Namespace) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
+def template_kwargs(args: argparse.Namespace) -> dict:
+    """What the chat template is told: --no-think is enable_thinking=false (GLM-4.5 and later templates)."""
+    return {"enable_thinking": False} if getattr(args, "no_think", False) else {}
+
+
 def load_model(args: argparse.Namespace):
     import glmkit
     from glmkit.loaders.hub import DEFAULT_MODEL

@@ -10,13 +10,14 @@ import argparse
 import json
 import sys
 
-from glmkit.cli.common import add_model_args, add_sampling_args, load_model, sampling
+from glmkit.cli.common import add_model_args, add_sampling_args, load_model, sampling, template_kwargs
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
     parser.add_argument("--prompt", required=True, help="the prompt text ('-' reads it from stdin)")
     parser.add_argument("--chat", action="store_true", help="apply the model's chat format to the prompt")
+    parser.add_argument("--no-think", action="store_true", help="with --chat: enable_thinking=false for the template")
     parser.add_argument("--json", action="store_true", help="print one JSON record instead of the text")
     add_sampling_args(parser, max_tokens=256)
 
@@ -24,7 +25,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     llm = load_model(args)
-    ids = (llm.apply_chat_template([{"role": "user", "content": prompt}]) if args.chat
+    ids = (llm.apply_chat_template([{"role": "user", "content": prompt}], **template_kwargs(args)) if args.chat
            else llm.encode_prompt(prompt))
     done = llm.generate(ids, **sampling(args))
     text = llm.chat_format.parse_reply(done.text)["content"] if args.chat and llm.chat_format else done.text

@@ -62,9 +62,10 @@ async def chat(body: ChatRequest, request: Request):
     if s.llm.chat_format is None:
         raise ApiError(400, "this model has no chat format; use /v1/completions.")
     tools = None if body.tool_choice == "none" else body.tools
-    check_text([body.messages, tools, body.stop])
+    check_text([body.messages, tools, body.stop, body.chat_template_kwargs])
     try:  # off the event loop: a long conversation takes a while to render and tokenize
-        ids = await asyncio.to_thread(s.llm.apply_chat_template, body.messages, tools)
+        ids = await asyncio.to_thread(s.llm.apply_chat_template, body.messages, tools, True,
+                                      **template_kwargs(body))
     except Exception as e:  # noqa: BLE001 - malformed messages or tools are the client's to fix
         raise render_error(e) from None
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -168,6 +169,15 @@ def _encoded(vector, encoding: str):
     return vector.tolist() if encoding == "float" else base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode()
 
 
+def template_kwargs(body) -> dict:
+    """A request's chat_template_kwargs (what the model's template reads: enable_thinking, ...)."""
+    kwargs = body.chat_template_kwargs or {}
+    reserved = sorted(set(kwargs) & {"messages", "tools", "documents", "add_generation_prompt"})
+    if reserved:
+        raise ApiError(400, f"chat_template_kwargs {reserved} are set by glmkit itself; leave them out.")
+    return kwargs
+
+
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request):
     s = state_of(request)
@@ -184,7 +194,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
 
 def _tokenize(llm, body: TokenizeRequest) -> list[int]:
     if body.messages is not None:
-        return llm.apply_chat_template(body.messages)
+        return llm.apply_chat_template(body.messages, **template_kwargs(body))
     # a raw tokenizer endpoint, like HF's and vLLM's: special-token text is parsed (lm-evaluation-harness finds
     # the EOS id this way); chat messages stay protected by their renderers
     ids = llm.tokenizer.encode(body.prompt, allow_special=True)

@@ -76,6 +76,7 @@ class ChatRequest(_Request):
     logprobs: bool = False  # each generated token's log-probability ...
     top_logprobs: int | None = Field(None, ge=0, le=20)  # ... and this many likeliest alternatives
     tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None
+    chat_template_kwargs: dict[str, Any] | None = None  # what the model's template reads (enable_thinking, ...)
 
 
 class CompletionRequest(_Request):
@@ -104,6 +105,7 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     add_special_tokens: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(BaseModel):

@@ -206,6 +206,8 @@ def check_text(value: Any, where: str = "the request") -> None:
 def render_error(e: Exception) -> ApiError:
     """A failure to render or tokenize a client's messages: their own sentence for glmkit's errors, and for
     anything else (a tool without a name, a tool call without arguments) a 400 that says what broke."""
+    if isinstance(e, ApiError):
+        return e
     if isinstance(e, GlmkitError):
         return ApiError(400, str(e))
     return ApiError(400, f"the messages or tools are malformed ({type(e).__name__}: {e}); check them against "
