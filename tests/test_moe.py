@@ -338,3 +338,19 @@ def test_compiled_decode_step_covers_moe(tmp_path, monkeypatch, bits):
     decoder = llm.compile()
     assert decoder.ready, decoder.error
     assert llm.generate(prompt, max_tokens=16, temperature=0, ignore_eos=True).token_ids == expected
+
+
+def test_gguf_q8_experts_become_int8_without_a_float_copy(tmp_path):
+    """Q8_0 experts with int8 kept: StackedInt8 built row by row from the file's blocks, the same values as
+    quantizing the dequantized experts."""
+    from glmkit.quant import StackedInt8
+
+    hf = make_moe(tmp_path, "air", seed=8)
+    write_glm4moe_gguf(hf, tmp_path / "m.gguf", "Q8_0")
+    packed = glmkit.load(tmp_path / "m.gguf", quantize="int8", dtype="float32")
+    exact = glmkit.load(tmp_path / "m.gguf", dtype="float32")
+    for name in ("gate_up_proj", "down_proj"):
+        module = getattr(packed.model.layers[1].mlp.experts, name)
+        assert isinstance(module, StackedInt8)
+        want = StackedInt8.from_float(getattr(exact.model.layers[1].mlp.experts, name))
+        assert torch.equal(module.q, want.q) and torch.allclose(module.scales, want.scales, rtol=1e-6, atol=0)

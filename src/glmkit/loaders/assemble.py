@@ -101,15 +101,25 @@ def fill(model: nn.Module, tensors: dict, sources: dict[str, str], device: torch
     state = {name: tensors.pop(name).to(device=device, dtype=dtype) for name in list(tensors) if name not in packed}
     for name in packed:  # GGUF int4 / int8 blocks become quantized modules directly, never float
         blocks = tensors.pop(name)
-        if hasattr(blocks, "experts"):  # a MoE layer's stacked experts: the parameter becomes a StackedInt4
-            E, N, K = blocks.shape
-            b = blocks.blocks
-            replace_module(model, name, StackedInt4(b.q.view(E, N, K), b.scales.view(E, N, -1),
-                                                    b.zeros.view(E, N, -1), 32))
+        if hasattr(blocks, "experts"):  # a MoE layer's stacked experts: the parameter becomes a stacked module
+            replace_module(model, name, _stacked_module(blocks))
         else:
             _packed_module(model, name.rsplit(".", 1)[0], blocks, state, dtype)
     model.load_state_dict(state, strict=False, assign=True)  # completeness was checked above
     return model.to(device).requires_grad_(False)  # quantized layers were built on the CPU: moved (and repacked)
+
+
+def _stacked_module(stacked) -> nn.Module:
+    """GGUF experts kept as the file's bytes -> StackedInt4 (int4 blocks, exactly) or StackedInt8 (other types,
+    each row requantized to one scale a few rows at a time, as for dense layers: no float copy)."""
+    from glmkit.loaders.gguf import Int4Blocks
+
+    E, N, K = stacked.shape
+    b = stacked.blocks
+    if isinstance(b, Int4Blocks):
+        return StackedInt4(b.q.view(E, N, K), b.scales.view(E, N, -1), b.zeros.view(E, N, -1), 32)
+    rows = Int8Linear.from_rows(b.shape, b.rows)  # (E N, K)
+    return StackedInt8(rows.q.view(E, N, K), rows.scales.view(E, N))
 
 
 def _packed_module(model: nn.Module, path: str, blocks, state: dict, dtype: torch.dtype) -> None:

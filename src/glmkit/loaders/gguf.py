@@ -260,9 +260,9 @@ class Int8Rows(PackedRows):
 
 @dataclass
 class StackedBlocks:
-    """A MoE layer's stacked experts (E, N, K) kept as the file's int4 blocks (`blocks` holds E N rows), which
-    become a StackedInt4 module; gate and up join along the rows of each expert (dim 1)."""
-    blocks: Int4Blocks
+    """A MoE layer's stacked experts (E, N, K) kept as the file's bytes (`blocks`: Int4Blocks or Int8Rows of E N
+    rows), which become a StackedInt4 or StackedInt8 module; gate and up join along each expert's rows (dim 1)."""
+    blocks: Any
     experts: int
 
     @property
@@ -316,6 +316,9 @@ def named_tensors(reader: GGUFFile, config: ModelConfig, keep_int4: bool = False
             return lambda: dequantize(t, dtype)  # routers come as floats (or an error naming the type)
         if keep_int4 and kind in ("Q4_0", "Q4_1", "Q4_K") and t.name.startswith("blk."):
             return lambda: int4_blocks(t)  # stacked experts too: they become StackedInt4 modules
+        if len(t.shape) == 3 and keep_int8 and kind not in ("F32", "F16", "BF16"):  # stacked experts, 8-bit
+            E, K = int(t.shape[2]), int(t.shape[0])
+            return lambda: StackedBlocks(Int8Rows(t.rows(0, t.n_rows), t.tensor_type, K), E)
         if len(t.shape) != 2:
             return lambda: dequantize(t, dtype)
         if keep_int8 and kind not in ("F32", "F16", "BF16") and (linear(t.name) or t.name in head):
