@@ -174,10 +174,6 @@ class Matcher:
         self.matcher.consume_token(token)
         self._check()
 
-    @property
-    def done(self) -> bool:
-        return self.matcher.is_stopped()
-
     def _check(self) -> None:
         if self.matcher.is_error():
             raise GlmkitError(f"constrained decoding failed: {self.matcher.get_error()}")

@@ -54,22 +54,17 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden, width))  # (E, C, I)
         self.num_experts, self.pairs_below = num_experts, pairs_below
 
-    def linear(self, name: str, e, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, name: str, e, x: torch.Tensor) -> torch.Tensor:
         """x (n, in) through expert e's gate_up_proj / down_proj -> (n, out): a float matmul, or the kernel of
         the stacked int8 / int4 module (quant.StackedInt8 / StackedInt4) that quantize_model put in its place."""
         w = getattr(self, name)
-        if isinstance(w, nn.Module):
-            return w.linear(e, x)
-        if index is not None and torch.compiler.is_compiling():  # frozen float weights: gathered by tensor index
-            return F.linear(x, w.index_select(0, index.view(1))[0].to(x.dtype))
-        return F.linear(x, w[e].to(x.dtype))
+        return w.linear(e, x) if isinstance(w, nn.Module) else F.linear(x, w[e].to(x.dtype))
 
-    def expert(self, e, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        """x (n, C) through SwiGLU expert e (also as a 0-d tensor `index`) -> (n, C) float32 (float16 products
-        would overflow: GLM's MLPs)."""
+    def expert(self, e, x: torch.Tensor) -> torch.Tensor:
+        """x (n, C) through SwiGLU expert e -> (n, C) float32 (float16 products would overflow: GLM's MLPs)."""
         wide = torch.float32 if x.dtype == torch.float16 else x.dtype
-        gate, up = self.linear("gate_up_proj", e, x, index).float().chunk(2, dim=-1)  # (n, I) each
-        return self.linear("down_proj", e, (F.silu(gate) * up).to(wide), index).float()  # (n, C)
+        gate, up = self.linear("gate_up_proj", e, x).float().chunk(2, dim=-1)  # (n, I) each
+        return self.linear("down_proj", e, (F.silu(gate) * up).to(wide)).float()  # (n, C)
 
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, C), chosen (N, k), weights (N, k) -> (N, C)."""
@@ -89,12 +84,12 @@ class Experts(nn.Module):
                 e = chosen[n, j].item()
                 torch._check(e >= 0)
                 torch._check(e < self.num_experts)
-                ids.append((e, chosen[n, j]))
+                ids.append(e)
             xn = x[n: n + 1]  # (1, C)
-            h = torch.cat([self.linear("gate_up_proj", e, xn, i) for e, i in ids])  # (k, 2I)
+            h = torch.cat([self.linear("gate_up_proj", e, xn) for e in ids])  # (k, 2I)
             gate, up = h.float().chunk(2, dim=-1)  # (k, I) each
             a = (F.silu(gate) * up).to(wide)  # (k, I)
-            y = torch.cat([self.linear("down_proj", e, a[j: j + 1], i) for j, (e, i) in enumerate(ids)])  # (k, C)
+            y = torch.cat([self.linear("down_proj", e, a[j: j + 1]) for j, e in enumerate(ids)])  # (k, C)
             rows.append(weights[n: n + 1] @ y.float())  # (1, C)
         return torch.cat(rows).to(x.dtype)  # (N, C)
 

@@ -20,6 +20,7 @@ from glmkit.chat.base import ChatFormat, normalize
 from glmkit.errors import GlmkitError
 from glmkit.tokenizer import Tokenizer
 
+RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt"})  # what glmkit passes itself
 START, END = "\U000f0000", "\U000f0001"  # private-use markers around special-token text from users
 
 
@@ -67,8 +68,7 @@ class JinjaFormat(ChatFormat):
                     for m, f in zip(messages, flat)]  # an assistant tool call keeps its content ("" for None)
         import jinja2
 
-        reserved = sorted(set(template_kwargs) & {"messages", "tools", "documents", "add_generation_prompt",
-                                                  *self.special_strings})
+        reserved = sorted(set(template_kwargs) & (RESERVED | set(self.special_strings)))
         if reserved:
             raise GlmkitError(f"chat template argument(s) {reserved} are set by glmkit itself; leave them out.")
         try:

@@ -118,8 +118,7 @@ def _stacked_module(stacked) -> nn.Module:
     b = stacked.blocks
     if isinstance(b, Int4Blocks):
         return StackedInt4(b.q.view(E, N, K), b.scales.view(E, N, -1), b.zeros.view(E, N, -1), 32)
-    rows = Int8Linear.from_rows(b.shape, b.rows)  # (E N, K)
-    return StackedInt8(rows.q.view(E, N, K), rows.scales.view(E, N))
+    return StackedInt8.from_rows((E, N, K), b.rows)
 
 
 def _packed_module(model: nn.Module, path: str, blocks, state: dict, dtype: torch.dtype) -> None:

@@ -9,9 +9,7 @@ tensors under our names only when `tensors()` is called. No model is built and n
 
 from __future__ import annotations
 
-import dataclasses
-
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +70,7 @@ class Checkpoint:
         then the model has none (it never runs them), instead of failing on their missing weights."""
         c = self.config
         if c.mtp_layers and not any(layer_index(name) == str(c.num_layers) for name in names):
-            self.config = dataclasses.replace(c, mtp_layers=0)
+            self.config = replace(c, mtp_layers=0)
 
     def _check_layers(self, names) -> None:
         """config.json's layer count against the layers the weights hold (our names), before the model is built: a

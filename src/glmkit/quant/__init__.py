@@ -39,6 +39,22 @@ def int4_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.T
     return q, scales, lo + 8 * scales
 
 
+def stored_nibbles(packed: torch.Tensor, layout: str, N: int, K: int, group_size: int) -> torch.Tensor:
+    """An (N, K) int4 weight's stored values, 0..15, from its packed layout ("bytes", "cpu" or "cuda")."""
+    if layout == "bytes":
+        return packing.from_bytes(packed)
+    if layout == "cpu" and packing.cpu_layout_known(N, K):
+        return packing.cpu_blocks(packed, N, K).transpose(1, 2).reshape(N, K)
+    if layout == "cuda" and packing.cuda_layout_known(packed.device, N, K):
+        return packing.cuda_values(packed, N, K)
+    # any other layout: the packed kernel on the identity with scale 1, zero 8
+    eye = torch.eye(K, dtype=torch.bfloat16, device=packed.device)
+    unit = torch.empty(K // group_size, N, 2, dtype=torch.bfloat16, device=packed.device)
+    unit[..., 0], unit[..., 1] = 1.0, 8.0
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu if layout == "cpu" else torch.ops.aten._weight_int4pack_mm
+    return kernel(eye, packed, group_size, unit).T.round().to(torch.uint8)
+
+
 def repacked(module: nn.Module, fn, recurse: bool, apply) -> nn.Module:
     """Module.to() and friends for int4 modules: a move to another kind of device repacks the 4-bit values
     (module.all_nibbles()) for that device's kernel (module._pack)."""
@@ -153,20 +169,7 @@ class Int4Linear(nn.Module):
 
     def nibbles(self) -> torch.Tensor:
         """The stored 4-bit values (N, K), 0..15."""
-        N, K = self.out_features, self.in_features
-        if self.layout == "bytes":
-            return packing.from_bytes(self.packed)
-        if self.layout == "cpu" and packing.cpu_layout_known(N, K):
-            return packing.cpu_blocks(self.packed, N, K).transpose(1, 2).reshape(N, K)
-        if self.layout == "cuda" and packing.cuda_layout_known(self.packed.device, N, K):
-            return packing.cuda_values(self.packed, N, K)
-        # any other layout: the packed kernel on the identity with scale 1, zero 8
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
-        unit = torch.empty_like(self.scales_zeros)
-        unit[..., 0], unit[..., 1] = 1.0, 8.0
-        kernel = (torch.ops.aten._weight_int4pack_mm_for_cpu if self.layout == "cpu"
-                  else torch.ops.aten._weight_int4pack_mm)
-        return kernel(eye, self.packed, self.group_size, unit).T.round().to(torch.uint8)
+        return stored_nibbles(self.packed, self.layout, self.out_features, self.in_features, self.group_size)
 
     def bf16_weight_t(self) -> torch.Tensor:
         """W^T as (K, N) bfloat16 from the CPU layout, for prefill-sized inputs (a bf16 GEMM beats the int4
@@ -215,8 +218,15 @@ class StackedInt8(nn.Module):
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> "StackedInt8":
-        scales = (w.float().abs().amax(dim=-1) / 127).clamp(min=1e-12)  # (E, N)
-        return cls(torch.round(w.float() / scales[..., None]).clamp(-127, 127), scales)
+        flat = w.reshape(-1, w.shape[-1])  # (E N, K)
+        return cls.from_rows(w.shape, lambda lo, hi: flat[lo:hi], w.device)
+
+    @classmethod
+    def from_rows(cls, shape: tuple[int, int, int], rows, device: torch.device | str = "cpu") -> "StackedInt8":
+        """(E, N, K) experts given as rows(lo, hi) of their E N rows, quantized as Int8Linear.from_rows does."""
+        E, N, K = shape
+        flat = Int8Linear.from_rows((E * N, K), rows, device=device)
+        return cls(flat.q.view(E, N, K), flat.scales.view(E, N))
 
     def dequantize(self, index=slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Expert `index` (an int, or a slice) -> (N, K) (or (E', N, K)) in `dtype`."""
@@ -271,16 +281,7 @@ class StackedInt4(nn.Module):
 
     def nibbles(self, e: int) -> torch.Tensor:
         """Expert e's stored 4-bit values (N, K), 0..15."""
-        N, K = self.out_features, self.in_features
-        if self.layout == "bytes":
-            return packing.from_bytes(self.packed[e])
-        if packing.cpu_layout_known(N, K):
-            return packing.cpu_blocks(self.packed[e], N, K).transpose(1, 2).reshape(N, K)
-        eye = torch.eye(K, dtype=torch.bfloat16)
-        unit = torch.empty_like(self.scales_zeros[e])
-        unit[..., 0], unit[..., 1] = 1.0, 8.0
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed[e], self.group_size, unit).T.round().to(
-            torch.uint8)
+        return stored_nibbles(self.packed[e], self.layout, self.out_features, self.in_features, self.group_size)
 
     def dequantize(self, index=slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Expert `index` (an int, or a slice) -> (N, K) (or (E', N, K)) in `dtype`, with the bfloat16 scales."""

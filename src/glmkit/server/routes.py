@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 
 from glmkit.chat import ChatTurn
+from glmkit.chat.jinja import RESERVED
 from glmkit.server.completions import prompt_ids
 from glmkit.server.schema import ChatRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest, error_body
 from glmkit.server.state import ApiError, ServerState, check_text, merged, render_error, sse, state_of
@@ -172,7 +173,7 @@ def _encoded(vector, encoding: str):
 def template_kwargs(body) -> dict:
     """A request's chat_template_kwargs (what the model's template reads: enable_thinking, ...)."""
     kwargs = body.chat_template_kwargs or {}
-    reserved = sorted(set(kwargs) & {"messages", "tools", "documents", "add_generation_prompt"})
+    reserved = sorted(set(kwargs) & RESERVED)
     if reserved:
         raise ApiError(400, f"chat_template_kwargs {reserved} are set by glmkit itself; leave them out.")
     return kwargs
