@@ -80,12 +80,17 @@ def forced_tool(tool_choice: Any) -> tuple[bool, str | None]:
     return True, fn["name"]
 
 
-def _lark_item(item: str | dict | list) -> str:
+def _lark_item(item: str | dict | list | tuple, special: dict[str, int]) -> str:
+    """One item of a chat format's forced-call description (chat/tools.py) in Lark."""
     if isinstance(item, str):
         return json.dumps(item, ensure_ascii=False)  # a Lark string literal
+    if isinstance(item, tuple) and item[0] == "special":  # its id: ordinary tokens could spell its text too
+        return f"<[{special[item[1]]}]>"
+    if isinstance(item, tuple):  # free text: special tokens are not text, so a following one ends it
+        return "/(?s:.*)/"
     if isinstance(item, dict):
         return json_lark(item)
-    return "(" + " ".join(map(_lark_item, item)) + ")?"
+    return "(" + " ".join(_lark_item(i, special) for i in item) + ")?"
 
 
 class Grammars:
@@ -130,7 +135,8 @@ class Grammars:
     def choice(self, alternatives: list[list]) -> "Grammar":
         """One of several sequences of items: text (literal), a dict (a JSON schema) or a list (an optional
         group of items), as chat formats describe a forced tool call."""
-        return self.lark("start: " + " | ".join(" ".join(map(_lark_item, seq)) for seq in alternatives))
+        items = lambda seq: " ".join(_lark_item(i, self.tokenizer.special) for i in seq)  # noqa: E731
+        return self.lark("start: " + " | ".join(map(items, alternatives)))
 
     def lark(self, text: str) -> "Grammar":
         """A grammar in llguidance's Lark dialect (`%json {...}` embeds a JSON schema); checked here, so a bad

@@ -18,7 +18,8 @@ from typing_extensions import Unpack
 from glmkit import forward, loaders
 from glmkit import infill as blanks
 from glmkit.adapters import apply_lora, load_prefix
-from glmkit.chat import ChatDelta, ChatFormat, ChatReply, ChatTurn, fit_conversation, tokenizer_and_format
+from glmkit.chat import (ChatDelta, ChatFormat, ChatReply, ChatTurn, fit_conversation, reply_decoder,
+                         tokenizer_and_format)
 from glmkit.config import ModelConfig
 from glmkit.engine.generate import complete, complete_batch, stream as stream_chunks
 from glmkit.engine.runner import ModelRunner
@@ -79,7 +80,7 @@ class LLM:
 
     def make_engine(self, max_batch: int = 8) -> Scheduler:
         """A new continuous-batching engine over this model: its stop ids, detokenizer, prefix and compiled step."""
-        decode = None if self._tokenizer is None else (lambda ids: self._tokenizer.decode(ids, skip_special=True))
+        decode = None if self._tokenizer is None else reply_decoder(self._tokenizer, self.chat_format)
         runner = ModelRunner(self.model, self.prefix_kv)
         runner.compiled = self.compiled
         return Scheduler(runner, self.stop_ids, decode, max_batch=max_batch)
@@ -147,7 +148,7 @@ class LLM:
              **sampling: Unpack[Sampling]) -> ChatReply | Iterator[ChatDelta | ChatReply]:
         """Reply to OpenAI-style messages: a ChatReply, the assistant message as a dict (role, content, tool_calls
         when the model called a tool, finish_reason, usage; also as attributes), or with stream=True an iterator
-        of ChatDelta ({'delta': text, 'completion_tokens': n so far}) ending with that reply. tool_choice
+        of ChatDelta ({'delta': text, 'completion_tokens': n so far, and reasoning_content / tool_calls pieces}) ending with that reply. tool_choice
         'required' or {'type': 'function', 'function': {'name': ...}} forces a call (constrained decoding), as
         response_format={'type': 'json_schema', ...} forces JSON. truncate='drop_oldest' drops the oldest turns
         of a conversation longer than the context instead of raising. chat_template_kwargs: as for templates."""
@@ -156,7 +157,7 @@ class LLM:
                                self.config.max_seq_len, truncate)
         forced = self.output_grammar(tools=tools, tool_choice=tool_choice)
         params = self.sampling_params(**sampling, **({"grammar": forced} if forced is not None else {}))
-        turn = ChatTurn(self.chat_format, tools, len(ids))
+        turn = ChatTurn(self.chat_format, tools, ids)
         if stream:
             return self._chat_stream(ids, turn, params)
         done = complete(self.engine, ids, params)
@@ -165,9 +166,9 @@ class LLM:
 
     def _chat_stream(self, ids: list[int], turn: ChatTurn, params: SamplingParams) -> Iterator[ChatDelta | ChatReply]:
         for chunk in stream_chunks(self.engine, ids, params):
-            piece = turn.feed(chunk.text, len(chunk.token_ids), chunk.finish_reason)
-            if piece:
-                yield ChatDelta(delta=piece, completion_tokens=turn.tokens)
+            piece = ChatDelta.of(turn.feed(chunk.text, len(chunk.token_ids), chunk.finish_reason), turn.tokens)
+            if piece is not None:
+                yield piece
         yield turn.reply()
 
     def infill(self, prompt: str | Sequence[int], **sampling: Any) -> str | list[int]:

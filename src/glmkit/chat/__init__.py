@@ -12,6 +12,7 @@ import warnings
 
 from glmkit.chat.base import ChatFormat, normalize
 from glmkit.chat.glm import FORMATS, ChatGLM1Format, ChatGLM2Format, ChatGLM3Format, GLM4Format
+from glmkit.chat.glm45 import Glm45Format
 from glmkit.chat.jinja import JinjaFormat
 from glmkit.chat.turn import ChatDelta, ChatReply, ChatTurn, fit_conversation
 from glmkit.errors import GlmkitError
@@ -41,7 +42,8 @@ def pick(tokenizer: Tokenizer, template: str | None, tok_config: dict, eos_ids: 
         strings = special_strings(tok_config)
         stops = set(eos_ids) | ({tokenizer.special[strings["eos_token"]]}
                                 if strings.get("eos_token") in tokenizer.special else set())
-        return JinjaFormat(tokenizer, template, strings, stops)
+        kind = Glm45Format if "<arg_key>" in template else JinjaFormat  # GLM-4.5 and later: thinking, XML calls
+        return kind(tokenizer, template, strings, stops)
 
     if name is not None:
         return _forced(name, tokenizer, template, jinja)
@@ -74,6 +76,16 @@ def _forced(name: str, tokenizer: Tokenizer, template: str | None, jinja) -> Cha
     return FORMATS[name](tokenizer)
 
 
+def reply_decoder(tokenizer: Tokenizer, fmt: ChatFormat | None):
+    """ids -> text without special tokens, except those the chat format reads in replies (<think>, <tool_call>,
+    ... of GLM-4.5 and later), so its parser sees them."""
+    keep = {tokenizer.special[t] for t in (fmt.reply_tokens if fmt else ()) if t in tokenizer.special}
+    if not keep:
+        return lambda ids: tokenizer.decode(ids, skip_special=True)
+    drop = frozenset(tokenizer.special.values()) - keep
+    return lambda ids: tokenizer.decode([i for i in ids if i not in drop])
+
+
 def tokenizer_and_format(checkpoint, name: str | None = None):
     """A checkpoint's tokenizer (from its directory, or its GGUF metadata) and chat format (`name` forces one);
     (None, None) when it ships no tokenizer. `checkpoint` is a loaders.Checkpoint (read, not imported)."""
@@ -93,5 +105,6 @@ def tokenizer_and_format(checkpoint, name: str | None = None):
 
 
 __all__ = ["FORMATS", "ChatDelta", "ChatFormat", "ChatReply", "ChatGLM1Format", "ChatGLM2Format", "ChatGLM3Format",
-           "ChatTurn", "GLM4Format", "JinjaFormat", "fit_conversation", "normalize", "pick", "special_strings",
+           "ChatTurn", "GLM4Format", "Glm45Format", "JinjaFormat", "fit_conversation", "normalize", "pick", "reply_decoder",
+           "special_strings",
            "tokenizer_and_format"]

@@ -60,6 +60,7 @@ class ChatFormat:
     name = "base"
     stop_ids: frozenset[int] = frozenset()
     needs: tuple[str, ...] = ()  # special tokens the format writes: a tokenizer without them cannot serve it
+    reply_tokens: tuple[str, ...] = ()  # special tokens of replies that parse_reply reads: kept in decoded text
 
     @classmethod
     def misfit(cls, tokenizer: Tokenizer) -> str | None:
@@ -80,10 +81,21 @@ class ChatFormat:
         formats have no such switches and ignore them, as a template ignores variables it does not read."""
         raise NotImplementedError
 
-    def parse_reply(self, text: str, tools: list[dict] | None = None) -> dict[str, Any]:
-        """The generated text as an OpenAI assistant message (content, or tool_calls): template-driven models
-        call a tool with a JSON object {"name": ..., "arguments": {...}}."""
+    def parse_reply(self, text: str, tools: list[dict] | None = None, prompt: list[int] | None = None) -> dict[str, Any]:
+        """The generated text as an OpenAI assistant message (content, reasoning_content, tool_calls); `prompt`
+        is the rendered prompt ids the reply continues. Template-driven models call a tool with a JSON object
+        {"name": ..., "arguments": {...}}."""
         return (tools and parse_json_call(text, tools)) or {"role": "assistant", "content": text.strip()}
+
+    def may_call(self, text: str, tools: list[dict]) -> bool:
+        """Whether the reply so far is, or may still become, a tool call (its content then waits for the end)."""
+        head = text.lstrip()
+        return not head or head.startswith(("{", "<tool_call>")) or "<tool_call>".startswith(head)
+
+    def stream_parser(self, tools: list[dict] | None = None, prompt: list[int] | None = None):
+        """A parser of the reply as it streams: .feed(text) -> OpenAI deltas, .close() -> the last ones,
+        .message (after close) the parse_reply of the whole text."""
+        return ReplyStream(self, tools, prompt)
 
     def forced_call(self, tools: list[dict] | None, name: str | None = None) -> list[list]:
         """The reply that calls one of `tools` (or the one named), in the text parse_reply reads back: for
@@ -93,3 +105,31 @@ class ChatFormat:
     def wrap_plain(self, ids: list[int]) -> list[int]:
         """Token ids of plain text -> a prompt as this generation's tokenizer builds one (no chat format)."""
         return ids
+
+
+class ReplyStream:
+    """The stream parser of formats whose tool call is a whole reply: content streams as it arrives (trailing
+    spaces wait), unless the reply may still be a call; then everything waits for close()."""
+
+    def __init__(self, fmt: ChatFormat, tools: list[dict] | None, prompt: list[int] | None):
+        self.fmt, self.tools, self.prompt = fmt, tools or None, prompt
+        self.text, self.sent = "", ""
+        self.message: dict[str, Any] | None = None
+
+    def feed(self, text: str) -> list[dict]:
+        self.text += text
+        if self.tools and self.fmt.may_call(self.text, self.tools):
+            return []
+        return self._content(self.fmt.parse_reply(self.text, None, self.prompt).get("content") or "")
+
+    def close(self) -> list[dict]:
+        self.message = self.fmt.parse_reply(self.text, self.tools, self.prompt)
+        out = self._content(self.message.get("content") or "")
+        calls = self.message.get("tool_calls") or []
+        return out + ([{"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}] if calls else [])
+
+    def _content(self, value: str) -> list[dict]:
+        if len(value) <= len(self.sent) or not value.startswith(self.sent):
+            return []
+        piece, self.sent = value[len(self.sent):], value
+        return [{"content": piece}]

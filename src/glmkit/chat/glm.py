@@ -12,7 +12,7 @@ import json
 
 from glmkit.chat.base import ChatFormat, Ids, normalize
 from glmkit.chat.tools import (arguments_of, forced_chatglm3_call, format_chatglm3_call, functions, parse_chatglm3,
-                               parse_glm4)
+                               parse_glm4, tool_names)
 from glmkit.errors import GlmkitError
 from glmkit.tokenizer import Tokenizer
 
@@ -129,6 +129,12 @@ class _RoleTokenFormat(ChatFormat):
     def _tool_call_content(self, call: dict) -> str:
         raise NotImplementedError
 
+    def may_call(self, text, tools):
+        """A call's first line is a tool's name: undecided until that line ends, unless no name starts so."""
+        head, newline, _ = text.partition("\n")
+        head = head.strip()
+        return head in tool_names(tools) if newline else any(n.startswith(head) for n in tool_names(tools))
+
     def render(self, messages, tools=None, add_generation_prompt=True, **template_kwargs):
         messages = normalize(messages)
         if tools:  # as the official servers do: the tools go first, in a system message of their own
@@ -175,7 +181,7 @@ class ChatGLM3Format(_RoleTokenFormat):
     def _tool_call_content(self, call):
         return format_chatglm3_call(arguments_of(call))
 
-    def parse_reply(self, text, tools=None):
+    def parse_reply(self, text, tools=None, prompt=None):
         return parse_chatglm3(text, tools)
 
     def forced_call(self, tools, name=None):
@@ -211,7 +217,7 @@ class GLM4Format(_RoleTokenFormat):
     def _tool_call_content(self, call):
         return json.dumps(arguments_of(call), ensure_ascii=False)
 
-    def parse_reply(self, text, tools=None):
+    def parse_reply(self, text, tools=None, prompt=None):
         return parse_glm4(text, tools)
 
     def forced_call(self, tools, name=None):

@@ -4,10 +4,15 @@ A reply is `[<think>]reasoning</think>` (GLM-4.7 and later put the opening tag i
 replies start inside the reasoning), then content, then calls
 `<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value>...</tool_call>` (GLM-4.5 / 4.6 put newlines
 between the tags). An argument is typed by the tool's JSON schema: a "string" stays text, anything else goes
-through JSON, then a Python literal, then stays text. A `<tool_call>` body that is a JSON object (what drifting
-quantized models write) is read too. Nothing here raises on model output: what is not a call of a known tool
-stays content. `StreamParser` gives OpenAI-style deltas as text arrives, holding back only what could still be
-the start of a tag; its final message is always `parse_glm45` of the whole text. No torch, no tokenizer.
+through JSON, then a Python literal, then stays text; a repeated key keeps its first value. A `<tool_call>`
+body that is a JSON object (what drifting quantized models write) is read too, and a call of a known tool cut
+off before `</tool_call>` keeps its complete arguments. Nothing here raises on model output: what is not a
+call of a known tool stays content.
+
+`StreamParser` re-parses what has arrived and sends the difference as OpenAI deltas: reasoning and content as
+they come (holding back only what could still be the start of a tag, and trailing spaces), a call's name as
+soon as it is complete and its arguments one key at a time, as JSON pieces that add up to the final
+`arguments`; its final message is always `parse_glm45` of the whole text. No torch, no tokenizer.
 """
 
 from __future__ import annotations
@@ -15,13 +20,17 @@ from __future__ import annotations
 import ast
 import json
 import re
+import uuid
 from typing import Any
 
-from glmkit.chat.tools import _call, functions
+from glmkit.chat.jinja import JinjaFormat
+from glmkit.chat.tools import FREE_TEXT, functions, special, tool_names
 
 THINK, END_THINK, CALL, END_CALL = "<think>", "</think>", "<tool_call>", "</tool_call>"
-TAGS = (THINK, END_THINK, CALL, END_CALL)
+ARG_KEY, END_ARG_KEY, ARG_VALUE, END_ARG_VALUE = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
+TAGS = (THINK, END_THINK, CALL, END_CALL, ARG_KEY, END_ARG_KEY, ARG_VALUE, END_ARG_VALUE)
 ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
+NAME_END = re.compile(r"\n|<arg_key>")
 
 
 def split_reasoning(text: str, in_reasoning: bool = False) -> tuple[str, str]:
@@ -48,102 +57,197 @@ def _typed(value: str, schema: dict | None) -> Any:
     return value
 
 
-def parse_call(body: str, tools: list[dict] | None) -> dict | None:
-    """The inside of one <tool_call>...</tool_call> -> an OpenAI tool call of a known tool, else None."""
-    known = dict(functions(tools)) if tools else {}
+def argument_pieces(pairs: list[tuple[str, Any]], closed: bool) -> list[str]:
+    """The JSON text of arguments as pieces, one per key (and the closing brace once the call is closed);
+    joined, they are json.dumps of the arguments dict."""
+    pieces = [("{" if i == 0 else ", ") + json.dumps(k, ensure_ascii=False) + ": " + json.dumps(v, ensure_ascii=False)
+              for i, (k, v) in enumerate(pairs)]
+    return pieces + (["}" if pairs else "{}"] if closed else [])
+
+
+class Call:
+    """One tool call as far as it has arrived: its name, its complete argument pairs, whether it is closed."""
+
+    def __init__(self, name: str, pairs: list[tuple[str, Any]], closed: bool):
+        self.name, self.pairs, self.closed = name, pairs, closed
+
+    @property
+    def pieces(self) -> list[str]:
+        return argument_pieces(self.pairs, self.closed)
+
+    def openai(self, call_id: str | None = None) -> dict[str, Any]:
+        return {"id": call_id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                "function": {"name": self.name, "arguments": "".join(argument_pieces(self.pairs, True))}}
+
+
+def read_call(body: str, tools: list[dict] | None, closed: bool = True) -> Call | None:
+    """The inside of one <tool_call> (closed: its </tool_call> arrived) -> a Call of a known tool, else None.
+    An open call is a Call once its name is complete; a JSON body only once closed."""
+    known = dict(functions(tools)) if tool_names(tools) else {}
     stripped = body.strip()
     if stripped.startswith("{"):  # a JSON body: {"name": ..., "arguments": {...}}
-        try:
-            value = json.loads(stripped)
-        except json.JSONDecodeError:
-            return None
-        args = value.get("arguments", value.get("parameters", {})) if isinstance(value, dict) else None
-        ok = isinstance(value, dict) and value.get("name") in known and isinstance(args, dict)
-        return _call(value["name"], args) if ok else None
-    name, _, rest = stripped.partition("<arg_key>")
-    name = name.strip()
+        return _json_call(stripped, known) if closed else None
+    end = NAME_END.search(body)
+    if not closed and end is None:
+        return None  # the name may still grow
+    name = (body[: end.start()] if end else body).strip()
     if name not in known:
         return None
     props = known[name].get("properties") if isinstance(known[name].get("properties"), dict) else {}
-    args = {k.strip(): _typed(v, props.get(k.strip())) for k, v in ARG.findall("<arg_key>" + rest if rest else "")}
-    return _call(name, args)
+    pairs: dict[str, Any] = {}
+    for k, v in ARG.findall(body[end.start():] if end else ""):
+        pairs.setdefault(k.strip(), _typed(v, props.get(k.strip())))
+    return Call(name, list(pairs.items()), closed)
+
+
+def _json_call(body: str, known: dict) -> Call | None:
+    try:
+        value = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    args = value.get("arguments", value.get("parameters", {})) if isinstance(value, dict) else None
+    if not (isinstance(value, dict) and value.get("name") in known and isinstance(args, dict)):
+        return None
+    return Call(value["name"], list(args.items()), True)
+
+
+def read_rest(rest: str, tools: list[dict] | None, final: bool) -> tuple[str, list[Call]]:
+    """The text after the reasoning -> (content, calls). Not final: an open call that is not yet a Call
+    holds back everything from its <tool_call> on; final: it is content."""
+    content, calls, pos = [], [], 0
+    while (start := rest.find(CALL, pos)) >= 0:
+        content.append(rest[pos:start])
+        end = rest.find(END_CALL, start)
+        body = rest[start + len(CALL): end if end >= 0 else len(rest)]
+        call = read_call(body, tools, closed=end >= 0 or final) if tools else None
+        if end < 0 and call is None and not final:
+            return "".join(content), calls
+        if call is not None and final:
+            call.closed = True  # cut off: its complete arguments are all it has
+        if call is None:
+            content.append(rest[start: end + len(END_CALL) if end >= 0 else len(rest)])
+        else:
+            calls.append(call)
+        pos = end + len(END_CALL) if end >= 0 else len(rest)
+    content.append(rest[pos:])
+    return "".join(content), calls
 
 
 def parse_glm45(text: str, tools: list[dict] | None = None, in_reasoning: bool = False) -> dict[str, Any]:
     """A whole reply -> the assistant message: content, reasoning_content (when there was any), tool_calls."""
     reasoning, rest = split_reasoning(text, in_reasoning)
-    content, calls, pos = [], [], 0
-    for m in re.finditer(re.escape(CALL) + r"(.*?)" + re.escape(END_CALL), rest, re.S):
-        call = parse_call(m.group(1), tools)
-        content.append(rest[pos: m.start()] if call is not None else rest[pos: m.end()])
-        if call is not None:
-            calls.append(call)
-        pos = m.end()
-    content.append(rest[pos:])
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(content).strip() or (None if calls else "")}
+    content, calls = read_rest(rest, tools, final=True)
+    message: dict[str, Any] = {"role": "assistant", "content": content.strip() or (None if calls else "")}
     if reasoning.strip():
         message["reasoning_content"] = reasoning.strip()
     if calls:
-        message["tool_calls"] = calls
+        message["tool_calls"] = [c.openai() for c in calls]
     return message
 
 
-def _held(text: str) -> int:
+def held(text: str, tags: tuple[str, ...] = TAGS) -> int:
     """How many characters at the end of `text` could still grow into a tag."""
-    for k in range(min(len(text), max(map(len, TAGS)) - 1), 0, -1):
-        if any(tag.startswith(text[-k:]) for tag in TAGS):
+    for k in range(min(len(text), max(map(len, tags)) - 1), 0, -1):
+        if any(tag.startswith(text[-k:]) for tag in tags):
             return k
     return 0
 
 
 class StreamParser:
-    """feed(text) -> deltas ({'content'}, {'reasoning_content'} or {'tool_calls': [...]}) as the reply streams;
+    """feed(text) -> deltas ({'reasoning_content'}, {'content'} or {'tool_calls': [...]}) as the reply streams;
     close() -> the last deltas. `message` (after close) is parse_glm45 of everything fed."""
 
     def __init__(self, tools: list[dict] | None = None, in_reasoning: bool = False):
         self.tools, self.in_reasoning = tools, in_reasoning
-        self.text, self.sent = "", {"reasoning_content": 0, "content": 0}
-        self.calls: list[dict] = []  # the calls sent so far (the final message keeps their ids)
+        self.text = ""
+        self.sent = {"reasoning_content": "", "content": ""}
+        self.ids: list[str] = []  # one id per call announced
+        self.pieces_sent: list[int] = []  # argument pieces sent, per call
         self.message: dict[str, Any] | None = None
-
-    def _view(self, final: bool) -> tuple[str, str, list]:
-        """(reasoning, content, complete calls) of the text so far; a possible tag prefix and an open call wait."""
-        if final:
-            m = self.message
-            return m.get("reasoning_content", ""), m.get("content") or "", m.get("tool_calls", [])
-        text = self.text[: len(self.text) - _held(self.text)]
-        reasoning, rest = split_reasoning(text, self.in_reasoning)
-        if END_THINK not in text and (self.in_reasoning or text.lstrip().startswith(THINK)):
-            return reasoning.lstrip(), "", []  # still thinking
-        closed = rest[: rest.rfind(CALL)] if rest.count(CALL) > rest.count(END_CALL) else rest  # an open call waits
-        message = parse_glm45(closed, self.tools)
-        return reasoning.lstrip(), message.get("content") or "", message.get("tool_calls", [])
-
-    def _deltas(self, final: bool) -> list[dict]:
-        reasoning, content, calls = self._view(final)
-        out = []
-        for key, value in (("reasoning_content", reasoning), ("content", content)):
-            if len(value) > self.sent[key] and value.startswith(self._sent_text(key)):
-                out.append({key: value[self.sent[key]:]})
-                self._record(key, value)
-        for i in range(len(self.calls), len(calls)):
-            self.calls.append(calls[i])
-            out.append({"tool_calls": [{"index": i, **calls[i]}]})
-        return out
-
-    def _sent_text(self, key: str) -> str:
-        return getattr(self, f"_{key}", "")
-
-    def _record(self, key: str, value: str) -> None:
-        setattr(self, f"_{key}", value)
-        self.sent[key] = len(value)
 
     def feed(self, text: str) -> list[dict]:
         self.text += text
-        return self._deltas(final=False)
+        return self._deltas(*self._view(self.text[: len(self.text) - held(self.text)], final=False))
 
     def close(self) -> list[dict]:
         self.message = parse_glm45(self.text, self.tools, self.in_reasoning)
-        for sent, call in zip(self.calls, self.message.get("tool_calls", [])):
-            call["id"] = sent["id"]  # one id per call, streamed or not
-        return self._deltas(final=True)
+        deltas = self._deltas(*self._view(self.text, final=True))
+        for call_id, call in zip(self.ids, self.message.get("tool_calls", [])):
+            call["id"] = call_id  # one id per call, streamed or not
+        return deltas
+
+    def _view(self, text: str, final: bool) -> tuple[str, str, list[Call]]:
+        """(reasoning, content, calls) of the text so far."""
+        reasoning, rest = split_reasoning(text, self.in_reasoning)
+        if not final and END_THINK not in text and (self.in_reasoning or text.lstrip().startswith(THINK)):
+            return reasoning.strip(), "", []  # still thinking
+        content, calls = read_rest(rest, self.tools, final)
+        return reasoning.strip(), content.strip(), calls
+
+    def _deltas(self, reasoning: str, content: str, calls: list[Call]) -> list[dict]:
+        out = []
+        for key, value in (("reasoning_content", reasoning), ("content", content)):
+            sent = self.sent[key]
+            if len(value) > len(sent) and value.startswith(sent):
+                out.append({key: value[len(sent):]})
+                self.sent[key] = value
+        for i, call in enumerate(calls):
+            if i == len(self.ids):  # announce: id, type and name
+                self.ids.append(f"call_{uuid.uuid4().hex[:24]}")
+                self.pieces_sent.append(0)
+                out.append({"tool_calls": [{"index": i, "id": self.ids[i], "type": "function",
+                                            "function": {"name": call.name, "arguments": ""}}]})
+            pieces = call.pieces
+            if len(pieces) > self.pieces_sent[i]:
+                piece = "".join(pieces[self.pieces_sent[i]:])
+                self.pieces_sent[i] = len(pieces)
+                out.append({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
+        return out
+
+
+class Glm45Format(JinjaFormat):
+    """GLM-4.5 ... 5.x: the checkpoint's own template renders; replies are read by parse_glm45 / StreamParser
+    (starting inside the reasoning when the prompt ends in an open <think>); a forced call is the XML form."""
+
+    name = "glm45"
+    reply_tokens = TAGS
+    STOPS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+
+    def __init__(self, tokenizer, template, special_strings, stop_ids):
+        stop_ids = set(stop_ids) | {tokenizer.special[t] for t in self.STOPS if t in tokenizer.special}
+        super().__init__(tokenizer, template, special_strings, stop_ids)
+        self.newlines = "\n<arg_key>" in template  # GLM-4.5 / 4.6 put newlines between a call's tags
+
+    def in_reasoning(self, prompt: list[int] | None) -> bool:
+        """Whether the prompt leaves a <think> open after its last <|assistant|> (GLM-4.7 and later)."""
+        if not prompt:
+            return False
+        assistant = self.tok.special.get("<|assistant|>")
+        last = max((i for i, t in enumerate(prompt) if t == assistant), default=-1)
+        tail = self.tok.decode(prompt[last + 1:])
+        return tail.rfind(THINK) > tail.rfind(END_THINK)
+
+    def parse_reply(self, text, tools=None, prompt=None):
+        return parse_glm45(text, tools, self.in_reasoning(prompt))
+
+    def stream_parser(self, tools=None, prompt=None):
+        return StreamParser(tools or None, self.in_reasoning(prompt))
+
+    def forced_call(self, tools, name=None):
+        """Reasoning (optional), then `<tool_call>NAME`, the arguments in schema order (required ones always,
+        string values as free text, others as JSON of their schema), `</tool_call>`."""
+        tag = lambda t: special(t) if t in self.tok.special else t  # noqa: E731
+        nl = "\n" if self.newlines else ""
+        reasoning = [[tag(THINK)], FREE_TEXT, tag(END_THINK), ["\n"]]
+        out = []
+        for n, params in functions(tools, name):
+            props = params.get("properties") if isinstance(params.get("properties"), dict) else {}
+            required = [k for k in params.get("required") or [] if k in props]
+            items: list = [reasoning, tag(CALL), n]
+            for k in required + [k for k in props if k not in required]:
+                schema = props[k] if isinstance(props[k], dict) else {}
+                value = FREE_TEXT if schema.get("type") == "string" else schema
+                arg = [nl, tag(ARG_KEY), k, tag(END_ARG_KEY), nl, tag(ARG_VALUE), value, tag(END_ARG_VALUE)]
+                items += arg if k in required else [arg]
+            out.append(items + [nl, tag(END_CALL)] if nl else items + [tag(END_CALL)])
+        return out

@@ -46,9 +46,18 @@ def functions(tools: list[dict] | None, name: str | None = None) -> list[tuple[s
     return out
 
 
+def special(text: str) -> tuple[str, str]:
+    """A special token, by its text, in a forced-call description (the grammar matches its id, not its text)."""
+    return ("special", text)
+
+
+FREE_TEXT = ("text",)  # any text without special tokens, in a forced-call description
+
+
 def forced_json_call(tools: list[dict] | None, name: str | None = None) -> list[list]:
     """The generic forced call: one alternative per tool, `{"name": "<name>", "arguments": <its schema>}`. An
-    alternative is a list of items: text (literal), a dict (a JSON schema), or a list (an optional group)."""
+    alternative is a list of items: text (literal), special(token text), FREE_TEXT, a dict (a JSON schema), or a
+    list (an optional group)."""
     return [['{"name": ' + json.dumps(n, ensure_ascii=False) + ', "arguments": ', params, "}"]
             for n, params in functions(tools, name)]
 

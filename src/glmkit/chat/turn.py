@@ -1,9 +1,9 @@
 """ChatTurn: one assistant reply as it streams in, read the same way by LLM.chat, the server and the CLI.
 
-Feed it the engine's text chunks; it returns the content that may be shown now (leading whitespace
-trimmed; nothing while the reply may still be a tool call, which is known only at its end). `finish()`
-parses the whole reply in the chat format: the assistant message, the finish reason ('tool_calls' when
-the model called a tool) and the token usage. No torch, no engine.
+Feed it the engine's text chunks; it returns OpenAI `choices[0].delta` dicts (content, reasoning_content,
+tool_calls) from the chat format's stream parser, which holds back only what may still turn out to be a
+tag or a tool call. `finish()` gives the assistant message (the format's parse of the whole reply), the
+finish reason ('tool_calls' when the model called a tool) and the token usage. No torch, no engine.
 """
 
 from __future__ import annotations
@@ -41,32 +41,52 @@ class ChatReply(dict):
 
 
 class ChatDelta(dict):
-    """One piece of a streamed LLM.chat: {'delta': text, 'completion_tokens': n so far}, also as attributes."""
+    """One piece of a streamed LLM.chat: {'delta': content text, 'completion_tokens': n so far}, plus
+    'reasoning_content' (text) and 'tool_calls' (OpenAI tool-call deltas) when the piece has them."""
 
     @property
     def delta(self) -> str:
         return self["delta"]
 
     @property
+    def reasoning_content(self) -> str:
+        return self.get("reasoning_content", "")
+
+    @property
     def completion_tokens(self) -> int:
         return self["completion_tokens"]
 
+    @classmethod
+    def of(cls, deltas: list[dict], completion_tokens: int) -> "ChatDelta | None":
+        """The OpenAI deltas of one chunk as one ChatDelta; None when there are none."""
+        if not deltas:
+            return None
+        out = cls(delta="".join(d.get("content", "") for d in deltas), completion_tokens=completion_tokens)
+        reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
+        calls = [c for d in deltas for c in d.get("tool_calls", [])]
+        out.update({k: v for k, v in (("reasoning_content", reasoning), ("tool_calls", calls)) if v})
+        return out
+
 
 class ChatTurn:
-    def __init__(self, fmt: ChatFormat, tools: list[dict] | None, prompt_tokens: int):
-        self.fmt, self.tools, self.prompt_tokens = fmt, tools or None, prompt_tokens
-        self.text, self.tokens, self.finish_reason = "", 0, "stop"
-        self.shown = False  # some content was handed out already
+    def __init__(self, fmt: ChatFormat, tools: list[dict] | None, prompt: list[int]):
+        self.fmt, self.tools, self.prompt_tokens = fmt, tools or None, len(prompt)
+        self.parser = fmt.stream_parser(self.tools, prompt)
+        self.tokens, self.finish_reason, self.closed = 0, "stop", False
 
-    def feed(self, text: str, n_tokens: int = 0, finish_reason: str | None = None) -> str:
-        """Take one chunk of the reply; return the content delta to show now ('' if none)."""
-        self.text, self.tokens = self.text + text, self.tokens + n_tokens
+    def feed(self, text: str, n_tokens: int = 0, finish_reason: str | None = None) -> list[dict]:
+        """Take one chunk of the reply; return the deltas to send now (with a finish reason: the last ones)."""
+        self.tokens += n_tokens
         self.finish_reason = finish_reason or self.finish_reason
-        piece = text if self.shown else text.lstrip()
-        if not piece or self.tools:  # with tools, the reply may be a call: known only at its end
-            return ""
-        self.shown = True
-        return piece
+        out = self.parser.feed(text) if text else []
+        return out + self.close() if finish_reason is not None else out
+
+    def close(self) -> list[dict]:
+        """The deltas the stream still owes at its end (none a second time)."""
+        if self.closed:
+            return []
+        self.closed = True
+        return self.parser.close()
 
     @property
     def usage(self) -> dict[str, int]:
@@ -75,17 +95,10 @@ class ChatTurn:
 
     def finish(self) -> tuple[dict[str, Any], str, dict[str, int]]:
         """-> (assistant message, finish reason, usage)."""
-        message = self.fmt.parse_reply(self.text, self.tools)
-        reason = "tool_calls" if message.get("tool_calls") else self.finish_reason
+        self.close()
+        message = dict(self.parser.message)
+        reason = "tool_calls" if message.get("tool_calls") and self.finish_reason != "length" else self.finish_reason
         return message, reason, self.usage
-
-    def closing_delta(self, message: dict[str, Any]) -> dict[str, Any] | None:
-        """What a stream still owes at the end: the tool calls, or the content held back while tools were on."""
-        if self.tools and message.get("tool_calls"):
-            return {"tool_calls": [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]}
-        if self.tools and message.get("content"):
-            return {"content": message["content"]}
-        return None
 
     def reply(self) -> ChatReply:
         """The finished reply as LLM.chat returns it: the message plus finish_reason and usage."""

@@ -77,7 +77,7 @@ async def chat(body: ChatRequest, request: Request):
     started = time.time()
     base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(started), "model": s.model_name}
     handles = s.admit_all([(ids, s.with_seed(params, i)) for i in range(body.n)])  # n samples, one prefill
-    turns = [ChatTurn(s.llm.chat_format, tools, len(ids)) for _ in handles]
+    turns = [ChatTurn(s.llm.chat_format, tools, ids) for _ in handles]
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(_chat_stream(s, handles, turns, base, started, request, include_usage, body.logprobs),
@@ -123,18 +123,14 @@ async def _chat_stream(s: ServerState, handles: list, turns: list[ChatTurn], bas
     shown = [0] * len(handles)  # output tokens of each choice whose logprobs went out
     try:
         async for i, c in merged(s, handles, started, request):
-            piece = turns[i].feed(c.text, len(c.token_ids), c.finish_reason)
-            if piece:
-                seq, upto = handles[i].seq, len(handles[i].seq.output)
-                logprobs = _logprobs(s, seq, shown[i], upto) if want_logprobs else None
-                shown[i] = upto
-                yield delta(i, {"content": piece}, logprobs=logprobs)
+            for d in turns[i].feed(c.text, len(c.token_ids), c.finish_reason):
+                logprobs = None
+                if want_logprobs and "content" in d:
+                    seq, upto = handles[i].seq, len(handles[i].seq.output)
+                    logprobs, shown[i] = _logprobs(s, seq, shown[i], upto), upto
+                yield delta(i, d, logprobs=logprobs)
             if c.finish_reason is not None:
-                message, reason, _ = turns[i].finish()
-                closing = turns[i].closing_delta(message)
-                if closing is not None:
-                    yield delta(i, closing)
-                yield delta(i, {}, reason)
+                yield delta(i, {}, turns[i].finish()[1])
     except ApiError as e:
         yield sse(error_body(e.message, e.kind))
         yield sse("[DONE]")
