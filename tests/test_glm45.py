@@ -169,3 +169,25 @@ def test_template_kwargs_render_as_transformers_renders_them(vocab_dirs, tmp_pat
         assert "/nothink" in ours or ours.endswith("</think>")
     else:
         assert "/nothink" not in ours and not ours.endswith("</think>")
+
+
+def test_calls_stream_name_first_then_arguments_key_by_key():
+    """Fed one character at a time, a call's name goes out before its arguments, and each argument as soon as
+    its </arg_value> arrives (not at </tool_call>); a zero-argument call gets '{}'."""
+    parser = StreamParser(TOOLS)
+    text = ("<think>r</think><tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Rome</arg_value>\n"
+            "<arg_key>days</arg_key>\n<arg_value>2</arg_value>\n</tool_call><tool_call>now</tool_call>")
+    seen = []  # (characters fed so far, delta)
+    for n, ch in enumerate(text, 1):
+        seen += [(n, d) for d in parser.feed(ch)]
+    seen += [(len(text), d) for d in parser.close()]
+    calls = [(n, c) for n, d in seen for c in d.get("tool_calls", [])]
+    assert calls[0][1]["function"] == {"name": "get_weather", "arguments": ""}
+    assert calls[0][0] == text.index("\n<arg_key>") + 1  # the name is complete at its newline (GLM-4.5 spacing)
+    args = [(n, c["function"]["arguments"]) for n, c in calls if c["index"] == 0 and c["function"]["arguments"]]
+    assert args == [(text.index("</arg_value>") + len("</arg_value>"), '{"city": "Rome"'),
+                    (text.rindex("</arg_value>") + len("</arg_value>"), ', "days": 2'),
+                    (text.index("</tool_call>") + len("</tool_call>"), "}")]
+    assert [c["function"] for n, c in calls if c["index"] == 1] == [{"name": "now", "arguments": ""},
+                                                                     {"arguments": "{}"}]
+    assert accumulated_calls([d for _, d in seen]) == parser.message["tool_calls"]

@@ -238,7 +238,7 @@ class Glm45Format(JinjaFormat):
         string values as free text, others as JSON of their schema), `</tool_call>`."""
         tag = lambda t: special(t) if t in self.tok.special else t  # noqa: E731
         nl = "\n" if self.newlines else ""
-        reasoning = [[tag(THINK)], FREE_TEXT, tag(END_THINK), ["\n"]]
+        reasoning = [["\n"], [tag(THINK)], FREE_TEXT, tag(END_THINK), ["\n"]]
         out = []
         for n, params in functions(tools, name):
             props = params.get("properties") if isinstance(params.get("properties"), dict) else {}

@@ -17,6 +17,7 @@ from functools import lru_cache
 from typing import Any
 
 from glmkit.chat.base import ChatFormat, normalize
+from glmkit.chat.tools import arguments_of
 from glmkit.errors import GlmkitError
 from glmkit.tokenizer import Tokenizer
 
@@ -46,6 +47,13 @@ def compile_template(source: str):
         raise GlmkitError(f"the checkpoint's chat template is not valid Jinja ({e}).") from None
 
 
+def _dict_arguments(call: Any) -> Any:
+    """OpenAI sends a call's arguments as JSON text; templates iterate them as a mapping (as vLLM hands them)."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        return call
+    return {**call, "function": {**call["function"], "arguments": arguments_of(call)}}
+
+
 class JinjaFormat(ChatFormat):
     name = "jinja"
 
@@ -66,6 +74,8 @@ class JinjaFormat(ChatFormat):
         messages = [{k: v for k, v in {**m, **({"content": f["content"]} if isinstance(m.get("content"), list)
                                                or m.get("tool_calls") else {})}.items() if v is not None}
                     for m, f in zip(messages, flat)]  # an assistant tool call keeps its content ("" for None)
+        messages = [{**m, "tool_calls": [_dict_arguments(c) for c in m["tool_calls"]]}
+                    if isinstance(m.get("tool_calls"), list) else m for m in messages]
         import jinja2
 
         reserved = sorted(set(template_kwargs) & (RESERVED | set(self.special_strings)))
