@@ -191,3 +191,46 @@ def test_calls_stream_name_first_then_arguments_key_by_key():
     assert [c["function"] for n, c in calls if c["index"] == 1] == [{"name": "now", "arguments": ""},
                                                                      {"arguments": "{}"}]
     assert accumulated_calls([d for _, d in seen]) == parser.message["tool_calls"]
+
+
+NATIVE_CASES = [
+    ([{"role": "system", "content": "Be brief."},
+      {"role": "user", "content": [{"type": "text", "text": "Weather in "}, {"type": "text", "text": "北京?"}]},
+      _message("I should look it up.", "", CALLS), {"role": "tool", "content": "sunny"},
+      {"role": "tool", "content": "12:00"}], TOOLS),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>old</think>\nHello!"},
+      {"role": "user", "content": "And now?/nothink"},
+      {"role": "assistant", "content": "\n<think>new</think>Fine."}], None),
+    ([{"role": "user", "content": "Tools, but no call."}], TOOLS[1:])]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"enable_thinking": False}])
+@pytest.mark.parametrize("case", range(len(NATIVE_CASES)))
+def test_native_renderer_equals_the_official_template(tmp_path, case, kwargs):
+    """A GLM-4.5 vocabulary without a template gets glmkit's own renderer: the ids equal what transformers'
+    apply_chat_template makes of the official GLM-4.6 template, and replies are read as GLM-4.5 replies."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from glmkit.chat import pick
+    from glmkit.tokenizer import load_tokenizer
+    from scripted import GLM45_SPECIALS
+    from vocab import save_hf_tokenizer
+
+    source = (TEMPLATES / "GLM-4.6.jinja").read_text()
+    save_hf_tokenizer(tmp_path, GLM45_SPECIALS, source, eos_token="<|endoftext|>")
+    messages, tools = NATIVE_CASES[case]
+    native = pick(load_tokenizer(tmp_path), None, {})
+    assert native.name == "glm45" and native.template is None
+    ours = native.render(messages, tools, add_generation_prompt=True, **kwargs)[0]
+    theirs_messages = copy.deepcopy(messages)
+    for message in theirs_messages:  # transformers reads the arguments of a call as they are
+        for call in message.get("tool_calls", []):
+            call["function"]["arguments"] = dict(call["function"]["arguments"])
+    theirs = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        theirs_messages, tools=tools, add_generation_prompt=True, chat_template=source, **kwargs)
+    theirs = theirs["input_ids"] if isinstance(theirs, dict) or hasattr(theirs, "keys") else theirs
+    assert ours == list(theirs)
+    assert native.parse_reply("\n<think>r</think>\n<tool_call>now\n</tool_call>", TOOLS)["tool_calls"][0][
+        "function"]["name"] == "now"

@@ -180,3 +180,37 @@ def test_openai_agents_sdk_round_trip(server):
     agent = Agent(name="weather", instructions="Answer with the tool.", tools=[get_weather], model=model)
     result = Runner.run_sync(agent, "What is the weather in Paris?", run_config=RunConfig(tracing_disabled=True))
     assert seen == ["Paris"] and result.final_output == "The tool says: cloudy in Paris"
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call(server):
+    client = server.client()
+    messages = [{"role": "user", "content": "Say: </think><tool_call>now</tool_call><tool_call>get_weather"
+                                            "<arg_key>city</arg_key><arg_value>Oslo</arg_value></tool_call>"}]
+    both = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER, NOW]).choices[0].message
+    assert [c.function.name for c in both.tool_calls] == ["now", "get_weather"]
+    one = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER, NOW],
+                                         parallel_tool_calls=False).choices[0].message
+    assert [c.function.name for c in one.tool_calls] == ["now"]
+    streamed, _, reason = _stream(client, messages=messages, tools=[WEATHER, NOW], parallel_tool_calls=False)
+    assert [c["name"] for c in streamed["tool_calls"]] == ["now"] and reason == "tool_calls"
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_glmkit_chat_shows_reasoning_dimmed_then_the_answer(tmp_path, tty):
+    """The terminal chat writes the reasoning (dimmed on a terminal), a blank line, then the answer; the
+    conversation keeps the whole assistant message (reasoning included) for the next turn."""
+    import io
+
+    from glmkit.cli.chat import show
+
+    class Out(io.StringIO):
+        def isatty(self):
+            return tty
+
+    llm = scripted_llm(write_glm45_checkpoint(tmp_path / "m"), newlines=True)
+    out = Out()
+    reply, final, n = show(llm.chat([{"role": "user", "content": "Hi"}], stream=True), out, io.StringIO())
+    dim, undim = ("\x1b[2m", "\x1b[0m") if tty else ("", "")
+    assert out.getvalue() == f"{dim}A greeting is polite.{undim}\n\n{GREETING}"
+    assert reply == GREETING and final.message["reasoning_content"] == "A greeting is polite."
+    assert n == final.usage["completion_tokens"] > 0

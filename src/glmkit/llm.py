@@ -146,12 +146,11 @@ class LLM:
     def chat(self, messages: list[dict], *, tools: list[dict] | None = None, tool_choice: Any = None,
              stream: bool = False, truncate: str = "error", chat_template_kwargs: dict | None = None,
              **sampling: Unpack[Sampling]) -> ChatReply | Iterator[ChatDelta | ChatReply]:
-        """Reply to OpenAI-style messages: a ChatReply, the assistant message as a dict (role, content, tool_calls
-        when the model called a tool, finish_reason, usage; also as attributes), or with stream=True an iterator
-        of ChatDelta ({'delta': text, 'completion_tokens': n so far, and reasoning_content / tool_calls pieces}) ending with that reply. tool_choice
-        'required' or {'type': 'function', 'function': {'name': ...}} forces a call (constrained decoding), as
-        response_format={'type': 'json_schema', ...} forces JSON. truncate='drop_oldest' drops the oldest turns
-        of a conversation longer than the context instead of raising. chat_template_kwargs: as for templates."""
+        """Reply to OpenAI-style messages: a ChatReply (the assistant message as a dict: role, content,
+        reasoning_content, tool_calls, finish_reason, usage; also as attributes), or with stream=True ChatDeltas
+        ({'delta': text, 'completion_tokens': n, + reasoning_content / tool_calls pieces}) ending with it.
+        tool_choice 'required' or {'type': 'function', 'function': {'name': ...}} forces a call (constrained
+        decoding). truncate='drop_oldest' drops the oldest turns of a conversation longer than the context."""
         tools = None if tool_choice == "none" else tools
         ids = fit_conversation(lambda m: self.apply_chat_template(m, tools, **(chat_template_kwargs or {})), messages,
                                self.config.max_seq_len, truncate)
@@ -236,7 +235,7 @@ def load(source: str | Path | None = None, *, device: str | None = None, dtype: 
          ptuning: str | Path | None = None) -> LLM:
     """Load a checkpoint directory (config.json + *.safetensors / *.bin, plus its tokenizer files), a .gguf file,
     a packaged alias ('smollm2-135m-instruct', also what None means) or a Hugging Face repo id, and return an LLM.
-    `chat_format` forces a format ('chatglm1', 'chatglm2', 'chatglm3', 'glm4', 'jinja'). `lora`: a PEFT LoRA
+    `chat_format` forces a format ('chatglm1', 'chatglm2', 'chatglm3', 'glm4', 'glm45', 'jinja'). `lora`: a PEFT LoRA
     adapter directory, merged into float weights (kept beside quantized ones). `ptuning`: a P-tuning v2 prefix
     written by `glmkit train --ptuning N` (the engine's generation uses it; `logits()` does not)."""
     with loaders.lean_heap():  # the whole load, tokenizer included, with glibc's heap tuned for it

@@ -34,15 +34,16 @@ def special_strings(tok_config: dict) -> dict[str, str]:
 def pick(tokenizer: Tokenizer, template: str | None, tok_config: dict, eos_ids: tuple[int, ...] = (),
          name: str | None = None) -> ChatFormat | None:
     """The chat format for a tokenizer, its Jinja template (if any) and its tokenizer_config-style settings;
-    `name` forces one ('chatglm1', 'chatglm2', 'chatglm3', 'glm4', 'jinja'), refused clearly when it does not fit.
+    `name` forces one ('chatglm1', 'chatglm2', 'chatglm3', 'glm4', 'glm45', 'jinja'), refused clearly when it does
+    not fit ('glm45' renders with the checkpoint's template, or natively without one).
 
     ChatGLM2 and ChatGLM3 share one tokenizer: a ChatGLM SentencePiece vocabulary counts as ChatGLM3
     when tokenizer_config.json has a chat template or mentions its role tokens, else as ChatGLM2."""
-    def jinja() -> JinjaFormat:
+    def jinja(kind=None) -> JinjaFormat:
         strings = special_strings(tok_config)
         stops = set(eos_ids) | ({tokenizer.special[strings["eos_token"]]}
                                 if strings.get("eos_token") in tokenizer.special else set())
-        kind = Glm45Format if "<arg_key>" in template else JinjaFormat  # GLM-4.5 and later: thinking, XML calls
+        kind = kind or (Glm45Format if "<arg_key>" in template else JinjaFormat)  # GLM-4.5 on: thinking, XML calls
         return kind(tokenizer, template, strings, stops)
 
     if name is not None:
@@ -56,19 +57,26 @@ def pick(tokenizer: Tokenizer, template: str | None, tok_config: dict, eos_ids: 
         return GLM4Format(tokenizer)
     if template:
         return jinja()
+    if Glm45Format.misfit(tokenizer) is None:  # GLM-4.5's vocabulary, no template: the native renderer
+        return jinja(Glm45Format)
     if GLM4Format.misfit(tokenizer) is None:
         return GLM4Format(tokenizer)
     return None
 
 
 def _forced(name: str, tokenizer: Tokenizer, template: str | None, jinja) -> ChatFormat:
+    if name == "glm45":
+        why = Glm45Format.misfit(tokenizer)
+        if why is not None:
+            raise GlmkitError(f"chat format 'glm45' does not fit this checkpoint: {why}.")
+        return jinja(Glm45Format)
     if name == "jinja":
         if not template:
             raise GlmkitError("chat format 'jinja' was asked for, but this checkpoint has no chat template; "
                               f"use one of {', '.join(FORMATS)} or leave chat_format unset.")
         return jinja()
     if name not in FORMATS:
-        raise GlmkitError(f"unknown chat format {name!r}; use one of {', '.join(FORMATS)} or 'jinja'.")
+        raise GlmkitError(f"unknown chat format {name!r}; use one of {', '.join(FORMATS)}, 'glm45' or 'jinja'.")
     why = FORMATS[name].misfit(tokenizer)
     if why is not None:
         raise GlmkitError(f"chat format {name!r} does not fit this checkpoint: {why}. Leave chat_format unset to use "

@@ -206,17 +206,20 @@ class StreamParser:
 
 
 class Glm45Format(JinjaFormat):
-    """GLM-4.5 ... 5.x: the checkpoint's own template renders; replies are read by parse_glm45 / StreamParser
+    """GLM-4.5 ... 5.x: the checkpoint's own template renders (without one, `native_text` writes GLM-4.5 / 4.6's
+    prompt); replies are read by parse_glm45 / StreamParser
     (starting inside the reasoning when the prompt ends in an open <think>); a forced call is the XML form."""
 
     name = "glm45"
+    needs = ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<arg_key>")
     reply_tokens = TAGS
+    user_switches = ("/nothink",)
     STOPS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 
     def __init__(self, tokenizer, template, special_strings, stop_ids):
         stop_ids = set(stop_ids) | {tokenizer.special[t] for t in self.STOPS if t in tokenizer.special}
         super().__init__(tokenizer, template, special_strings, stop_ids)
-        self.newlines = "\n<arg_key>" in template  # GLM-4.5 / 4.6 put newlines between a call's tags
+        self.newlines = template is None or "\n<arg_key>" in template  # GLM-4.5 / 4.6: newlines between tags
 
     def in_reasoning(self, prompt: list[int] | None) -> bool:
         """Whether the prompt leaves a <think> open after its last <|assistant|> (GLM-4.7 and later)."""
@@ -251,3 +254,65 @@ class Glm45Format(JinjaFormat):
                 items += arg if k in required else [arg]
             out.append(items + [nl, tag(END_CALL)] if nl else items + [tag(END_CALL)])
         return out
+
+    def prepared(self, messages: list[dict]) -> list[dict]:
+        """Also: reasoning written inline in an assistant's content (<think>...</think>) moves to its
+        reasoning_content before user text is made inert, as the official templates split it."""
+        out = []
+        for m in JinjaFormat.prepared(messages):
+            text = m.get("content") or ""
+            if m["role"] == "assistant" and not isinstance(m.get("reasoning_content"), str) and END_THINK in text:
+                m = {**m, "reasoning_content": text.split(END_THINK)[0].rstrip("\n").split(THINK)[-1].lstrip("\n"),
+                     "content": text.split(END_THINK)[-1].lstrip("\n")}
+            out.append(m)
+        return out
+
+    def render_text(self, messages, tools=None, add_generation_prompt=True, **template_kwargs) -> str:
+        if self.template is not None:
+            return super().render_text(messages, tools, add_generation_prompt, **template_kwargs)
+        self.check_kwargs(template_kwargs)
+        return native_text(self._mark(self.prepared(messages)), self._mark(tools), add_generation_prompt,
+                           template_kwargs.get("enable_thinking", True))
+
+
+TOOLS_HEAD = ("<|system|>\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are "
+              "provided with function signatures within <tools></tools> XML tags:\n<tools>\n")
+TOOLS_TAIL = ("</tools>\n\nFor each function call, output the function name and arguments within the following XML "
+              "format:\n<tool_call>{function-name}\n<arg_key>{arg-key-1}</arg_key>\n<arg_value>{arg-value-1}"
+              "</arg_value>\n<arg_key>{arg-key-2}</arg_key>\n<arg_value>{arg-value-2}</arg_value>\n...\n</tool_call>")
+
+
+def native_text(messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool,
+                enable_thinking: Any = True) -> str:
+    """GLM-4.5 / 4.6's prompt as their official template writes it, for files that carry no template: tools in a
+    system turn, reasoning kept only after the last user message, tool results in one <|observation|> turn."""
+    def value(v: Any) -> str:
+        return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+
+    out = ["[gMASK]<sop>"]
+    if tools:
+        out += [TOOLS_HEAD, *(json.dumps(t, ensure_ascii=False) + "\n" for t in tools), TOOLS_TAIL]
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    for i, m in enumerate(messages):
+        text = m.get("content") or ""
+        if m["role"] == "user":
+            out.append("<|user|>\n" + text + ("/nothink" if not enable_thinking and not text.endswith("/nothink")
+                                              else ""))
+        elif m["role"] == "system":
+            out.append("<|system|>\n" + text)
+        elif m["role"] == "tool":
+            first = i == 0 or messages[i - 1]["role"] != "tool"
+            out.append(("<|observation|>" if first else "") + "\n<tool_response>\n" + text + "\n</tool_response>")
+        else:
+            reasoning = m.get("reasoning_content") if isinstance(m.get("reasoning_content"), str) else ""
+            keep = i > last_user and reasoning
+            out.append("<|assistant|>\n<think>" + (reasoning.strip() if keep else "") + "</think>"
+                       + ("\n" + text.strip() if text.strip() else ""))
+            for tc in m.get("tool_calls") or []:
+                fn = tc.get("function") or tc
+                out.append("\n<tool_call>" + fn["name"] + "\n" + "".join(
+                    f"<arg_key>{k}</arg_key>\n<arg_value>{value(v)}</arg_value>\n"
+                    for k, v in (fn.get("arguments") or {}).items()) + "</tool_call>")
+    if add_generation_prompt:
+        out.append("<|assistant|>" + ("" if enable_thinking else "\n<think></think>"))
+    return "".join(out)

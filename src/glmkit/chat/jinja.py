@@ -56,6 +56,7 @@ def _dict_arguments(call: Any) -> Any:
 
 class JinjaFormat(ChatFormat):
     name = "jinja"
+    user_switches: tuple[str, ...] = ()  # special tokens users are meant to type (GLM-4.5's /nothink)
 
     def __init__(self, tokenizer: Tokenizer, template: str, special_strings: dict[str, str],
                  stop_ids: set[int] | frozenset[int]):
@@ -63,24 +64,31 @@ class JinjaFormat(ChatFormat):
         self.template = template
         self.special_strings = special_strings  # bos_token, eos_token, ... as transformers passes them
         self.stop_ids = frozenset(stop_ids)
-        specials = sorted(tokenizer.special, key=len, reverse=True)
+        specials = sorted((t for t in tokenizer.special if t not in self.user_switches), key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, specials)) or "(?!)")
         self._marked_re = re.compile(f"{START}({self._special_re.pattern}){END}|[{START}{END}]")
 
-    def render_text(self, messages, tools=None, add_generation_prompt=True, **template_kwargs) -> str:
-        # the same checks as every format (roles, content types); lists of text parts become their text, which
-        # every template reads; other None values are dropped
+    @staticmethod
+    def prepared(messages: list[dict]) -> list[dict]:
+        """The same checks as every format (roles, content types); lists of text parts become their text, which
+        every template reads; call arguments become mappings; other None values are dropped."""
         flat = normalize(messages) if messages else []
         messages = [{k: v for k, v in {**m, **({"content": f["content"]} if isinstance(m.get("content"), list)
                                                or m.get("tool_calls") else {})}.items() if v is not None}
                     for m, f in zip(messages, flat)]  # an assistant tool call keeps its content ("" for None)
-        messages = [{**m, "tool_calls": [_dict_arguments(c) for c in m["tool_calls"]]}
-                    if isinstance(m.get("tool_calls"), list) else m for m in messages]
-        import jinja2
+        return [{**m, "tool_calls": [_dict_arguments(c) for c in m["tool_calls"]]}
+                if isinstance(m.get("tool_calls"), list) else m for m in messages]
 
+    def check_kwargs(self, template_kwargs: dict) -> None:
         reserved = sorted(set(template_kwargs) & (RESERVED | set(self.special_strings)))
         if reserved:
             raise GlmkitError(f"chat template argument(s) {reserved} are set by glmkit itself; leave them out.")
+
+    def render_text(self, messages, tools=None, add_generation_prompt=True, **template_kwargs) -> str:
+        messages = self.prepared(messages)
+        self.check_kwargs(template_kwargs)
+        import jinja2
+
         try:
             return compile_template(self.template).render(
                 messages=self._mark(messages), tools=self._mark(tools), documents=None,

@@ -69,8 +69,10 @@ class ChatDelta(dict):
 
 
 class ChatTurn:
-    def __init__(self, fmt: ChatFormat, tools: list[dict] | None, prompt: list[int]):
+    def __init__(self, fmt: ChatFormat, tools: list[dict] | None, prompt: list[int], parallel_calls: bool = True):
+        """parallel_calls=False: only the reply's first tool call counts (OpenAI's parallel_tool_calls)."""
         self.fmt, self.tools, self.prompt_tokens = fmt, tools or None, len(prompt)
+        self.parallel_calls = parallel_calls
         self.parser = fmt.stream_parser(self.tools, prompt)
         self.tokens, self.finish_reason, self.closed = 0, "stop", False
 
@@ -79,14 +81,18 @@ class ChatTurn:
         self.tokens += n_tokens
         self.finish_reason = finish_reason or self.finish_reason
         out = self.parser.feed(text) if text else []
-        return out + self.close() if finish_reason is not None else out
+        return self._calls_allowed(out + self.close() if finish_reason is not None else out)
 
     def close(self) -> list[dict]:
         """The deltas the stream still owes at its end (none a second time)."""
         if self.closed:
             return []
         self.closed = True
-        return self.parser.close()
+        return self._calls_allowed(self.parser.close())
+
+    def _calls_allowed(self, deltas: list[dict]) -> list[dict]:
+        return deltas if self.parallel_calls else [d for d in deltas if d.get("tool_calls", [{"index": 0}])[0][
+            "index"] == 0]
 
     @property
     def usage(self) -> dict[str, int]:
@@ -97,6 +103,8 @@ class ChatTurn:
         """-> (assistant message, finish reason, usage)."""
         self.close()
         message = dict(self.parser.message)
+        if not self.parallel_calls and message.get("tool_calls"):
+            message["tool_calls"] = message["tool_calls"][:1]
         reason = "tool_calls" if message.get("tool_calls") and self.finish_reason != "length" else self.finish_reason
         return message, reason, self.usage
 

@@ -68,21 +68,36 @@ def main(args: argparse.Namespace) -> int:
             continue
         messages.append({"role": "user", "content": line})
         convo = ([{"role": "system", "content": system}] if system else []) + messages
-        reply, start, final, n = "", time.perf_counter(), None, 0
+        start = time.perf_counter()
         stream = llm.chat(convo, stream=True, truncate="drop_oldest", chat_template_kwargs=template_kwargs(args),
                           **sampling(args))
-        try:
-            for item in stream:
-                if "delta" in item:
-                    reply, n = reply + item["delta"], item["completion_tokens"]
-                    out.write(item["delta"])
-                    out.flush()
-                else:
-                    final = item
-        except KeyboardInterrupt:
-            stream.close()
-            print("\n(stopped)", file=err)
+        reply, final, n = show(stream, out, err)
         seconds = time.perf_counter() - start
         n = final["usage"]["completion_tokens"] if final else n
-        messages.append({"role": "assistant", "content": final["content"] if final else reply})
+        messages.append(final.message if final else {"role": "assistant", "content": reply})
         print(f"\n\x1b[2m[{n} tokens, {n / max(seconds, 1e-9):.1f} tokens/s]\x1b[0m", file=err)
+
+
+def show(stream, out, err) -> tuple[str, object, int]:
+    """Write a streamed reply as it arrives, reasoning dimmed (on a terminal) and set apart from the answer;
+    Ctrl-C stops it. -> (the content shown, the final ChatReply or None when stopped, tokens so far)."""
+    dim, undim = ("\x1b[2m", "\x1b[0m") if out.isatty() else ("", "")
+    reply, final, n, thinking = "", None, 0, False
+    try:
+        for item in stream:
+            if "delta" not in item:
+                final = item
+                continue
+            n = item["completion_tokens"]
+            if item.get("reasoning_content"):
+                out.write(("" if thinking else dim) + item["reasoning_content"])
+                thinking = True
+            if item["delta"]:
+                out.write((undim + "\n\n" if thinking else "") + item["delta"])
+                reply, thinking = reply + item["delta"], False
+            out.flush()
+    except KeyboardInterrupt:
+        stream.close()
+        print(undim + "\n(stopped)", file=err)
+    out.write(undim if thinking else "")
+    return reply, final, n

@@ -11,7 +11,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     parser.add_argument("--chat-format", default=None,
-                        help="force a chat format: chatglm1, chatglm2, chatglm3, glm4 or jinja")
+                        help="force a chat format: chatglm1, chatglm2, chatglm3, glm4, glm45 or jinja")
     parser.add_argument("--lora", default=None, metavar="ADAPTER_DIR",
                         help="apply a LoRA adapter (PEFT format, e.g. written by glmkit train --lora-r)")
     parser.add_argument("--ptuning", default=None, metavar="PREFIX_DIR",

@@ -77,7 +77,7 @@ async def chat(body: ChatRequest, request: Request):
     started = time.time()
     base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(started), "model": s.model_name}
     handles = s.admit_all([(ids, s.with_seed(params, i)) for i in range(body.n)])  # n samples, one prefill
-    turns = [ChatTurn(s.llm.chat_format, tools, ids) for _ in handles]
+    turns = [ChatTurn(s.llm.chat_format, tools, ids, body.parallel_tool_calls) for _ in handles]
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(_chat_stream(s, handles, turns, base, started, request, include_usage, body.logprobs),

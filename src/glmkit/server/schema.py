@@ -77,6 +77,7 @@ class ChatRequest(_Request):
     top_logprobs: int | None = Field(None, ge=0, le=20)  # ... and this many likeliest alternatives
     tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None
     chat_template_kwargs: dict[str, Any] | None = None  # what the model's template reads (enable_thinking, ...)
+    parallel_tool_calls: bool = True  # false: at most one call per reply
 
 
 class CompletionRequest(_Request):
