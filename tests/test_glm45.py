@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from glmkit.chat.glm45 import StreamParser, parse_glm45
+from glmkit.chat.glm45 import TAGS, StreamParser, parse_glm45
 from glmkit.chat.jinja import compile_template
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
@@ -234,3 +234,76 @@ def test_native_renderer_equals_the_official_template(tmp_path, case, kwargs):
     assert ours == list(theirs)
     assert native.parse_reply("\n<think>r</think>\n<tool_call>now\n</tool_call>", TOOLS)["tool_calls"][0][
         "function"]["name"] == "now"
+
+
+PIECES = ["北京", "a < b", "x<y>z", "<", "007", "null", "{}", "[1, 2]", "line\nbreak", " spaced ", "3.5", "true",
+          "<think", "</tool", "tool_call", "<arg", "😀", "\\n", '"quoted"']
+
+
+def _random_reply(rng: random.Random) -> tuple[str, bool, str, str, list]:
+    """A GLM-4.5- or 4.7-style reply put together from random parts -> (text, starts in reasoning, reasoning,
+    content, calls as (name, arguments))."""
+    newlines, in_reasoning = rng.random() < 0.5, rng.random() < 0.3
+    nl = "\n" if newlines else ""
+    words = lambda n: "".join(rng.choice(PIECES + [" ", "ok", "好"]) for _ in range(n))  # noqa: E731
+    reasoning = words(rng.randint(0, 6)).strip() if in_reasoning or rng.random() < 0.7 else ""
+    content = words(rng.randint(0, 6)).strip()
+    text = ("" if in_reasoning else nl + "<think>") + reasoning + "</think>" if in_reasoning or reasoning else ""
+    text += (nl if text else "") + content
+    calls = []
+    for _ in range(rng.choice([0, 1, 1, 2, 3])):
+        if rng.random() < 0.3:
+            calls.append(("now", {}))
+            body = "now" + nl if rng.random() < 0.5 else "now"
+        else:
+            args = {k: v for k, v in (("city", words(rng.randint(0, 3))), ("days", rng.randint(-5, 500)),
+                                      ("zip", rng.choice(["007", "12", "x"])), ("opts", {"a": [rng.random() < 0.5]}))
+                    if rng.random() < 0.7}
+            calls.append(("get_weather", args))
+            if rng.random() < 0.15:  # a drifting model's JSON body
+                body = json.dumps({"name": "get_weather", "arguments": args}, ensure_ascii=False)
+            else:
+                body = "get_weather" + nl + "".join(
+                    f"<arg_key>{k}</arg_key>{nl}<arg_value>{v if isinstance(v, str) else json.dumps(v)}</arg_value>{nl}"
+                    for k, v in args.items())
+        text += nl + "<tool_call>" + body + "</tool_call>"
+    return text, in_reasoning, reasoning, content, calls
+
+
+@pytest.mark.parametrize("seed", range(80))
+def test_random_replies_in_random_pieces(seed):
+    """Replies made from random parts (both spacings, replies that start inside the reasoning, values with
+    '<', newlines and number-like strings, several calls, zero-argument calls, JSON bodies) parse to what they
+    were made from, whole and in random pieces; the deltas add up to the final message."""
+    rng = random.Random(seed)
+    text, in_reasoning, reasoning, content, calls = _random_reply(rng)
+    whole = parse_glm45(text, TOOLS, in_reasoning)
+    _same(whole, reasoning, content, calls)
+    cuts = sorted(rng.sample(range(1, len(text)), k=min(len(text) - 1, rng.randint(1, 40)))) if len(text) > 1 else []
+    parser = StreamParser(TOOLS, in_reasoning)
+    deltas = [d for a, b in zip([0] + cuts, cuts + [len(text)]) for d in parser.feed(text[a:b])] + parser.close()
+    assert _without_ids(parser.message) == _without_ids(whole)
+    for key in ("reasoning_content", "content"):
+        assert "".join(d.get(key, "") for d in deltas) == (whole.get(key) or "")
+    assert accumulated_calls(deltas) == parser.message.get("tool_calls", [])
+
+
+SOUP = list(TAGS) + ["now", "get_weather", "city", "{", "}", '"name"', ":", "\n", " ", "x", "<", ">", "3",
+                     '{"name": "now", "arguments": {}}']
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_tag_soup_never_breaks_the_stream(seed):
+    """Random sequences of tags and fragments: no exception, the streamed message is the whole parse, the
+    deltas add up to it exactly (prompt known: the reply starts inside the reasoning or not)."""
+    rng = random.Random(seed)
+    text = "".join(rng.choice(SOUP) for _ in range(rng.randint(0, 25)))
+    in_reasoning = rng.random() < 0.5
+    whole = parse_glm45(text, TOOLS, in_reasoning)
+    cuts = sorted(rng.sample(range(1, len(text)), k=min(len(text) - 1, rng.randint(1, 10)))) if len(text) > 1 else []
+    parser = StreamParser(TOOLS, in_reasoning)
+    deltas = [d for a, b in zip([0] + cuts, cuts + [len(text)]) for d in parser.feed(text[a:b])] + parser.close()
+    assert _without_ids(parser.message) == _without_ids(whole)
+    for key in ("reasoning_content", "content"):
+        assert "".join(d.get(key, "") for d in deltas) == (whole.get(key) or "")
+    assert accumulated_calls(deltas) == parser.message.get("tool_calls", [])

@@ -214,3 +214,35 @@ def test_glmkit_chat_shows_reasoning_dimmed_then_the_answer(tmp_path, tty):
     assert out.getvalue() == f"{dim}A greeting is polite.{undim}\n\n{GREETING}"
     assert reply == GREETING and final.message["reasoning_content"] == "A greeting is polite."
     assert n == final.usage["completion_tokens"] > 0
+
+
+def test_web_page_shows_reasoning_in_a_collapsible_block(tmp_path):
+    """In headless chromium: the reasoning streams into a 'Reasoning' block, which closes once the answer
+    starts; the answer is the message body; both survive a reload."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    browser_path = shutil.which("chromium")
+    assert browser_path, "Debian's chromium is needed for this test (scripts/setup --test installs it)"
+    live = LiveServer(scripted_llm(write_glm45_checkpoint(tmp_path / "m"), newlines=True))
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page()
+            page.goto(live.url + "/")
+            page.fill("#input", "Hi")
+            page.press("#input", "Enter")
+            page.wait_for_function("document.getElementById('send').hidden === false && "
+                                   "document.querySelector('.msg.assistant .body').textContent.length > 0",
+                                   timeout=20000)
+            for _ in range(2):  # as streamed, then as stored and re-rendered after a reload
+                think = page.locator(".msg.assistant details.think")
+                assert think.is_visible() and think.get_attribute("open") is None
+                assert page.inner_text(".msg.assistant details.think summary") == "Reasoning"
+                assert page.text_content(".msg.assistant .reasoning") == "A greeting is polite."
+                assert page.inner_text(".msg.assistant .body") == GREETING
+                page.reload()
+            browser.close()
+    finally:
+        live.close()

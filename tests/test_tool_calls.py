@@ -70,3 +70,26 @@ def test_unknown_tool_name_in_chatglm3_is_content():
 def test_plain_replies_drop_the_empty_metadata_line():
     assert parse_chatglm3("\n你好！", TOOLS) == {"role": "assistant", "content": "你好！"}
     assert parse_glm4("\n你好！", None) == {"role": "assistant", "content": "你好！"}
+
+
+def test_glm4_replies_stream_content_early_and_calls_at_the_end(vocab_dirs):
+    """GLM-4 and ChatGLM3 go through the same stream-parser API: a reply that cannot be a call streams as it
+    arrives; one whose first line names a tool waits and ends as a tool-call delta equal to parse_reply's."""
+    from glmkit.chat import ChatGLM3Format, GLM4Format
+    from glmkit.tokenizer import load_tokenizer
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    for fmt, call in ((GLM4Format(load_tokenizer(vocab_dirs["glm4"])), 'get_weather\n{"city": "Oslo"}'),
+                      (ChatGLM3Format(load_tokenizer(vocab_dirs["v3"])),
+                       'get_weather\n```python\ntool_call(city="Oslo")\n```')):
+        parser = fmt.stream_parser(tools)
+        early = [d for ch in "\nIt is sunny in Oslo today." for d in parser.feed(ch)]
+        assert "".join(d["content"] for d in early) == "It is sunny in Oslo today."
+        assert "".join(d["content"] for d in early + parser.close()) == parser.message["content"]
+        parser = fmt.stream_parser(tools)
+        assert [d for ch in call for d in parser.feed(ch)] == []
+        (last,) = parser.close()
+        assert last["tool_calls"][0]["function"]["name"] == "get_weather"
+        assert json.loads(last["tool_calls"][0]["function"]["arguments"]) == {"city": "Oslo"}
+        assert [{k: v for k, v in c.items() if k != "index"} for c in last["tool_calls"]] == parser.message[
+            "tool_calls"]

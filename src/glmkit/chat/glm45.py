@@ -30,30 +30,47 @@ THINK, END_THINK, CALL, END_CALL = "<think>", "</think>", "<tool_call>", "</tool
 ARG_KEY, END_ARG_KEY, ARG_VALUE, END_ARG_VALUE = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
 TAGS = (THINK, END_THINK, CALL, END_CALL, ARG_KEY, END_ARG_KEY, ARG_VALUE, END_ARG_VALUE)
 ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
-NAME_END = re.compile(r"\n|<arg_key>")
+NAME_END = re.compile(r"\s|<arg_key>|\{")
 
 
-def split_reasoning(text: str, in_reasoning: bool = False) -> tuple[str, str]:
-    """-> (reasoning, the rest). Without a closing tag, a reply that started in reasoning is all reasoning; a
-    closing tag without an opening one means the opening tag was in the prompt (GLM-4.7 and later)."""
+def split_reasoning(text: str, in_reasoning: bool | None = None) -> tuple[str, str]:
+    """-> (reasoning, the rest). in_reasoning: whether the prompt left a <think> open (GLM-4.7 and later), None
+    when the prompt is not known. A reply that starts in reasoning is all reasoning until its </think>. With the
+    prompt unknown, a closing tag without an opening one means the opening tag was in the prompt; with a
+    prompt known not to open one, such a stray tag is dropped."""
     if not in_reasoning:
         head = text.lstrip()
         if head.startswith(THINK):
             text = head[len(THINK):]
+        elif in_reasoning is False:
+            return "", text.replace(END_THINK, "")
         elif END_THINK not in text.split(CALL, 1)[0]:
             return "", text
     reasoning, sep, rest = text.partition(END_THINK)
     return (reasoning, rest) if sep else (text, "")
 
 
+JSON_TYPES = {"null": type(None), "boolean": bool, "integer": int, "number": (int, float), "array": list,
+              "object": dict}
+
+
 def _typed(value: str, schema: dict | None) -> Any:
-    if isinstance(schema, dict) and schema.get("type") == "string":
+    """An argument's text as its schema types it: text when it says string (or lists only strings in an enum);
+    else JSON, then a Python literal, then the text. With "string" among several types, a value that reads as
+    one of the others is that, else it stays text."""
+    schema = schema if isinstance(schema, dict) else {}
+    types = schema.get("type") if isinstance(schema.get("type"), list) else [schema.get("type")]
+    enum = schema.get("enum")
+    if types == ["string"] or (types == [None] and isinstance(enum, list) and enum and
+                               all(isinstance(e, str) for e in enum)):
         return value
     for read in (json.loads, ast.literal_eval):
         try:
-            return read(value)
+            parsed = read(value)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             continue
+        others = tuple(JSON_TYPES[t] for t in types if t in JSON_TYPES)
+        return value if "string" in types and not isinstance(parsed, others) else parsed
     return value
 
 
@@ -84,20 +101,30 @@ def read_call(body: str, tools: list[dict] | None, closed: bool = True) -> Call 
     """The inside of one <tool_call> (closed: its </tool_call> arrived) -> a Call of a known tool, else None.
     An open call is a Call once its name is complete; a JSON body only once closed."""
     known = dict(functions(tools)) if tool_names(tools) else {}
-    stripped = body.strip()
-    if stripped.startswith("{"):  # a JSON body: {"name": ..., "arguments": {...}}
-        return _json_call(stripped, known) if closed else None
+    body = body.lstrip()
+    if body.startswith("{"):  # a JSON body: {"name": ..., "arguments": {...}}
+        return _json_call(body.rstrip(), known) if closed else None
     end = NAME_END.search(body)
     if not closed and end is None:
         return None  # the name may still grow
-    name = (body[: end.start()] if end else body).strip()
+    name, rest = (body[: end.start()].strip(), body[end.start():]) if end else (body.strip(), "")
     if name not in known:
         return None
+    if rest.strip().startswith("{") and ARG_KEY not in rest:  # `name {json}` / `name\n{json}`, as models drift
+        return _json_arguments(name, rest) if closed else None
     props = known[name].get("properties") if isinstance(known[name].get("properties"), dict) else {}
     pairs: dict[str, Any] = {}
-    for k, v in ARG.findall(body[end.start():] if end else ""):
+    for k, v in ARG.findall(rest):
         pairs.setdefault(k.strip(), _typed(v, props.get(k.strip())))
     return Call(name, list(pairs.items()), closed)
+
+
+def _json_arguments(name: str, text: str) -> Call | None:
+    try:
+        args = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return Call(name, list(args.items()), True) if isinstance(args, dict) else None
 
 
 def _json_call(body: str, known: dict) -> Call | None:
@@ -133,7 +160,7 @@ def read_rest(rest: str, tools: list[dict] | None, final: bool) -> tuple[str, li
     return "".join(content), calls
 
 
-def parse_glm45(text: str, tools: list[dict] | None = None, in_reasoning: bool = False) -> dict[str, Any]:
+def parse_glm45(text: str, tools: list[dict] | None = None, in_reasoning: bool | None = None) -> dict[str, Any]:
     """A whole reply -> the assistant message: content, reasoning_content (when there was any), tool_calls."""
     reasoning, rest = split_reasoning(text, in_reasoning)
     content, calls = read_rest(rest, tools, final=True)
@@ -157,7 +184,7 @@ class StreamParser:
     """feed(text) -> deltas ({'reasoning_content'}, {'content'} or {'tool_calls': [...]}) as the reply streams;
     close() -> the last deltas. `message` (after close) is parse_glm45 of everything fed."""
 
-    def __init__(self, tools: list[dict] | None = None, in_reasoning: bool = False):
+    def __init__(self, tools: list[dict] | None = None, in_reasoning: bool | None = None):
         self.tools, self.in_reasoning = tools, in_reasoning
         self.text = ""
         self.sent = {"reasoning_content": "", "content": ""}
@@ -221,13 +248,16 @@ class Glm45Format(JinjaFormat):
         super().__init__(tokenizer, template, special_strings, stop_ids)
         self.newlines = template is None or "\n<arg_key>" in template  # GLM-4.5 / 4.6: newlines between tags
 
-    def in_reasoning(self, prompt: list[int] | None) -> bool:
-        """Whether the prompt leaves a <think> open after its last <|assistant|> (GLM-4.7 and later)."""
-        if not prompt:
-            return False
-        assistant = self.tok.special.get("<|assistant|>")
-        last = max((i for i, t in enumerate(prompt) if t == assistant), default=-1)
-        tail = self.tok.decode(prompt[last + 1:])
+    def in_reasoning(self, prompt: list[int] | str | None) -> bool | None:
+        """Whether the prompt (ids, or its text) leaves a <think> open after its last <|assistant|> (GLM-4.7
+        and later); None without a prompt."""
+        if prompt is None:
+            return None
+        if isinstance(prompt, str):
+            tail = prompt.rpartition("<|assistant|>")[2]
+        else:
+            assistant = self.tok.special.get("<|assistant|>")
+            tail = self.tok.decode(prompt[max((i for i, t in enumerate(prompt) if t == assistant), default=-1) + 1:])
         return tail.rfind(THINK) > tail.rfind(END_THINK)
 
     def parse_reply(self, text, tools=None, prompt=None):

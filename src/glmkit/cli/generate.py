@@ -28,9 +28,11 @@ def main(args: argparse.Namespace) -> int:
     ids = (llm.apply_chat_template([{"role": "user", "content": prompt}], **template_kwargs(args)) if args.chat
            else llm.encode_prompt(prompt))
     done = llm.generate(ids, **sampling(args))
-    text = llm.chat_format.parse_reply(done.text)["content"] if args.chat and llm.chat_format else done.text
+    message = llm.chat_format.parse_reply(done.text, None, ids) if args.chat and llm.chat_format else {}
+    text = message.get("content", done.text)  # with --chat: the answer, its reasoning apart
     if args.json:
-        print(json.dumps({"text": text, "token_ids": done.token_ids, "prompt_token_ids": ids,
+        extra = {"reasoning_content": message["reasoning_content"]} if "reasoning_content" in message else {}
+        print(json.dumps({"text": text, **extra, "token_ids": done.token_ids, "prompt_token_ids": ids,
                           "finish_reason": done.finish_reason, "usage": done.usage}, ensure_ascii=False))
     else:
         print(text)
