@@ -18,7 +18,7 @@ import glmkit
 from conftest import GLM_CONFIGS, LLAMA_CONFIGS, CodeOnUnpickle, make_hf_model
 from vocab import CHATML_SPECIALS, SMOLLM2_TEMPLATE, corpus, save_hf_tokenizer, train_sentencepiece
 from glmkit.tokenizer import ChatGLM1Tokenizer
-from glmkit.train.data import IGNORE, Dataset, collate, sft_sample
+from glmkit.train.data import IGNORE, collate, sft_sample
 from glmkit.train.trainer import TrainConfig, train
 
 CONVERSATIONS = [
