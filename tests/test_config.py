@@ -140,6 +140,13 @@ def test_sub_configs_round_trip_and_the_model_refuses_what_it_does_not_run():
     with pytest.raises(ConfigError, match="num_experts must be a multiple of groups"):
         ModelConfig.from_dict({**base, "moe": {"num_experts": 8, "experts_per_token": 2, "expert_size": 64,
                                                "groups": 3}})
-    mla = ModelConfig.from_dict({**base, "num_layers": 1, "mla": MLAConfig(16, 16, 8, 16).__dict__})
-    with pytest.raises(UnsupportedArchitectureError, match="'mla'"):
-        Transformer.skeleton(mla)
+    mla = ModelConfig.from_dict({**base, "num_layers": 1, "head_dim": 8, "mla": MLAConfig(16, 16, 8, 16).__dict__})
+    assert ModelConfig.from_dict(mla.to_dict()) == mla
+    assert Transformer.skeleton(mla).layers[0].attn.kv_b.weight.shape == (base["num_heads"] * 32, 16)
+    with pytest.raises(ConfigError, match="an indexer reads the q_lora_rank latent"):
+        ModelConfig.from_dict({**base, "mla": {**MLAConfig(16, 16, 8, 16).__dict__, "index_topk": 4,
+                                               "index_heads": 2, "index_head_dim": 16}})
+    vision = ModelConfig.from_dict({**base, "num_layers": 1, "vision": {"depth": 1, "hidden_size": 8, "num_heads": 2,
+                                                                        "patch_size": 14, "out_hidden_size": 8}})
+    with pytest.raises(UnsupportedArchitectureError, match="'vision'"):
+        Transformer.skeleton(vision)

@@ -16,10 +16,12 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "glmkit"
 # glmkit.errors and glmkit.config (the bottom layers), and its own package. "model" stands for the model
 # group of the table's row (model, moe, positions, kv_cache). loaders' third-party extras: numpy (gguf's arrays)
 # and huggingface_hub (hub.py's downloads).
-MODEL = ["glmkit.model", "glmkit.moe", "glmkit.positions", "glmkit.kv_cache"]
+MODEL = ["glmkit.model", "glmkit.layers", "glmkit.mla", "glmkit.moe", "glmkit.positions", "glmkit.kv_cache"]
 MAY = {
     "config": [],
-    "model": ["torch", "glmkit.kv_cache", "glmkit.moe"],
+    "model": ["torch", "glmkit.kv_cache", "glmkit.moe", "glmkit.layers", "glmkit.mla"],
+    "layers": ["torch", "glmkit.kv_cache"],
+    "mla": ["torch", "glmkit.layers"],
     "moe": ["torch"],
     "positions": ["torch"],
     "kv_cache": ["torch"],
@@ -50,6 +52,8 @@ MUST_NOT = {
     "positions": ["glmkit.loaders", "glmkit.tokenizer", "glmkit.engine", "json", "pathlib", "os"],
     "moe": ["glmkit.loaders", "glmkit.tokenizer", "glmkit.engine", "glmkit.server", "glmkit.model", "json", "pathlib",
             "os"],
+    "layers": ["glmkit.loaders", "glmkit.tokenizer", "glmkit.engine", "glmkit.model", "json", "pathlib", "os"],
+    "mla": ["glmkit.loaders", "glmkit.tokenizer", "glmkit.engine", "glmkit.model", "json", "pathlib", "os"],
     "kv_cache": ["glmkit.loaders", "glmkit.tokenizer", "glmkit.engine", "glmkit.server", "glmkit.model"],
     "loaders": ["glmkit.engine", "glmkit.server", "glmkit.train", "glmkit.model", "glmkit.llm"],
     "quant": ["glmkit.engine", "glmkit.server", "glmkit.train"],

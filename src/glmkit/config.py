@@ -41,16 +41,39 @@ class MoEConfig:
     topk_groups: int = 1
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
+    sparse_layers: tuple[int, ...] | None = None  # the MoE layers, when not all after first_dense_layers
+
+    def __post_init__(self) -> None:
+        if self.sparse_layers is not None:
+            object.__setattr__(self, "sparse_layers", tuple(self.sparse_layers))
+
+    def is_sparse(self, index: int, num_layers: int) -> bool:
+        """Whether layer `index` (MTP layers past num_layers included) has a MoE MLP."""
+        if self.sparse_layers is None or index >= num_layers:
+            return index >= self.first_dense_layers
+        return index in self.sparse_layers
 
 
 @dataclass(frozen=True)
 class MLAConfig:
-    """Multi-head latent attention (GLM-4.7-Flash, GLM-5): a compressed latent per token in the cache."""
+    """Multi-head latent attention (GLM-4.7-Flash, GLM-5): a compressed latent per token in the cache; with
+    index_topk, GLM-5's sparse-attention indexer (DSA) picks the keys each query may attend."""
     kv_lora_rank: int
     qk_nope_head_dim: int
     qk_rope_head_dim: int
     v_head_dim: int
     q_lora_rank: int | None = None
+    rope_interleave: bool = True  # rotary pairs (2i, 2i+1) of the rope part, else half against half
+    index_topk: int = 0  # 0: no indexer
+    index_heads: int = 0
+    index_head_dim: int = 0
+    indexer_types: tuple[str, ...] = ()  # per layer: "full" runs the indexer, "shared" reuses the last full one's
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "indexer_types", tuple(self.indexer_types))
+
+    def has_indexer(self, index: int) -> bool:
+        return self.index_topk > 0 and (index >= len(self.indexer_types) or self.indexer_types[index] == "full")
 
 
 @dataclass(frozen=True)
@@ -144,6 +167,8 @@ class ModelConfig:
             raise ConfigError("ModelConfig.positions '2d' needs mask_token_id or gmask_token_id.")
         if self.moe is not None:
             _check_moe(self.moe, self.num_layers)
+        if self.mla is not None:
+            _check_mla(self.mla, self.num_layers)
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
 
     @property
@@ -204,6 +229,21 @@ def _check_moe(m: MoEConfig, num_layers: int) -> None:
             raise ConfigError(f"MoEConfig: {rule} (got {m}).")
 
 
+def _check_mla(m: MLAConfig, num_layers: int) -> None:
+    rules = [(min(m.kv_lora_rank, m.qk_nope_head_dim, m.v_head_dim) > 0, "the latent and head sizes must be positive"),
+             (m.qk_rope_head_dim > 0 and m.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be positive and even"),
+             (m.q_lora_rank is None or m.q_lora_rank > 0, "q_lora_rank must be positive or null"),
+             (m.index_topk == 0 or (m.index_heads > 0 and m.index_head_dim >= m.qk_rope_head_dim),
+              "an indexer needs index_heads and an index_head_dim of at least qk_rope_head_dim"),
+             (m.index_topk == 0 or m.q_lora_rank is not None, "an indexer reads the q_lora_rank latent"),
+             (set(m.indexer_types) <= {"full", "shared"}, "indexer_types are 'full' or 'shared'"),
+             (not m.indexer_types or (len(m.indexer_types) == num_layers and m.indexer_types[0] == "full"),
+              "indexer_types needs one entry per layer, the first 'full'")]
+    for ok, rule in rules:
+        if not ok:
+            raise ConfigError(f"MLAConfig: {rule} (got {m}).")
+
+
 def hf_spelling(d: dict[str, Any]) -> str | None:
     """Which spelling a config.json uses: 'thudm_v1' (ChatGLM-6B remote code), 'thudm_v2' (ChatGLM2/3,
     GLM-4-9B remote code), 'transformers' (a model_type glmkit reads), or None. The one place that decides
@@ -226,8 +266,9 @@ UNSUPPORTED_FEATURES = {
 }
 
 
-SUPPORTED_BY = {"glm4_moe": {"n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "use_qk_norm",
-                             "num_nextn_predict_layers"}}  # model types that run some of those features
+_MOE_KEYS = {"n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "num_nextn_predict_layers"}
+SUPPORTED_BY = {"glm4_moe": _MOE_KEYS | {"use_qk_norm"}, "glm4_moe_lite": _MOE_KEYS | {"kv_lora_rank", "q_lora_rank"},
+                "glm_moe_dsa": _MOE_KEYS | {"kv_lora_rank", "q_lora_rank", "index_topk"}}  # model types that run some
 
 
 def _refuse_unsupported_features(d: dict[str, Any]) -> None:
@@ -354,7 +395,9 @@ def _from_thudm(k: _Keys) -> ModelConfig:
 
 
 _HF_FAMILIES = {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
+                "glm4_moe_lite": "Glm4MoeLiteForCausalLM", "glm_moe_dsa": "GlmMoeDsaForCausalLM",
                 "llama": "LlamaForCausalLM"}
+_MLA_TYPES = ("glm4_moe_lite", "glm_moe_dsa")
 
 
 def _rope_parameters(k: _Keys) -> dict[str, Any]:
@@ -386,13 +429,43 @@ def _moe(k: _Keys) -> dict[str, Any]:
     k.expect("scoring_func", (None, "sigmoid"), None)
     k.get("output_router_logits")  # training only
     k.get("router_aux_loss_coef")
+    kinds = k.get("mlp_layer_types")  # GLM-4.7-Flash / GLM-5: "dense" or "sparse" per layer
+    if kinds is not None and (not isinstance(kinds, list) or set(kinds) - {"dense", "sparse"}):
+        raise ConfigError(f"config.json mlp_layer_types must list 'dense' or 'sparse' per layer, got {kinds!r}.")
+    sparse = None if kinds is None else tuple(i for i, kind in enumerate(kinds) if kind == "sparse")
     moe = MoEConfig(num_experts=int(k.need("n_routed_experts")), experts_per_token=int(k.need("num_experts_per_tok")),
                     expert_size=int(k.need("moe_intermediate_size")), shared_experts=int(k.get("n_shared_experts", 1)),
                     first_dense_layers=int(k.get("first_k_dense_replace", 1)), groups=int(k.get("n_group", 1)),
                     topk_groups=int(k.get("topk_group", 1)), norm_topk_prob=bool(k.get("norm_topk_prob", True)),
-                    routed_scaling_factor=float(k.get("routed_scaling_factor", 1.0)))
+                    routed_scaling_factor=float(k.get("routed_scaling_factor", 1.0)), sparse_layers=sparse)
     return {"moe": moe, "qk_norm": bool(k.get("use_qk_norm", False)),
             "mtp_layers": int(k.get("num_nextn_predict_layers") or 0)}
+
+
+def _mla(k: _Keys, model_type: str, num_layers: int) -> dict[str, Any]:
+    """Latent attention (Glm4MoeLiteConfig) and GLM-5's indexer (GlmMoeDsaConfig) -> mla and the fields it sets:
+    head_dim is the rope part (what the rotary tables cover), all of it rotating."""
+    rope = int(k.need("qk_rope_head_dim"))
+    dsa = model_type == "glm_moe_dsa"
+    for key in ("qk_head_dim", "head_dim", "num_key_value_heads"):  # derived values transformers writes too
+        k.get(key)
+    types = k.get("indexer_types")
+    pattern = k.get("index_topk_pattern")  # released configs give the schedule; transformers derives the list
+    freq, offset = max(int(k.get("index_topk_freq", 1)), 1), int(k.get("index_skip_topk_offset", 2))
+    if dsa and types is None:
+        types = ([{"F": "full", "S": "shared"}.get(c, c) for c in pattern] if pattern is not None else
+                 ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(num_layers)])
+    q_lora = k.get("q_lora_rank")
+    mla = MLAConfig(kv_lora_rank=int(k.need("kv_lora_rank")), qk_nope_head_dim=int(k.need("qk_nope_head_dim")),
+                    qk_rope_head_dim=rope, v_head_dim=int(k.need("v_head_dim")),
+                    q_lora_rank=None if q_lora is None else int(q_lora),
+                    rope_interleave=True if dsa else bool(k.get("rope_interleave", True)),
+                    index_topk=int(k.need("index_topk")) if dsa else 0,
+                    index_heads=int(k.need("index_n_heads")) if dsa else 0,
+                    index_head_dim=int(k.need("index_head_dim")) if dsa else 0,
+                    indexer_types=tuple(types or ()))
+    return {"mla": mla, "head_dim": rope, "rope_fraction": 1.0,
+            "rope_layout": "interleaved" if mla.rope_interleave else "half_split"}
 
 
 def _from_transformers(k: _Keys, model_type: str) -> ModelConfig:
@@ -400,19 +473,23 @@ def _from_transformers(k: _Keys, model_type: str) -> ModelConfig:
     k.expect("hidden_act", ("silu",), "silu")
     hidden = int(k.need("hidden_size"))
     heads = int(k.need("num_attention_heads"))
-    attention_bias = bool(k.get("attention_bias", model_type not in ("llama", "glm4_moe")))
+    attention_bias = bool(k.get("attention_bias", model_type not in ("llama", "glm4_moe", *_MLA_TYPES)))
     rope = _rope_parameters(k)
     glm = model_type in ("glm", "glm4")
-    moe = _moe(k) if model_type == "glm4_moe" else {}
+    moe = _moe(k) if model_type in ("glm4_moe", *_MLA_TYPES) else {}
+    layers = int(k.need("num_hidden_layers"))
+    mla = _mla(k, model_type, layers) if model_type in _MLA_TYPES else {}
+    head_dim = mla.pop("head_dim", None) or int(k.get("head_dim") or hidden // heads)
     cfg = ModelConfig(
         vocab_size=int(k.need("vocab_size")), hidden_size=hidden, intermediate_size=int(k.need("intermediate_size")),
-        num_layers=int(k.need("num_hidden_layers")), num_heads=heads,
-        num_kv_heads=int(k.get("num_key_value_heads") or heads), head_dim=int(k.get("head_dim") or hidden // heads),
+        num_layers=layers, num_heads=heads,
+        num_kv_heads=heads if mla else int(k.get("num_key_value_heads") or heads), head_dim=head_dim,
         norm_eps=float(k.get("rms_norm_eps", 1e-6)), qkv_bias=attention_bias,
         out_bias=attention_bias and model_type == "llama", mlp_bias=bool(k.get("mlp_bias", False)),
         extra_norms="sandwich" if model_type == "glm4" else "none",
-        rope_layout="interleaved" if glm else "half_split",  # glm4_moe rotates NeoX-style, half against half
-        **{"rope_fraction": 0.5 if glm or moe else 1.0, **rope}, **moe,
+        # glm4_moe rotates NeoX-style, half against half; latent attention as its config says (_mla)
+        **{"rope_layout": "interleaved" if glm else "half_split", "rope_fraction": 0.5 if glm or moe else 1.0,
+           **rope, **mla}, **moe,
         tie_embeddings=bool(k.get("tie_word_embeddings", False)),
         max_seq_len=int(k.get("max_position_embeddings", 2048)), bos_token_id=k.get("bos_token_id"),
         eos_token_ids=_eos_list(k.get("eos_token_id")), pad_token_id=k.get("pad_token_id"))

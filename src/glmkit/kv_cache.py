@@ -1,4 +1,5 @@
-"""A preallocated key/value cache: one (B, K, max_len, D) buffer pair per layer.
+"""A preallocated key/value cache: one (B, K, max_len, D) buffer pair per layer (for latent attention: the
+latent and the rope key, see layer_widths).
 
 Created by the engine and passed into the model's forward; the model writes the new keys and values
 at [start, start + T) of each row and reads [0, S). `start` is one int for the whole batch or one per
@@ -15,12 +16,22 @@ from glmkit.config import ModelConfig
 from glmkit.errors import GlmkitError
 
 
+def layer_widths(config: ModelConfig) -> list[tuple[int, int, int]]:
+    """(heads, key width, value width) of each layer's cache. Latent attention (MLA) keeps one compressed latent
+    and the shared rope key per token (plus, where a layer runs GLM-5's indexer, its key after the rope key)."""
+    m = config.mla
+    if m is None:
+        return [(config.num_kv_heads, config.head_dim, config.head_dim)] * config.num_layers
+    return [(1, m.kv_lora_rank, m.qk_rope_head_dim + (m.index_head_dim if m.has_indexer(i) else 0))
+            for i in range(config.num_layers)]
+
+
 class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)  # (B, K, S, D) per layer
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        widths = layer_widths(config)  # (B, K, S, D) buffers per layer
+        self.k = [torch.zeros(batch_size, K, max_len, Dk, dtype=dtype, device=device) for K, Dk, _ in widths]
+        self.v = [torch.zeros(batch_size, K, max_len, Dv, dtype=dtype, device=device) for K, _, Dv in widths]
 
     @property
     def max_len(self) -> int:

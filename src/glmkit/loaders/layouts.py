@@ -53,14 +53,17 @@ THUDM_V2 = _thudm("thudm_v2", "transformer.encoder.layers.{i}", "self_attention"
 _HF = "model.layers.{i}"
 
 
+_QKV = (qkv("layers.{i}.attn.qkv", f"{_HF}.self_attn.q_proj", f"{_HF}.self_attn.k_proj", f"{_HF}.self_attn.v_proj"),)
+
+
 def _transformers(name: str, fused_gate_up: bool, extra: tuple[Module, ...] = (),
-                  drops: tuple[str, ...] = ()) -> Layout:
+                  drops: tuple[str, ...] = (), attention: tuple[Module, ...] = _QKV) -> Layout:
     """GlmForCausalLM / Glm4ForCausalLM write gate_up_proj fused, LlamaForCausalLM gate and up apart; both
-    spellings are read. `extra`: a family's own modules (Glm4Moe's experts), which then names its adapters."""
-    return Layout(name, Table(extra + (
+    spellings are read. `extra`: a family's own modules (Glm4Moe's experts), which then names its adapters;
+    `attention`: the q / k / v projections (latent attention has others)."""
+    return Layout(name, Table(extra + attention + (
         Module("embed", "model.embed_tokens", W),
         Module("layers.{i}.attn_norm", f"{_HF}.input_layernorm", W),
-        qkv("layers.{i}.attn.qkv", f"{_HF}.self_attn.q_proj", f"{_HF}.self_attn.k_proj", f"{_HF}.self_attn.v_proj"),
         Module("layers.{i}.attn.out", f"{_HF}.self_attn.o_proj", linear=True),
         Module("layers.{i}.attn_post_norm", f"{_HF}.post_self_attn_layernorm", W),
         Module("layers.{i}.mlp_norm", f"{_HF}.post_attention_layernorm", W),
@@ -77,9 +80,7 @@ def _transformers(name: str, fused_gate_up: bool, extra: tuple[Module, ...] = ()
 TRANSFORMERS_GLM = _transformers("transformers", fused_gate_up=True)
 TRANSFORMERS_LLAMA = _transformers("transformers_llama", fused_gate_up=False)
 _MLP = f"{_HF}.mlp"
-TRANSFORMERS_GLM4_MOE = _transformers("transformers_glm4_moe", fused_gate_up=False, extra=(
-    Module("layers.{i}.attn.q_norm", f"{_HF}.self_attn.q_norm", W),
-    Module("layers.{i}.attn.k_norm", f"{_HF}.self_attn.k_norm", W),
+_MOE = (
     Module("layers.{i}.mlp.router", f"{_MLP}.gate", ("weight", "e_score_correction_bias")),
     # experts: transformers v5's fused 3-D tensors (written on export), or one tensor per expert as released
     Module("layers.{i}.mlp.experts", f"{_MLP}.experts", ("gate_up_proj", "down_proj")),
@@ -95,7 +96,27 @@ TRANSFORMERS_GLM4_MOE = _transformers("transformers_glm4_moe", fused_gate_up=Fal
     Module("layers.{i}.enorm", f"{_HF}.enorm", W),
     Module("layers.{i}.hnorm", f"{_HF}.hnorm", W),
     Module("layers.{i}.head_norm", f"{_HF}.shared_head.norm", W),
-), drops=(r"model\.layers\.\d+\.embed_tokens\.weight", r"model\.layers\.\d+\.shared_head\.head\.weight"))
+)
+_MTP_DROPS = (r"model\.layers\.\d+\.embed_tokens\.weight", r"model\.layers\.\d+\.shared_head\.head\.weight")
+TRANSFORMERS_GLM4_MOE = _transformers("transformers_glm4_moe", fused_gate_up=False, extra=(
+    Module("layers.{i}.attn.q_norm", f"{_HF}.self_attn.q_norm", W),
+    Module("layers.{i}.attn.k_norm", f"{_HF}.self_attn.k_norm", W), *_MOE), drops=_MTP_DROPS)
+_ATTN = f"{_HF}.self_attn"
+_LATENT = (  # GLM-4.7-Flash / GLM-5 latent attention (mla.py), GLM-5's indexer
+    Module("layers.{i}.attn.q", f"{_ATTN}.q_proj", W, linear=True),
+    Module("layers.{i}.attn.q_a", f"{_ATTN}.q_a_proj", linear=True),
+    Module("layers.{i}.attn.q_a_norm", f"{_ATTN}.q_a_layernorm", W),
+    Module("layers.{i}.attn.q_b", f"{_ATTN}.q_b_proj", W, linear=True),
+    Module("layers.{i}.attn.kv_a", f"{_ATTN}.kv_a_proj_with_mqa", linear=True),
+    Module("layers.{i}.attn.kv_a_norm", f"{_ATTN}.kv_a_layernorm", W),
+    Module("layers.{i}.attn.kv_b", f"{_ATTN}.kv_b_proj", W),
+    Module("layers.{i}.attn.indexer.wq_b", f"{_ATTN}.indexer.wq_b", W, linear=True),
+    Module("layers.{i}.attn.indexer.wk", f"{_ATTN}.indexer.wk", W, linear=True),
+    Module("layers.{i}.attn.indexer.k_norm", f"{_ATTN}.indexer.k_norm"),
+    Module("layers.{i}.attn.indexer.weights", f"{_ATTN}.indexer.weights_proj", W, linear=True),
+)
+TRANSFORMERS_GLM4_MOE_LITE = _transformers("transformers_glm4_moe_lite", fused_gate_up=False, extra=_MOE,
+                                           drops=_MTP_DROPS, attention=_LATENT)
 GLMKIT = Layout("glmkit", None, "transformers", "hf")
 GLMKIT_QUANTIZED = Layout("glmkit_quantized", None, "transformers", "hf")
 
@@ -138,7 +159,7 @@ GGUF_GLM4MOE = Layout("gguf_glm4moe", Table(_GGUF_COMMON + (  # GLM-4.5 family; 
     "transformers_glm4_moe", "gguf")
 GGUF_LAYOUTS = {"llama": GGUF_LLAMA, "chatglm": GGUF_CHATGLM, "glm4": GGUF_GLM4, "glm4moe": GGUF_GLM4MOE}
 LAYOUTS = {layout.name: layout for layout in (THUDM_V1, THUDM_V2, TRANSFORMERS_GLM, TRANSFORMERS_LLAMA,
-                                              TRANSFORMERS_GLM4_MOE, GLMKIT, GLMKIT_QUANTIZED, *GGUF_LAYOUTS.values())}
+                                              TRANSFORMERS_GLM4_MOE, TRANSFORMERS_GLM4_MOE_LITE, GLMKIT, GLMKIT_QUANTIZED, *GGUF_LAYOUTS.values())}
 
 
 def detect(raw: dict[str, Any]) -> Layout:
@@ -150,8 +171,8 @@ def detect(raw: dict[str, Any]) -> Layout:
     if spelling in ("thudm_v1", "thudm_v2"):
         return LAYOUTS[spelling]
     if spelling == "transformers":
-        return {"llama": TRANSFORMERS_LLAMA, "glm4_moe": TRANSFORMERS_GLM4_MOE}.get(raw.get("model_type"),
-                                                                                  TRANSFORMERS_GLM)
+        return {"llama": TRANSFORMERS_LLAMA, "glm4_moe": TRANSFORMERS_GLM4_MOE, "glm4_moe_lite": TRANSFORMERS_GLM4_MOE_LITE,
+                "glm_moe_dsa": TRANSFORMERS_GLM4_MOE_LITE}.get(raw.get("model_type"), TRANSFORMERS_GLM)
     ModelConfig.from_hf_dict(raw)  # raises the unknown- or unsupported-architecture error
     raise CheckpointError("config.json describes no layout glmkit reads.")
 
