@@ -271,7 +271,20 @@ SUPPORTED_BY = {"glm4_moe": _MOE_KEYS | {"use_qk_norm"}, "glm4_moe_lite": _MOE_K
                 "glm_moe_dsa": _MOE_KEYS | {"kv_lora_rank", "q_lora_rank", "index_topk"}}  # model types that run some
 
 
+NOT_YET = {  # model types glmkit knows of but does not run yet, with what they add
+    "glm5_next": "GLM-5.3-Flash: linear-attention (Kimi Delta Attention) layers, latent attention without a rope "
+                 "part and mHC residual streams",
+}
+
+
 def _refuse_unsupported_features(d: dict[str, Any]) -> None:
+    if d.get("model_type") in NOT_YET:
+        raise UnsupportedArchitectureError(f"model_type {d['model_type']!r} is not supported yet ({NOT_YET[d['model_type']]}); "
+                                           "glmkit cannot run this model.")
+    kinds = d.get("layer_types") or d.get("text_config", {}).get("layer_types") or []
+    if isinstance(kinds, list) and "linear_attention" in kinds:
+        raise UnsupportedArchitectureError("unsupported architecture feature 'layer_types' (linear-attention layers) "
+                                           "in config.json: glmkit cannot run this model yet.")
     runs = SUPPORTED_BY.get(d.get("model_type"), set())
     for key, what in UNSUPPORTED_FEATURES.items():
         value = d.get(key)
@@ -446,6 +459,9 @@ def _mla(k: _Keys, model_type: str, num_layers: int) -> dict[str, Any]:
     """Latent attention (Glm4MoeLiteConfig) and GLM-5's indexer (GlmMoeDsaConfig) -> mla and the fields it sets:
     head_dim is the rope part (what the rotary tables cover), all of it rotating."""
     rope = int(k.need("qk_rope_head_dim"))
+    if rope <= 0:
+        raise UnsupportedArchitectureError("unsupported architecture feature 'qk_rope_head_dim' = 0 (latent attention "
+                                           "without a rope part) in config.json: glmkit cannot run this model yet.")
     dsa = model_type == "glm_moe_dsa"
     for key in ("qk_head_dim", "head_dim", "num_key_value_heads"):  # derived values transformers writes too
         k.get(key)

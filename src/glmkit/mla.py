@@ -46,6 +46,8 @@ class LatentUp(nn.Module):
 
 
 class Indexer(nn.Module):
+    int8_only = True  # quantized to 8 bits at most: a small error flips its discrete top-k choice
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         m = config.mla

@@ -334,7 +334,8 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 32, include_he
     """Swap every nn.Linear (attention, MLP and, with include_head, the output head) for a weight-only module.
 
     The output head stays int8 even for bits=4: it decides every token, and 4 bits there cost far more
-    quality than they save (GGUF files keep it at 8 bits too)."""
+    quality than they save (GGUF files keep it at 8 bits too); so do modules marked `int8_only` (GLM-5's
+    indexer, whose top-k choice is discrete)."""
     if bits not in (4, 8):
         raise GlmkitError(f"quantize to 4 or 8 bits, not {bits}.")
 
@@ -349,7 +350,8 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 32, include_he
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and (child_name != "lm_head" or include_head):
-                setattr(module, child_name, make(child.weight.detach(), child.bias, child_name == "lm_head"))
+                eight = child_name == "lm_head" or getattr(module, "int8_only", False)  # e.g. GLM-5's indexer
+                setattr(module, child_name, make(child.weight.detach(), child.bias, eight))
         for name, param in list(module.named_parameters(recurse=False)):
             if param.dim() == 3 and name.endswith("_proj"):  # stacked experts (E, N, K): a MoE layer
                 replace_module(module, name, quantize_experts(param.detach(), bits, group_size))
