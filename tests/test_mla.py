@@ -163,3 +163,127 @@ def test_unsupported_variants_are_named(tmp_path):
         ModelConfig.from_hf_dict({**config, "qk_rope_head_dim": 0})
     with pytest.raises(UnsupportedArchitectureError, match="linear-attention"):
         ModelConfig.from_hf_dict({**config, "layer_types": ["full_attention", "linear_attention", "full_attention"]})
+
+
+# ------------------------------------------------------------------------------ GGUF, as llama.cpp writes it
+GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+              "self_attn.q_a_proj": "attn_q_a", "self_attn.q_a_layernorm": "attn_q_a_norm",
+              "self_attn.q_b_proj": "attn_q_b", "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa",
+              "self_attn.kv_a_layernorm": "attn_kv_a_norm", "self_attn.o_proj": "attn_output",
+              "self_attn.indexer.wq_b": "indexer.attn_q_b", "self_attn.indexer.wk": "indexer.attn_k",
+              "self_attn.indexer.k_norm": "indexer.k_norm", "self_attn.indexer.weights_proj": "indexer.proj",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+              "mlp.gate": "ffn_gate_inp", "mlp.shared_experts.gate_proj": "ffn_gate_shexp",
+              "mlp.shared_experts.up_proj": "ffn_up_shexp", "mlp.shared_experts.down_proj": "ffn_down_shexp"}
+
+
+def write_mla_gguf(hf, path, qtype: str = "F32", gating: int | None = 2, split_kv_b: bool = True) -> None:
+    """The model as llama.cpp's converter writes GLM-4.7-Flash (arch deepseek2: DeepseekV2Model) and GLM-5
+    (glm-dsa, with the indexer keys): one kv head of kv_lora_rank + rope dims, the per-head sizes in *_mla keys,
+    kv_b split into attn_k_b (transposed) and attn_v_b (or whole, as older files have it), experts stacked, the
+    correction bias as exp_probs_b; 2-D weights stored in `qtype` and written back into `hf`, so both hold the
+    same rounded values. gating None: no expert_gating_func key (the early GLM-4.7-Flash files)."""
+    import gguf
+    from test_gguf import finish, gguf_writer, roundtrip
+
+    c = hf.config
+    dsa = c.model_type == "glm_moe_dsa"
+    w = gguf_writer(path, "glm-dsa" if dsa else "deepseek2", c, rope_dims=c.qk_rope_head_dim)
+    w.add_head_count_kv(1)
+    w.add_key_length(c.kv_lora_rank + c.qk_rope_head_dim)
+    w.add_value_length(c.kv_lora_rank)
+    w.add_key_length_mla(c.qk_nope_head_dim + c.qk_rope_head_dim)
+    w.add_value_length_mla(c.v_head_dim)
+    w.add_kv_lora_rank(c.kv_lora_rank)
+    if c.q_lora_rank is not None:
+        w.add_q_lora_rank(c.q_lora_rank)
+    w.add_leading_dense_block_count(c.mlp_layer_types.index("sparse"))
+    w.add_expert_count(c.n_routed_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    w.add_expert_shared_count(c.n_shared_experts)
+    w.add_expert_group_count(c.n_group)
+    w.add_expert_group_used_count(c.topk_group)
+    w.add_expert_weights_scale(c.routed_scaling_factor)
+    w.add_expert_weights_norm(c.norm_topk_prob)
+    if gating is not None:
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType(gating))
+    if dsa:
+        w.add_indexer_head_count(c.index_n_heads)
+        w.add_indexer_key_length(c.index_head_dim)
+        w.add_indexer_top_k(c.index_topk)
+        w.add_array("glm-dsa.attention.indexer.types", [t == "full" for t in c.indexer_types])
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    stored = {}
+    for key, value in hf.state_dict().items():
+        value = value.detach().float()
+        if key in top:
+            raw, values, t = roundtrip(value.numpy(), qtype if value.dim() == 2 else "F32")
+            w.add_tensor(top[key], raw, raw_dtype=t)
+            stored[key] = values
+            continue
+        i, rest = key[len("model.layers."):].split(".", 1)
+        module, kind = rest.rsplit(".", 1)
+        if module == "mlp.experts":
+            I = c.moe_intermediate_size
+            parts = ({"ffn_gate_exps": value[:, :I], "ffn_up_exps": value[:, I:]} if kind == "gate_up_proj" else
+                     {"ffn_down_exps": value})
+            for name, part in parts.items():
+                w.add_tensor(f"blk.{i}.{name}.weight", part.contiguous().numpy())
+            continue
+        if module == "self_attn.kv_b_proj" and split_kv_b:
+            kv_b = value.view(c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim, -1)
+            k_b, v_b = kv_b.split([c.qk_nope_head_dim, c.v_head_dim], dim=1)
+            w.add_tensor(f"blk.{i}.attn_k_b.weight", k_b.transpose(1, 2).contiguous().numpy())
+            w.add_tensor(f"blk.{i}.attn_v_b.weight", v_b.contiguous().numpy())
+            continue
+        name = ("exp_probs_b.bias" if kind == "e_score_correction_bias" else
+                f"{GGUF_NAMES.get(module, 'attn_kv_b')}.{kind}")
+        linear = value.dim() == 2 and module not in ("mlp.gate", "self_attn.kv_b_proj")
+        raw, values, t = roundtrip(value.numpy(), qtype if linear else "F32")
+        w.add_tensor(f"blk.{i}.{name}", raw, raw_dtype=t)
+        stored[key] = values
+    finish(w)
+    hf.load_state_dict({**hf.state_dict(), **{k: torch.from_numpy(v).reshape(hf.state_dict()[k].shape)
+                                              for k, v in stored.items()}})
+
+
+@pytest.mark.parametrize("kind, qtype, split", [("lite", "F32", True), ("lite", "Q8_0", False), ("dsa", "F32", True),
+                                                ("dsa", "Q8_0", True)])
+def test_gguf_equals_transformers_on_the_same_rounded_weights(tmp_path, kind, qtype, split):
+    overrides = {"hidden_size": 64, "q_lora_rank": 32, "kv_lora_rank": 32, "v_head_dim": 16}
+    if kind == "dsa":
+        overrides.update(index_topk_freq=2, index_skip_topk_offset=1, num_hidden_layers=4)
+    model = hf_model(kind, **overrides)
+    write_mla_gguf(model, tmp_path / "m.gguf", qtype, split_kv_b=split)
+    llm = glmkit.load(tmp_path / "m.gguf", dtype="float32")
+    assert llm.config.mla == glmkit.load(saved(model, tmp_path / "hf"), dtype="float32").config.mla
+    ids = torch.randint(0, 101, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert (llm.logits(ids) - ref).abs().max() < 1e-4
+
+
+def test_gguf_gating_is_read_from_the_file(tmp_path):
+    """GLM-4.7-Flash's first community GGUFs declared no gating function (softmax, for llama.cpp's deepseek2):
+    glmkit reads what the file says (and says why the answers may be worse); a file saying sigmoid runs sigmoid."""
+    model = hf_model("lite")
+    write_mla_gguf(model, tmp_path / "sigmoid.gguf", gating=2)
+    assert glmkit.load(tmp_path / "sigmoid.gguf", dtype="float32").config.moe.scoring == "sigmoid"
+    write_mla_gguf(model, tmp_path / "old.gguf", gating=None)
+    with pytest.warns(UserWarning, match="softmax.*GLM-4.7-Flash"):
+        old = glmkit.load(tmp_path / "old.gguf", dtype="float32")
+    assert old.config.moe.scoring == "softmax"
+    router = old.model.layers[1].mlp.router  # llama.cpp's build_moe_ffn with softmax gating, written out
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
+    probs = torch.nn.functional.linear(x, router.weight).softmax(dim=-1)
+    groups = (probs + router.e_score_correction_bias).view(5, 2, 4)
+    best = groups.topk(2, dim=-1).values.sum(-1).argmax(-1)  # topk_group 1 of n_group 2
+    choice = torch.stack([groups[n, best[n]] for n in range(5)])  # (5, 4): the kept group's biased scores
+    chosen = choice.topk(2, dim=-1).indices + 4 * best[:, None]
+    weights = probs.gather(1, chosen)
+    experts, got = router(x)
+    assert torch.equal(experts.sort(-1).values, chosen.sort(-1).values)
+    want = weights / weights.sum(-1, keepdim=True) * 1.8
+    torch.testing.assert_close(got.gather(1, experts.argsort(-1)), want.gather(1, chosen.argsort(-1)))

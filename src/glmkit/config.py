@@ -42,6 +42,7 @@ class MoEConfig:
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
     sparse_layers: tuple[int, ...] | None = None  # the MoE layers, when not all after first_dense_layers
+    scoring: Literal["sigmoid", "softmax"] = "sigmoid"  # GLM's routers: sigmoid (a GGUF may say otherwise)
 
     def __post_init__(self) -> None:
         if self.sparse_layers is not None:
@@ -223,7 +224,8 @@ def _check_moe(m: MoEConfig, num_layers: int) -> None:
              (m.experts_per_token <= m.num_experts // m.groups * m.topk_groups,
               "experts_per_token exceeds the experts of the kept groups"),
              (0 <= m.first_dense_layers <= num_layers, "first_dense_layers must lie in 0..num_layers"),
-             (m.shared_experts >= 0, "shared_experts must be 0 or more")]
+             (m.shared_experts >= 0, "shared_experts must be 0 or more"),
+             (m.scoring in ("sigmoid", "softmax"), "scoring must be 'sigmoid' or 'softmax'")]
     for ok, rule in rules:
         if not ok:
             raise ConfigError(f"MoEConfig: {rule} (got {m}).")

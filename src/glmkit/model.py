@@ -1,4 +1,5 @@
-"""The one config-driven Transformer for every GLM generation and Llama.
+"""The one config-driven Transformer for every GLM generation and Llama (its building blocks: layers.py; latent
+attention: mla.py; Mixture-of-Experts: moe.py).
 
 tokens (or embeddings) + positions (+ KV cache) -> logits. It samples nothing, tokenizes nothing, reads no
 files and chooses no device: the engine builds positions and owns the cache; loaders fill the weights.
@@ -22,8 +23,7 @@ from torch import nn
 from glmkit.config import ModelConfig
 from glmkit.errors import UnsupportedArchitectureError
 from glmkit.kv_cache import KVCache
-from glmkit.layers import (Norm, Step, apply_rope, attention_mask, decode_attention, model_norm,  # noqa: F401
-                           rope_cos_sin, rope_half_split, rope_interleaved)
+from glmkit.layers import Norm, Step, apply_rope, attention_mask, decode_attention, model_norm, rope_cos_sin
 from glmkit.mla import LatentAttention
 from glmkit.moe import MoE
 

@@ -1,7 +1,7 @@
 """Mixture-of-Experts MLP of the GLM-4.5 family (transformers' Glm4MoeMoE): a sigmoid router with a correction
 bias used only to choose, group-limited top-k, routed SwiGLU experts stored stacked, plus shared experts.
 
-Router (float32): s = sigmoid(x W^T); the choice ranks s + bias, only within the `topk_groups` groups whose two
+Router (float32): s = sigmoid(x W^T) (softmax where a GGUF file says so); the choice ranks s + bias, only within the `topk_groups` groups whose two
 best biased scores sum highest; the weights are the unbiased s of the chosen experts, renormalised when
 norm_topk_prob, times routed_scaling_factor. Experts: gate_up_proj (E, 2I, C) rows [gate | up], down_proj
 (E, C, I), float or stacked int8 / int4. A few tokens (decode) run each through its k chosen experts, one
@@ -30,7 +30,8 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, C) -> chosen experts (N, k) and their weights (N, k) float32."""
         m, N = self.moe, x.shape[0]
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # (N, E)
+        logits = F.linear(x.float(), self.weight.float())  # (N, E)
+        scores = logits.sigmoid() if m.scoring == "sigmoid" else logits.softmax(dim=-1)  # (N, E)
         choice = scores + self.e_score_correction_bias.float()  # (N, E)
         if m.groups > 1:
             grouped = choice.view(N, m.groups, -1)  # (N, G, E/G)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -74,34 +74,70 @@ def config_from_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]
     if rope_dims != head_dim and not glm:
         raise ConfigError("this GGUF rotates only part of each head, which glmkit does not support for llama files.")
     eos = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-    moe = _moe_fields(a, tensor_names) if arch == "glm4moe" else {}
+    moe = _moe_fields(a, tensor_names, arch) if arch in ("glm4moe", *MLA_ARCHS) else {}
+    layers = int(a("block_count")) - moe.get("mtp_layers", 0)
+    mla = _mla_fields(a, tensor_names, arch, layers) if arch in MLA_ARCHS else {}
+    if mla:
+        head_dim = rope_dims = mla["mla"].qk_rope_head_dim
     return ModelConfig(
         vocab_size=int(shapes["token_embd.weight"][0]),
-        hidden_size=hidden, intermediate_size=int(a("feed_forward_length")),
-        num_layers=int(a("block_count")) - moe.get("mtp_layers", 0),
-        num_heads=heads, num_kv_heads=int(a("attention.head_count_kv", heads)), head_dim=head_dim,
+        hidden_size=hidden, intermediate_size=int(a("feed_forward_length")), num_layers=layers,
+        num_heads=heads, num_kv_heads=heads if mla else int(a("attention.head_count_kv", heads)), head_dim=head_dim,
         norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-5)),
-        qkv_bias=bool({"blk.0.attn_q.bias", "blk.0.attn_qkv.bias"} & tensor_names),
+        qkv_bias=bool({"blk.0.attn_q.bias", "blk.0.attn_qkv.bias", "blk.0.attn_kv_a_mqa.bias"} & tensor_names),
         out_bias="blk.0.attn_output.bias" in tensor_names, mlp_bias="blk.0.ffn_up.bias" in tensor_names,
         extra_norms="sandwich" if "blk.0.post_ffw_norm.weight" in tensor_names else "none",
         # GLM's own layout (for llama files, the converter's permuted q/k rows); glm4moe rotates NeoX-style
-        rope_layout="half_split" if moe else "interleaved",
+        rope_layout="half_split" if moe and not mla else "interleaved",
         rope_fraction=rope_dims / head_dim, rope_theta=float(a("rope.freq_base", 10000.0)),
         rope_linear_factor=float(a("rope.scaling.factor", 1.0) or 1.0) if a("rope.scaling.type") == "linear" else 1.0,
         tie_embeddings="output.weight" not in tensor_names, max_seq_len=int(a("context_length", 2048)),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
-        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"), **moe)
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"), **moe, **mla)
 
 
-def _moe_fields(a, tensor_names: set[str]) -> dict[str, Any]:
-    """glm4moe's expert keys (llama.cpp's converter) -> moe / qk_norm / mtp_layers fields."""
+MLA_ARCHS = ("deepseek2", "glm-dsa")
+SPLIT_KV_B = (".attn_k_b.weight", ".attn_v_b.weight")  # read as floats: joined into kv_b  # GLM-4.7-Flash, GLM-5 as llama.cpp's converter writes them
+GATING = {1: "softmax", 2: "sigmoid"}  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_*
+
+
+def _mla_fields(a, tensor_names: set[str], arch: str, layers: int) -> dict[str, Any]:
+    """deepseek2 / glm-dsa latent-attention keys -> the mla sub-config (rotary on adjacent pairs, as llama.cpp
+    runs these architectures). Newer files give the per-head sizes in key_length_mla / value_length_mla."""
+    from glmkit.config import MLAConfig
+
+    rope = int(a("rope.dimension_count"))
+    key, value = a("attention.key_length_mla"), a("attention.value_length_mla")
+    if key is None:  # older files: key_length and value_length were the per-head sizes
+        key, value = a("attention.key_length"), a("attention.value_length")
+    types = a("attention.indexer.types")
+    dsa = arch == "glm-dsa"
+    return {"mla": MLAConfig(
+        kv_lora_rank=int(a("attention.kv_lora_rank")), qk_nope_head_dim=int(key) - rope, qk_rope_head_dim=rope,
+        v_head_dim=int(value), q_lora_rank=None if a("attention.q_lora_rank") is None else int(a("attention.q_lora_rank")),
+        rope_interleave=True, index_topk=int(a("attention.indexer.top_k")) if dsa else 0,
+        index_heads=int(a("attention.indexer.head_count", 0)) if dsa else 0,
+        index_head_dim=int(a("attention.indexer.key_length", 0)) if dsa else 0,
+        indexer_types=tuple("full" if t else "shared" for t in types[:layers]) if dsa and types else ())}
+
+
+def _moe_fields(a, tensor_names: set[str], arch: str) -> dict[str, Any]:
+    """The expert keys of glm4moe / deepseek2 / glm-dsa files -> moe / qk_norm / mtp_layers fields. The gating
+    function is the file's: deepseek2 files without the key mean softmax (what llama.cpp then runs)."""
+    import warnings
+
     from glmkit.config import MoEConfig
 
-    if a("expert_gating_func", 2) != 2:  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
-        raise ConfigError(f"this glm4moe GGUF gates its experts with function {a('expert_gating_func')}; GLM-4.5 "
-                          "models use sigmoid (2), the only one glmkit runs.")
-    moe = MoEConfig(num_experts=int(a("expert_count")), experts_per_token=int(a("expert_used_count")),
+    gating = GATING.get(a("expert_gating_func", 1 if arch == "deepseek2" else 2))
+    if gating is None:
+        raise ConfigError(f"this GGUF gates its experts with function {a('expert_gating_func')}; glmkit runs sigmoid "
+                          "(2) and softmax (1).")
+    if gating == "softmax" and any(n.endswith("exp_probs_b.bias") for n in tensor_names):
+        warnings.warn("this GGUF gates its experts with softmax but carries a sigmoid router's correction bias: GLM "
+                      "models are trained with sigmoid gating (early GLM-4.7-Flash conversions wrote softmax by "
+                      "mistake); glmkit runs what the file says. A corrected file will answer better.", stacklevel=4)
+    moe = MoEConfig(scoring=gating, num_experts=int(a("expert_count")), experts_per_token=int(a("expert_used_count")),
                     expert_size=int(a("expert_feed_forward_length")), shared_experts=int(a("expert_shared_count", 0)),
                     first_dense_layers=int(a("leading_dense_block_count", 0)),
                     groups=int(a("expert_group_count", 1) or 1), topk_groups=int(a("expert_group_used_count", 1) or 1),
@@ -312,7 +348,7 @@ def named_tensors(reader: GGUFFile, config: ModelConfig, keep_int4: bool = False
 
     def reader_of(t):
         kind = t.tensor_type.name
-        if kind not in SUPPORTED_TYPES or ".ffn_gate_inp." in t.name:
+        if kind not in SUPPORTED_TYPES or ".ffn_gate_inp." in t.name or t.name.endswith(SPLIT_KV_B):
             return lambda: dequantize(t, dtype)  # routers come as floats (or an error naming the type)
         if keep_int4 and kind in ("Q4_0", "Q4_1", "Q4_K") and t.name.startswith("blk."):
             return lambda: int4_blocks(t)  # stacked experts too: they become StackedInt4 modules
@@ -325,7 +361,30 @@ def named_tensors(reader: GGUFFile, config: ModelConfig, keep_int4: bool = False
             return lambda: Int8Rows(t.rows(0, t.n_rows), t.tensor_type, int(t.shape[0]))
         return lambda: dequantize(t, dtype)
 
-    return ((t.name, reader.path.name, reader_of(t)) for t in reader.tensors)
+    tensors = [(t.name, reader.path.name, reader_of(t)) for t in reader.tensors]
+    return _join_kv_b(tensors) if config.mla is not None else iter(tensors)
+
+
+def _join_kv_b(tensors: list) -> Iterator[tuple]:
+    """Newer deepseek2 / glm-dsa files split each kv_b into attn_k_b (H, L, N: transposed for llama.cpp's absorbed
+    step) and attn_v_b (H, V, L); glmkit keeps the one kv_b (H*(N+V), L): the pieces are joined back, in float."""
+    by_name = {name: (file, load) for name, file, load in tensors}
+    for name, file, load in tensors:
+        if name.endswith(".attn_v_b.weight"):
+            continue
+        if not name.endswith(".attn_k_b.weight"):
+            yield name, file, load
+            continue
+        v_name = name.replace(".attn_k_b.", ".attn_v_b.")
+        if v_name not in by_name:
+            raise CheckpointError(f"this GGUF has {name} but no {v_name}; the file is incomplete.")
+
+        def joined(k_load=load, v_load=by_name[v_name][1]) -> torch.Tensor:
+            k_b, v_b = k_load(), v_load()  # (H, L, N), (H, V, L)
+            kv = torch.cat((k_b.transpose(1, 2), v_b), dim=1)  # (H, N+V, L)
+            return kv.reshape(-1, kv.shape[-1])  # (H*(N+V), L)
+        yield name.replace(".attn_k_b.", ".attn_kv_b."), file, joined
+
 
 
 def stored_quantization(reader: GGUFFile) -> str | None:

@@ -141,10 +141,7 @@ GGUF_CHATGLM = Layout("gguf_chatglm", Table(_GGUF_COMMON + _GGUF_CHATGLM), "tran
 GGUF_GLM4 = Layout("gguf_glm4", Table(_GGUF_COMMON + _GGUF_CHATGLM + (  # GLM-4-0414: q/k/v apart, two more norms
     _GGUF_QKV, Module("layers.{i}.attn_post_norm", f"{_B}.post_attention_norm", W),
     Module("layers.{i}.mlp_post_norm", f"{_B}.post_ffw_norm", W))), "transformers", "gguf")
-GGUF_GLM4MOE = Layout("gguf_glm4moe", Table(_GGUF_COMMON + (  # GLM-4.5 family; q/k rows as released (NeoX rotary)
-    _GGUF_QKV, gate_up("layers.{i}.mlp.in_proj", f"{_B}.ffn_gate", f"{_B}.ffn_up"),
-    Module("layers.{i}.mlp_norm", f"{_B}.post_attention_norm", W),
-    Module("layers.{i}.attn.q_norm", f"{_B}.attn_q_norm", W), Module("layers.{i}.attn.k_norm", f"{_B}.attn_k_norm", W),
+_GGUF_MOE = (  # the GLM-4.5 family's experts and next-token layer, as llama.cpp names them (glm4moe, deepseek2)
     Module("layers.{i}.mlp.router", f"{_B}.ffn_gate_inp", W),
     Module("layers.{i}.mlp.router", f"{_B}.exp_probs_b", ("bias",), param_name="e_score_correction_bias"),
     Module("layers.{i}.mlp.experts", (f"{_B}.ffn_gate_exps", f"{_B}.ffn_up_exps"), W, split="halves", dim=1,
@@ -155,11 +152,32 @@ GGUF_GLM4MOE = Layout("gguf_glm4moe", Table(_GGUF_COMMON + (  # GLM-4.5 family; 
     Module("layers.{i}.eh_proj", f"{_B}.nextn.eh_proj", W), Module("layers.{i}.enorm", f"{_B}.nextn.enorm", W),
     Module("layers.{i}.hnorm", f"{_B}.nextn.hnorm", W),
     Module("layers.{i}.head_norm", f"{_B}.nextn.shared_head_norm", W),
-), drops=(r"blk\.\d+\.nextn\.embed_tokens\.weight", r"blk\.\d+\.nextn\.shared_head_head\.weight")),
-    "transformers_glm4_moe", "gguf")
-GGUF_LAYOUTS = {"llama": GGUF_LLAMA, "chatglm": GGUF_CHATGLM, "glm4": GGUF_GLM4, "glm4moe": GGUF_GLM4MOE}
+)
+_GGUF_MTP_DROPS = (r"blk\.\d+\.nextn\.embed_tokens\.weight", r"blk\.\d+\.nextn\.shared_head_head\.weight")
+GGUF_GLM4MOE = Layout("gguf_glm4moe", Table(_GGUF_COMMON + (  # GLM-4.5 family; q/k rows as released (NeoX rotary)
+    _GGUF_QKV, gate_up("layers.{i}.mlp.in_proj", f"{_B}.ffn_gate", f"{_B}.ffn_up"),
+    Module("layers.{i}.mlp_norm", f"{_B}.post_attention_norm", W),
+    Module("layers.{i}.attn.q_norm", f"{_B}.attn_q_norm", W), Module("layers.{i}.attn.k_norm", f"{_B}.attn_k_norm", W),
+) + _GGUF_MOE, drops=_GGUF_MTP_DROPS), "transformers_glm4_moe", "gguf")
+GGUF_MLA = Layout("gguf_mla", Table(_GGUF_COMMON + (  # GLM-4.7-Flash ('deepseek2'), GLM-5 ('glm-dsa')
+    gate_up("layers.{i}.mlp.in_proj", f"{_B}.ffn_gate", f"{_B}.ffn_up"),
+    Module("layers.{i}.attn.q", f"{_B}.attn_q", W, linear=True),
+    Module("layers.{i}.attn.q_a", f"{_B}.attn_q_a", linear=True),
+    Module("layers.{i}.attn.q_a_norm", f"{_B}.attn_q_a_norm", W),
+    Module("layers.{i}.attn.q_b", f"{_B}.attn_q_b", W, linear=True),
+    Module("layers.{i}.attn.kv_a", f"{_B}.attn_kv_a_mqa", linear=True),
+    Module("layers.{i}.attn.kv_a_norm", f"{_B}.attn_kv_a_norm", W),
+    Module("layers.{i}.attn.kv_b", f"{_B}.attn_kv_b", W),  # newer files split it: joined again on reading
+    Module("layers.{i}.attn.indexer.wq_b", f"{_B}.indexer.attn_q_b", W, linear=True),
+    Module("layers.{i}.attn.indexer.wk", f"{_B}.indexer.attn_k", W, linear=True),
+    Module("layers.{i}.attn.indexer.k_norm", f"{_B}.indexer.k_norm"),
+    Module("layers.{i}.attn.indexer.weights", f"{_B}.indexer.proj", W, linear=True),
+) + _GGUF_MOE, drops=_GGUF_MTP_DROPS), "transformers_glm4_moe_lite", "gguf")
+GGUF_LAYOUTS = {"llama": GGUF_LLAMA, "chatglm": GGUF_CHATGLM, "glm4": GGUF_GLM4, "glm4moe": GGUF_GLM4MOE,
+                "deepseek2": GGUF_MLA, "glm-dsa": GGUF_MLA}
 LAYOUTS = {layout.name: layout for layout in (THUDM_V1, THUDM_V2, TRANSFORMERS_GLM, TRANSFORMERS_LLAMA,
-                                              TRANSFORMERS_GLM4_MOE, TRANSFORMERS_GLM4_MOE_LITE, GLMKIT, GLMKIT_QUANTIZED, *GGUF_LAYOUTS.values())}
+                                              TRANSFORMERS_GLM4_MOE, TRANSFORMERS_GLM4_MOE_LITE, GLMKIT,
+                                              GLMKIT_QUANTIZED, *GGUF_LAYOUTS.values())}
 
 
 def detect(raw: dict[str, Any]) -> Layout:
