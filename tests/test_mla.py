@@ -287,3 +287,19 @@ def test_gguf_gating_is_read_from_the_file(tmp_path):
     assert torch.equal(experts.sort(-1).values, chosen.sort(-1).values)
     want = weights / weights.sum(-1, keepdim=True) * 1.8
     torch.testing.assert_close(got.gather(1, experts.argsort(-1)), want.gather(1, chosen.argsort(-1)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["lite", "dsa"])
+def test_the_compiled_step_covers_latent_attention(tmp_path, monkeypatch, kind):
+    """The compiled one-token step (AOTInductor) runs the absorbed latent attention and the indexer; greedy tokens
+    equal eager ones (eight indexer heads: few exactly equal scores for top-k to pick among)."""
+    monkeypatch.setenv("GLMKIT_HOME", str(tmp_path / "home"))
+    overrides = {"index_topk_freq": 2, "index_skip_topk_offset": 1, "num_hidden_layers": 4,
+                 "index_n_heads": 8} if kind == "dsa" else {}
+    llm = glmkit.load(saved(hf_model(kind, **overrides), tmp_path / "m"), dtype="float32")
+    prompt = list(range(2, 14))
+    eager = llm.generate(prompt, max_tokens=16, temperature=0, ignore_eos=True).token_ids
+    decoder = llm.compile()
+    assert decoder.ready, decoder.error
+    assert llm.generate(prompt, max_tokens=16, temperature=0, ignore_eos=True).token_ids == eager

@@ -62,15 +62,22 @@ class Indexer(nn.Module):
         return rope_interleaved(self.k_norm(self.wk(x))[:, None], cos, sin)  # (B, 1, T, E)
 
     def select(self, x: torch.Tensor, q_latent: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+               sin: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
         """The keys each query may attend: x (B, T, C), q_latent (B, T, Q), keys (B, S, E), allowed (B or 1, T, S)
-        bool (causality) -> (B, T, S) bool, at most topk True per query."""
+        bool (causality; None: one query that sees every key) -> (B, T, S) bool, at most topk True per query."""
         B, T, _ = x.shape
         q = self.wq_b(q_latent).view(B, T, self.heads, self.dim).transpose(1, 2)  # (B, I, T, E)
         q = rope_interleaved(q, cos, sin).transpose(1, 2)  # (B, T, I, E)
         scores = torch.matmul(q.float(), keys.float().transpose(-1, -2).unsqueeze(1)) * self.dim ** -0.5  # (B,T,I,S)
         weights = self.weights(x).float() * self.heads ** -0.5  # (B, T, I)
         index = torch.matmul(weights.unsqueeze(-2), scores.relu()).squeeze(-2)  # (B, T, S)
+        if allowed is None and torch.compiler.is_compiling():  # the compiled one-token step: no size may depend on S
+            S = index.shape[-1]
+            padded = torch.cat((index, index.new_full((*index.shape[:-1], self.topk), float("-inf"))), -1)  # (1,1,S+k)
+            top = padded.topk(self.topk, dim=-1).indices  # (1, 1, k): padding only where S < k
+            return torch.zeros_like(padded, dtype=torch.bool).scatter(-1, top, True)[..., :S]
+        if allowed is None:  # (eagerly: top-k over exactly S scores, as transformers picks among equal ones)
+            allowed = torch.ones_like(index, dtype=torch.bool)
         index = index.masked_fill(~allowed, float("-inf"))
         chosen = torch.zeros_like(index, dtype=torch.bool)  # (B, T, S)
         for b in range(B):  # each row over its own keys: the choice among equal scores never depends on its batch
@@ -130,7 +137,10 @@ class LatentAttention(nn.Module):
         if self.indexer is None:
             return step.shared["indexed"]
         T, S = x.shape[1], keys.shape[1]
-        allowed = step.mask[:, 0] if step.mask is not None else attention_mask(T, S, S - T, None, x.device)[:, 0]
+        if step.mask is not None:
+            allowed = step.mask[:, 0]
+        else:
+            allowed = None if T == 1 and x.shape[0] == 1 else attention_mask(T, S, S - T, None, x.device)[:, 0]
         chosen = self.indexer.select(x, q_latent, keys, cos, sin, allowed)[:, None]  # (B, 1, T, S)
         step.shared["indexed"] = chosen
         return chosen
