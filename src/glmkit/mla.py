@@ -157,12 +157,14 @@ class LatentAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)
 
     def _absorbed(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
-        """One new token per row, attending in the latent space: q_nope (B, H, 1, N), latent (B, S, L)."""
+        """One new token per row, attending in the latent space: q_nope (B, H, 1, N), q_rope (B, H, 1, R), latent
+        (B, S, L), k_rope (B, S, R), mask None or (B or 1, 1, 1, S). The heads are the rows of one GEMM against
+        the cache (no per-head copy of it); scores and context in the cache's dtype, softmax in float32."""
         w_uk, w_uv = self.kv_b.absorbed()  # (H, N, L), (H, V, L)
-        q_lat = torch.einsum("bhtn,hnl->bhtl", q_nope.float(), w_uk.float())  # (B, H, 1, L)
-        scores = (torch.einsum("bhtl,bsl->bhts", q_lat, latent.float())
-                  + torch.einsum("bhtr,bsr->bhts", q_rope.float(), k_rope.float())) * self.scale  # (B, H, 1, S)
+        q_lat = torch.matmul(q_nope, w_uk.to(q_nope.dtype))[:, :, 0]  # (B, H, L)
+        scores = (torch.bmm(q_lat.to(latent.dtype), latent.transpose(1, 2)).float()
+                  + torch.bmm(q_rope[:, :, 0].to(k_rope.dtype), k_rope.transpose(1, 2)).float()) * self.scale  # (B,H,S)
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        context = torch.einsum("bhts,bsl->bhtl", scores.softmax(dim=-1), latent.float())  # (B, H, 1, L)
-        return torch.einsum("bhtl,hvl->bhtv", context, w_uv.float()).to(q_nope.dtype)  # (B, H, 1, V)
+            scores = scores.masked_fill(~mask[:, 0], float("-inf"))
+        context = torch.bmm(scores.softmax(dim=-1).to(latent.dtype), latent)  # (B, H, L)
+        return torch.matmul(context[:, :, None].to(q_nope.dtype), w_uv.transpose(1, 2).to(q_nope.dtype))  # (B,H,1,V)
