@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -10,6 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# `glmkit chat` / `serve` build a compiled decode step in the background by default; the commands the tests
+# run would each start one (minutes of compiler processes) and exit before it finishes
+os.environ.setdefault("GLMKIT_BUILD", "0")
 
 # Tiny configurations that differ where the architectures differ: KV groups (1 and 2+), tied and
 # untied embeddings, rope bases, odd head counts, biases.

@@ -54,7 +54,7 @@ def test_compile_failure_or_corrupt_package_leaves_eager_decoding(tmp_path, monk
     make_hf_model("llama", LLAMA_CONFIGS["mqa-tied"]).save_pretrained(d)
     llm = glmkit.load(d)
     expected = greedy(llm, [4, 5, 6])
-    corrupt = packages_dir() / f"decode-{package_key(llm.model, inductor_options(llm.model))}.pt2"
+    corrupt = packages_dir() / f"decode-{package_key(llm.model, inductor_options(llm.model), llm.weight_files)}.pt2"
     corrupt.parent.mkdir(parents=True)
     corrupt.write_bytes(b"PK\x03\x04 truncated")
 
@@ -67,6 +67,36 @@ def test_compile_failure_or_corrupt_package_leaves_eager_decoding(tmp_path, monk
     assert not decoder.ready and "no C++ compiler" in decoder.error
     assert not corrupt.exists() and not list(corrupt.parent.iterdir())  # no corrupt or partial package is left
     assert greedy(llm, [4, 5, 6]) == expected
+
+
+def test_the_package_key_reads_no_weights_but_follows_their_files(tmp_path):
+    """A loaded checkpoint's package is keyed on its files' identity (no weight byte read at start-up): the same
+    files give the same key on every load; other weights written there (or a LoRA adapter) give another; an
+    in-memory model is keyed on its bytes."""
+    from glmkit.engine.compiled import inductor_options, package_key
+
+    d = tmp_path / "m"
+    make_hf_model("llama", LLAMA_CONFIGS["mqa-tied"]).save_pretrained(d)
+
+    def key(llm):
+        return package_key(llm.model, inductor_options(llm.model), llm.weight_files)
+
+    first = glmkit.load(d)
+    assert first.weight_files and key(first) == key(glmkit.load(d))
+    reads = []
+    original = torch.Tensor.numpy
+    try:
+        torch.Tensor.numpy = lambda t, *a, **k: reads.append(1) or original(t, *a, **k)
+        key(first)
+    finally:
+        torch.Tensor.numpy = original
+    assert not reads
+    make_hf_model("llama", LLAMA_CONFIGS["mqa-tied"], seed=5).save_pretrained(d)
+    assert key(glmkit.load(d)) != key(first)
+    first.weight_files = None  # e.g. a model built in memory: every byte counts
+    changed = glmkit.load(d)
+    changed.weight_files = None
+    assert key(first) != key(changed)
 
 
 def test_compiled_step_with_chatglm6b_2d_positions():

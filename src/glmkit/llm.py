@@ -2,8 +2,8 @@
 
 load() composes open (resolve the source, read its layout and config) -> tokenizer and chat format (before the
 weights: peak memory) -> assemble (the strictly accounted, possibly quantized model) -> adapters. LLM offers
-generate / generate_batch / chat / logits / infill / apply_chat_template; `make_engine` builds a fresh
-engine from its public settings (the server owns one that way). No sampling, loading or format code here.
+generate / generate_batch / chat / logits / infill / apply_chat_template; `make_engine` builds a fresh engine
+from its public settings (the server owns one that way). No sampling, loading or format code here.
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ from glmkit.loaders.layouts import Layout
 from glmkit.model import Transformer
 from glmkit.tokenizer import Tokenizer
 
-# compiled decode steps are cached with glmkit's files (torch would otherwise pick /tmp, often wiped, and
-# fixes the directory the first time anything touches its compiler, which loading can already do)
+# compiled steps are cached with glmkit's files (torch would pick /tmp, often wiped, once anything touches it)
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(home() / "inductor"))
 
 
@@ -46,8 +45,9 @@ def compiled_dir() -> Path:
 class LLM:
     def __init__(self, model: Transformer, source: str, tokenizer: Tokenizer | None = None,
                  chat_format: ChatFormat | None = None, *, layout: Layout | None = None,
-                 prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None, generation: dict | None = None):
-        self.model = model.eval()
+                 prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None, generation: dict | None = None,
+                 weight_files: list | None = None):
+        self.model, self.weight_files = model.eval(), weight_files  # the files weights came from (file_identity)
         self.config: ModelConfig = model.config
         self.source, self.layout = source, layout
         self._tokenizer, self.chat_format = tokenizer, chat_format
@@ -92,13 +92,14 @@ class LLM:
             self._engine = self.make_engine()
         return self._engine
 
-    def compile(self, background: bool = False, build: bool = True):
+    def compile(self, background: bool = False, build: bool = True, on_ready=None):
         """Compile the one-token decode step (a package cached under $GLMKIT_HOME/compiled); single-sequence
         decoding uses it once ready and stays eager until then, or if compiling fails. build=False only uses a
-        package already on disk. Returns the CompiledDecoder (.ready, .cached, .error, .seconds, .path, .wait())."""
+        package on disk; on_ready(decoder) runs once it is usable. -> CompiledDecoder (.ready, .cached, .error, ...)."""
         from glmkit.engine.compiled import CompiledDecoder
 
-        self.compiled = self.engine.runner.compiled = CompiledDecoder(self.model, compiled_dir(), self.source)
+        self.compiled = self.engine.runner.compiled = CompiledDecoder(self.model, compiled_dir(), self.source,
+                                                                      self.weight_files, on_ready)
         return self.compiled.compile_in_background(build) if background else self.compiled.compile(build)
 
     def sampling_params(self, **sampling: Unpack[Sampling]) -> SamplingParams:
@@ -171,8 +172,7 @@ class LLM:
         yield turn.reply()
 
     def infill(self, prompt: str | Sequence[int], **sampling: Any) -> str | list[int]:
-        """Fill every [MASK] of a prompt, left to right (GLM blank infilling; ChatGLM-6B-architecture models).
-        Text in, text out; token ids in, token ids out."""
+        """Fill every [MASK] of a prompt, left to right (GLM blank infilling, ChatGLM-6B architecture); text or ids."""
         return blanks.infill(self, prompt, **sampling)
 
     def fill_first_blank(self, ids: list[int], fill: list[int]) -> list[int]:
@@ -247,4 +247,4 @@ def load(source: str | Path | None = None, *, device: str | None = None, dtype: 
         apply_lora(model, checkpoint.layout.adapter_names, lora)
     prefix = None if ptuning is None else load_prefix(ptuning, model.config)
     return LLM(model, checkpoint.source, tokenizer, fmt, layout=checkpoint.layout, prefix_kv=prefix,
-               generation=checkpoint.generation)
+               generation=checkpoint.generation, weight_files=loaders.file_identity(checkpoint.source, lora))

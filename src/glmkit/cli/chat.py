@@ -30,7 +30,7 @@ def main(args: argparse.Namespace) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    llm = load_model(args)
+    llm = load_model(args, build=True)
     if llm.chat_format is None:
         from glmkit.errors import GlmkitError
 

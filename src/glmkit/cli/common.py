@@ -20,8 +20,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="weight-only quantization after loading (a quantized GGUF stays int4/int8 by itself)")
     speed = parser.add_mutually_exclusive_group()
     speed.add_argument("--compile", action="store_true",
-                       help="compile the one-token decode step in the background if it is not on disk yet "
-                            "(see glmkit compile); without this flag a package already on disk is still used")
+                       help="build the compiled one-token decode step in the background if none is on disk (what "
+                            "chat and serve do by default; glmkit compile builds one ahead of time); a package "
+                            "already on disk is always used")
     speed.add_argument("--eager", action="store_true", help="never use a compiled decode step")
 
 
@@ -50,7 +51,13 @@ def template_kwargs(args: argparse.Namespace) -> dict:
     return {"enable_thinking": False} if getattr(args, "no_think", False) else {}
 
 
-def load_model(args: argparse.Namespace):
+def load_model(args: argparse.Namespace, build: bool = False):
+    """The model the arguments name. Decoding starts eagerly; a compiled step on disk is loaded in the background
+    and used once ready; build=True (chat, serve), or --compile, also builds one there when none is on disk
+    (at low priority; a line on stderr says when decoding switches to it). --eager, or GLMKIT_BUILD=0 in the
+    environment (the tests set it), builds none."""
+    import os
+
     import glmkit
     from glmkit.loaders.hub import DEFAULT_MODEL
 
@@ -59,5 +66,12 @@ def load_model(args: argparse.Namespace):
     llm = glmkit.load(args.model, device=args.device, dtype=args.dtype, chat_format=args.chat_format,
                        quantize=args.quantize, lora=args.lora, ptuning=args.ptuning)
     if not getattr(args, "eager", False):  # decoding stays eager until the package is loaded (or built)
-        args.compiled = llm.compile(background=True, build=args.compile)
+        build = args.compile or (build and os.environ.get("GLMKIT_BUILD", "1") != "0")
+        args.compiled = llm.compile(background=True, build=build, on_ready=_switched if build else None)
     return llm
+
+
+def _switched(decoder) -> None:
+    if not decoder.cached:
+        print(f"\n(the compiled decode step is ready after {decoder.seconds:.0f} s; decoding switches to it)",
+              file=sys.stderr, flush=True)

@@ -48,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
     if any(not k.strip() for k in keys):  # before loading: a server no one could use is refused at once
         raise GlmkitError("an API key is empty; give non-empty keys (or none, for an open server).")
     _check_port(args.host, args.port)  # before loading too: minutes of loading for a busy port helps no one
-    llm = load_model(args)
+    llm = load_model(args, build=True)
     defaults = sampling(args)
     llm.sampling_params(**defaults)  # checked now, not at the first request
     llm.defaults.update(defaults)

@@ -67,10 +67,11 @@ def inductor_options(model: Transformer) -> dict:
     return {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP" if int8 else "CPP,ATEN"}
 
 
-def package_key(model: Transformer, options: dict) -> str:
-    """A hash of everything the compiled code depends on: every weight byte, the configuration, the module
-    types and the source of the code traced, torch, the CPU's vector capability and the thread count
-    (inductor bakes it into the code)."""
+def package_key(model: Transformer, options: dict, weight_files: list | None = None) -> str:
+    """A hash of everything the compiled code depends on: the weights, the configuration, the module types and
+    the source of the code traced, torch, the CPU's vector capability and the thread count (inductor bakes it
+    into the code). The weights count by the identity (path, size, mtime) of the files they came from when
+    those are known (a start-up reads no weight for this), else by every byte."""
     from glmkit import __version__
 
     h = hashlib.sha256()
@@ -82,9 +83,11 @@ def package_key(model: Transformer, options: dict) -> str:
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     for file in traced_sources(model):
         h.update(file.read_bytes())  # the code that is traced: a change must not reuse a package
+    h.update(json.dumps(weight_files).encode())
     for name, t in model.state_dict().items():
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        if not weight_files:
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()[:24]
 
 
@@ -111,9 +114,12 @@ class CompiledDecoder:
     """step(tokens (1, 1), positions, cache rows, start) -> logits (1, V), once `ready`. Packages live in
     `directory` ($GLMKIT_HOME/compiled as glmkit.load sets it up)."""
 
-    def __init__(self, model: Transformer, directory: Path, label: str | None = None):
-        """label: which model this is (its source), recorded beside a package built for it."""
+    def __init__(self, model: Transformer, directory: Path, label: str | None = None, weight_files: list | None = None,
+                 on_ready=None):
+        """label: which model this is (its source), recorded beside a package built for it; weight_files: the
+        files the weights came from (package_key); on_ready(self): called once the step is usable."""
         self.model, self.directory, self.label = model, Path(directory), label
+        self.weight_files, self.on_ready = weight_files, on_ready
         self.ready = False
         self.cached = False  # True when the package came from disk
         self.error: str | None = None
@@ -136,7 +142,7 @@ class CompiledDecoder:
         try:
             t0 = time.perf_counter()
             options = inductor_options(self.model)
-            self.path = self.directory / f"decode-{package_key(self.model, options)}.pt2"
+            self.path = self.directory / f"decode-{package_key(self.model, options, self.weight_files)}.pt2"
             runner = self._load() if self.path.exists() else None
             self.cached = runner is not None
             if runner is None and not build:
@@ -151,6 +157,8 @@ class CompiledDecoder:
                 packages.touch(self.path)
             # the loader's own entry point: the Python wrapper around it re-flattens the inputs on every call
             self._run, self.ready, self.seconds = runner.loader.boxed_run, True, time.perf_counter() - t0
+            if self.on_ready is not None:
+                self.on_ready(self)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: keep decoding eagerly
             self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             warnings.warn(f"the compiled decode step is unavailable ({self.error}); decoding stays eager.",

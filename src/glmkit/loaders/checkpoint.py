@@ -87,6 +87,16 @@ class Checkpoint:
             self.gguf.fields = {}
 
 
+def file_identity(*paths: str | Path | None) -> list[tuple[str, int, int]]:
+    """(path, size, mtime) of each file given, or of every file in each directory given: what a cache of things
+    derived from the weights (a compiled step) can be keyed on without reading them."""
+    out = []
+    for path in (Path(p).expanduser().resolve() for p in paths if p is not None):
+        files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path] if path.is_file() else []
+        out += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return out
+
+
 def open(source: str | Path | None = None) -> Checkpoint:  # noqa: A001 - the loaders' verb
     """A checkpoint directory, .gguf file, packaged alias (None: the default model) or Hugging Face repo id."""
     from glmkit.loaders.hub import resolve
