@@ -144,6 +144,12 @@ def test_quantized_latent_attention(tmp_path, bits):
     assert isinstance(attn.indexer.wq_b, Int8Linear) and isinstance(attn.indexer.wk, Int8Linear)
     assert isinstance(attn.kv_b, LatentUp) and attn.kv_b.weight.dtype == torch.float32
     assert len(dsa.generate([5, 6, 7, 8, 9, 10, 11], max_tokens=8, temperature=0, ignore_eos=True).token_ids) == 8
+    from glmkit.loaders.quantized import save_quantized
+
+    save_quantized(dsa.model, tmp_path / "q", 4 if bits == "int4" else 8, 32)  # what glmkit quantize writes
+    again = glmkit.load(tmp_path / "q", dtype="float32")
+    for (name, a), (_, b) in zip(dsa.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b), name
     directory = saved(hf_model("lite", q_lora_rank=32, kv_lora_rank=32), tmp_path / "lite")
     ids = torch.randint(2, 101, (1, 12), generator=torch.Generator().manual_seed(4))
     ref = glmkit.load(directory, dtype="float32").logits(ids)
