@@ -303,3 +303,44 @@ def test_samples_of_one_prompt_share_its_prefill(tiny, random_ids, kind):
     while alone.has_work:
         alone.step()
     assert seqs[3].output == solo.output and seqs[3].output != want
+
+
+@pytest.mark.parametrize("kind", ["glm", "glm4", "llama"])
+def test_chunked_prefill_equals_whole_and_keeps_others_decoding(tiny, random_ids, kind):
+    """A step prefills at most prefill_chunk prompt tokens: a long prompt arriving while another sequence
+    decodes is prefilled a chunk per step, and the running one gets a token at every one of those steps. Every
+    sequence's greedy ids equal the naive loop's; samples of the long prompt still share its prefill."""
+    llm, _ = tiny[kind]
+    engine = llm.make_engine(max_batch=4, prefill_chunk=5)
+    short = random_ids(1, 4, llm.config.vocab_size, seed=21)[0].tolist()
+    long = random_ids(1, 23, llm.config.vocab_size, seed=22)[0].tolist()
+    running = engine.submit(short, SamplingParams(max_tokens=20, **GREEDY))
+    engine.step()
+    arrivals = [engine.submit(long, SamplingParams(max_tokens=6, **GREEDY)) for _ in range(2)]
+    steps_while_prefilling = 0
+    while arrivals[0].fed < len(long):
+        before = len(running.output)
+        engine.step()
+        steps_while_prefilling += 1
+        assert len(running.output) == before + 1  # the running stream never waits for the whole prompt
+    assert steps_while_prefilling == -(-len(long) // 5)
+    while engine.has_work:
+        engine.step()
+    assert running.output == naive_greedy(llm, short, 20)
+    assert [s.output for s in arrivals] == [naive_greedy(llm, long, 6)] * 2
+    assert [s.prefilled for s in arrivals] == [len(long), 0]
+
+
+def test_cancel_while_prefilling_frees_the_slot(tiny, random_ids):
+    llm, _ = tiny["llama"]
+    engine = llm.make_engine(max_batch=2, prefill_chunk=4)
+    prompt = random_ids(1, 17, llm.config.vocab_size, seed=3)[0].tolist()
+    seq = engine.submit(prompt, SamplingParams(max_tokens=5))
+    engine.step()
+    slot = seq.slot
+    assert seq in engine.prefilling and seq.fed == 4
+    engine.cancel(seq)
+    assert not engine.prefilling and not engine.has_work and engine.slots[slot] is None
+    assert engine.cached[slot] == prompt[:4]  # the keys it did write stay reusable by a later prompt
+    with pytest.raises(GlmkitError, match="prefill_chunk"):
+        llm.make_engine(prefill_chunk=0)

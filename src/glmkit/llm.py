@@ -78,12 +78,12 @@ class LLM:
         """The grammar a reply must follow (Grammars.for_reply: a forced tool call, else a response_format)."""
         return self.grammars.for_reply(self.chat_format, response_format, tools, tool_choice)
 
-    def make_engine(self, max_batch: int = 8) -> Scheduler:
+    def make_engine(self, max_batch: int = 8, prefill_chunk: int = 256) -> Scheduler:
         """A new continuous-batching engine over this model: its stop ids, detokenizer, prefix and compiled step."""
         decode = None if self._tokenizer is None else reply_decoder(self._tokenizer, self.chat_format)
         runner = ModelRunner(self.model, self.prefix_kv)
         runner.compiled = self.compiled
-        return Scheduler(runner, self.stop_ids, decode, max_batch=max_batch)
+        return Scheduler(runner, self.stop_ids, decode, max_batch=max_batch, prefill_chunk=prefill_chunk)
 
     @property
     def engine(self) -> Scheduler:

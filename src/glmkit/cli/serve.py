@@ -23,6 +23,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key-file", help="a file with one accepted API key per line")
     parser.add_argument("--cors-origin", action="append", default=[], help="allowed browser origin (repeatable)")
     parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    parser.add_argument("--prefill-chunk", type=int, default=256,
+                        help="prompt tokens prefilled per step at most: longer prompts are prefilled in pieces "
+                             "between decode steps, so running streams keep going (default 256)")
     parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait (default 64)")
     parser.add_argument("--model-name", default=None, help="the name clients use (default: the MODEL argument)")
     parser.add_argument("--timeout", type=float, default=600.0, help="per-request limit in seconds")
@@ -54,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
     llm.defaults.update(defaults)
     name = args.model_name or str(args.model)
     app = create_app(llm, model_name=name, api_keys=keys, cors_origins=args.cors_origin, max_batch=args.max_batch,
-                     max_queue=args.max_queue, request_timeout=args.timeout,
+                     max_queue=args.max_queue, request_timeout=args.timeout, prefill_chunk=args.prefill_chunk,
                      access_log=None if args.no_access_log else args.log_format)
     _log_to_stderr()
     url = f"http://{args.host}:{args.port}"

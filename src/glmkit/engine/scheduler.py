@@ -3,7 +3,9 @@ each with its own sampling parameters and stop rules.
 
 Every cache row is a slot. A slot keeps its ids after its sequence ends, so a later prompt that extends
 them (the next turn of a chat) prefills only the new tokens; ChatGLM-6B's bidirectional prefix changes with
-every turn, so its prompts are always prefilled whole. Cancelling a sequence frees its slot at once. The
+every turn, so its prompts are always prefilled whole. A step prefills at most `prefill_chunk` prompt tokens
+in all: a longer prompt is prefilled a chunk a step while the others keep decoding, so one long prompt never
+stalls the running streams for its whole length. Cancelling a sequence frees its slot at once. The
 Scheduler decides what runs and hands the ModelRunner one StepInputs per step; it holds no tensors of its
 own (sampling and detokenizing happen per Sequence) and knows nothing about tokenizers or HTTP.
 """
@@ -19,10 +21,15 @@ from glmkit.errors import GlmkitError
 
 
 class Scheduler:
-    def __init__(self, runner: ModelRunner, stop_ids: frozenset[int] = frozenset(), decode=None, max_batch: int = 8):
+    def __init__(self, runner: ModelRunner, stop_ids: frozenset[int] = frozenset(), decode=None, max_batch: int = 8,
+                 prefill_chunk: int = 256):
         """decode: ids -> text, for streamed text and stop strings (None: ids only)."""
         self.runner, self.config = runner, runner.config
         self.stop_ids, self.decode, self.max_batch = frozenset(stop_ids), decode, max_batch
+        if prefill_chunk < 1:
+            raise GlmkitError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}.")
+        self.prefill_chunk = prefill_chunk
+        self.prefilling: dict[Sequence, tuple[int, int]] = {}  # a prompt partly prefilled -> (next position, first)
         self.slots: list[Sequence | None] = [None] * max_batch
         self.cached: list[list[int]] = [[] for _ in range(max_batch)]  # ids whose keys each slot holds
         self.waiting: deque[Sequence] = deque()
@@ -47,6 +54,7 @@ class Scheduler:
         seq.cancel()
         if seq in self.waiting:
             self.waiting.remove(seq)
+        self.prefilling.pop(seq, None)
         self._release(seq)
 
     @property
@@ -59,17 +67,25 @@ class Scheduler:
 
     # ---------------------------------------------------------------------- step
     def step(self) -> list[tuple[Sequence, Chunk]]:
-        """Admit waiting sequences into free slots (prefill), then one decode step for all running ones."""
+        """Go on with prompts partly prefilled, admit waiting sequences into free slots (their prefill), all
+        within one prefill budget; then one decode step for every sequence past its prefill."""
         out: list[tuple[Sequence, Chunk]] = []
         shared: dict = {}  # prompt ids -> (row, its logits (V,)) for the prompts prefilled in this step
-        while self.waiting and None in self.slots:
+        budget = self.prefill_chunk if self.reuse else 1 << 60  # ChatGLM-6B's prefix is prefilled whole
+        for seq in list(self.prefilling):
+            if budget <= 0:
+                break
+            budget -= self._advance(seq, budget, shared, out)
+        while self.waiting and None in self.slots and budget > 0:
+            if any(s.prompt == self.waiting[0].prompt for s in self.prefilling):
+                break  # another sample of a prompt still prefilling: it copies that row once the prefill ends
             seq = self.waiting.popleft()
             try:
-                chunk = self._prefill(seq, shared)
+                budget -= self._admit(seq, budget, shared, out)
             except Exception as e:  # noqa: BLE001 - one prompt's failure ends that request only
-                chunk = seq.fail(e, "prefill")
-            self._emit(seq, chunk, out)
-        running = [i for i, s in enumerate(self.slots) if s is not None]
+                self.prefilling.pop(seq, None)
+                self._emit(seq, seq.fail(e, "prefill"), out)
+        running = [i for i, s in enumerate(self.slots) if s is not None and s not in self.prefilling]
         if running:
             self._decode(running, out)
         return out
@@ -86,9 +102,9 @@ class Scheduler:
             self.cached[seq.slot] = seq.ids[: seq.fed]
         seq.slot = None
 
-    def _prefill(self, seq: Sequence, shared: dict) -> Chunk | None:
-        """Prefill a sequence's prompt into a free row; a prompt already prefilled in this step (n samples of one
-        request) is copied from that row instead, and samples from the same logits."""
+    def _admit(self, seq: Sequence, budget: int, shared: dict, out: list) -> int:
+        """Give a sequence a free row and prefill (part of) its prompt; -> the prompt tokens run. A prompt already
+        prefilled in this step (n samples of one request) is copied from that row, and samples from its logits."""
         key = tuple(seq.prompt)
         if key in shared and self._holds(shared[key][0], seq.prompt):
             row, logits = shared[key]
@@ -96,18 +112,38 @@ class Scheduler:
             seq.slot, self.slots[slot], self.cached[slot] = slot, seq, []
             self.runner.fork(row, slot, len(seq.prompt), len(seq.prompt) + seq.max_new)
             seq.prefilled, seq.fed = 0, len(seq.prompt)
-            return seq.take(logits)
+            self._emit(seq, seq.take(logits), out)
+            return 0
         free = [i for i, s in enumerate(self.slots) if s is None]
         slot = max(free, key=lambda i: (_common(self.cached[i], seq.prompt), -i))
         common = _common(self.cached[slot], seq.prompt) if self.reuse else 0
         common = min(common, len(seq.prompt) - 1)  # at least one token runs, to give the next logits
         seq.slot, self.slots[slot] = slot, seq
         self.cached[slot] = []
-        inputs = StepInputs([slot], [seq.prompt[common:]], [common], seq.prompt, len(seq.prompt) + seq.max_new)
-        logits = self.runner.step(inputs)[0]  # (V,); on failure the row holds nothing reusable (cached stays [])
-        seq.prefilled, seq.fed = len(seq.prompt) - common, len(seq.prompt)
-        shared[tuple(seq.prompt)] = (slot, logits)
-        return seq.take(logits)
+        self.prefilling[seq] = (common, common)
+        return self._advance(seq, budget, shared, out)
+
+    def _advance(self, seq: Sequence, budget: int, shared: dict, out: list) -> int:
+        """Prefill the next `budget` prompt tokens of a sequence; the last chunk gives its first token."""
+        position, first = self.prefilling[seq]
+        end = min(len(seq.prompt), position + budget)
+        inputs = StepInputs([seq.slot], [seq.prompt[position:end]], [position], seq.prompt[:end],
+                            len(seq.prompt) + seq.max_new)
+        try:
+            logits = self.runner.step(inputs)[0]  # (V,); on failure the row holds nothing reusable (cached stays [])
+        except Exception as e:  # noqa: BLE001 - one prompt's failure ends that request only
+            self.prefilling.pop(seq)
+            self._emit(seq, seq.fail(e, "prefill"), out)
+            return end - position
+        seq.fed = end  # keys the row now holds (what a cancelled sequence leaves for reuse)
+        if end < len(seq.prompt):
+            self.prefilling[seq] = (end, first)
+            return end - position
+        del self.prefilling[seq]
+        seq.prefilled = len(seq.prompt) - first
+        shared[tuple(seq.prompt)] = (seq.slot, logits)
+        self._emit(seq, seq.take(logits), out)
+        return end - position
 
     def _holds(self, row: int, prompt: list[int]) -> bool:
         """Row `row` still holds `prompt`'s keys: its sequence runs there, or left them behind."""
@@ -120,7 +156,9 @@ class Scheduler:
         tokens, starts = [[0] for _ in range(n)], [0] * n
         for row in range(n):
             seq = self.slots[row]
-            if seq is None:  # idle row inside the batch: write past its cached ids, where nothing is kept
+            if seq in self.prefilling:  # still prefilling: write where its next chunk will write over
+                starts[row] = min(self.prefilling[seq][0], self.runner.max_len - 1)
+            elif seq is None:  # idle row inside the batch: write past its cached ids, where nothing is kept
                 starts[row] = min(len(self.cached[row]), self.runner.max_len - 1)
                 self.cached[row] = self.cached[row][: starts[row]]
             else:

@@ -25,11 +25,12 @@ from glmkit.server.worker import EngineWorker
 
 def create_app(llm, *, model_name: str, api_keys: list[str] | None = None, cors_origins: list[str] | None = None,
                max_batch: int = 8, max_queue: int = 64, max_body_bytes: int = 4 << 20,
-               request_timeout: float = 600.0, access_log: str | None = None) -> FastAPI:
-    """access_log: 'text' or 'json' lines on the 'glmkit.access' logger (one per request), None for none."""
+               request_timeout: float = 600.0, access_log: str | None = None, prefill_chunk: int = 256) -> FastAPI:
+    """access_log: 'text' or 'json' lines on the 'glmkit.access' logger (one per request), None for none;
+    prefill_chunk: the prompt tokens a step prefills at most (longer prompts take several, between decode steps)."""
     if any(not k.strip() for k in api_keys or []):
         raise GlmkitError("an API key is empty; give non-empty keys (or none, for an open server).")
-    worker = EngineWorker(llm.make_engine(max_batch=max_batch), max_queue=max_queue)
+    worker = EngineWorker(llm.make_engine(max_batch=max_batch, prefill_chunk=prefill_chunk), max_queue=max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
