@@ -2,7 +2,11 @@
 `llama-server -np 8` on the same GGUF when a llama-server binary is on PATH (or given with --llama-server).
 
 Each stream asks for --tokens tokens (ignore_eos) after a short prompt; aggregate tokens/s = all generated
-tokens / wall time of the round. Prints the median of --runs rounds per setting as a markdown table.
+tokens / wall time of the round. Prints the median of --runs rounds per setting as a markdown table. Then
+the latency under load: 7 streams of 128 tokens, and a ~2k-token prompt arriving a second into the round (8
+sequences: both servers' slots); p50 / p99 of the gaps between the streams' tokens, and that prompt's time
+to first token. glmkit's compiled
+step is built (glmkit compile) before its server starts, so the measurement sees what a warmed-up server runs.
 
     .venv/bin/python benchmarks/serve_concurrency.py [--model smollm2-135m-instruct] [--runs 3]
 """
@@ -59,6 +63,35 @@ def one_stream(url: str, model: str, tokens: int) -> int:
     return n
 
 
+LONG_PROMPT = " ".join(f"Paragraph {i}: the keeper logged the weather, the ships that passed and the state of the "
+                       "lamp, as every keeper before him had done." for i in range(80))  # about 2k tokens
+
+
+def stream_times(url: str, model: str, tokens: int, prompt: str) -> list[float]:
+    """When each streamed piece of text arrived (perf_counter seconds), from the request's start (index 0)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0.8, "stream": True,
+            "ignore_eos": True}
+    times = [time.perf_counter()]
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        if r.status_code != 200:
+            sys.exit(f"{url} answered {r.status_code}: {r.read().decode()[:300]}")
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]" and json.loads(line[6:]).get("choices"):
+                times.append(time.perf_counter())
+    return times
+
+
+def latency_round(url: str, model: str) -> dict[str, float]:
+    with ThreadPoolExecutor(8) as pool:  # 8 slots in both servers: 7 streams, then the long prompt
+        streams = [pool.submit(stream_times, url, model, 128, PROMPT) for _ in range(7)]
+        time.sleep(1.0)
+        long = pool.submit(stream_times, url, model, 8, f"Log {time.time_ns()}. {LONG_PROMPT}")  # never cached
+        gaps = sorted(b - a for f in streams for a, b in zip(f.result()[1:], f.result()[2:]))
+        first = long.result()
+    return {"p50": gaps[len(gaps) // 2] * 1000, "p99": gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))] * 1000,
+            "max": gaps[-1] * 1000, "ttft": first[1] - first[0]}
+
+
 def round_throughput(url: str, model: str, streams: int, tokens: int) -> float:
     start = time.perf_counter()
     with ThreadPoolExecutor(streams) as pool:
@@ -68,12 +101,15 @@ def round_throughput(url: str, model: str, streams: int, tokens: int) -> float:
     return sum(counts) / (time.perf_counter() - start)
 
 
-def measure(url: str, model: str, levels: list[int], tokens: int, runs: int) -> dict[int, float]:
+def measure(url: str, model: str, levels: list[int], tokens: int, runs: int) -> dict:
     round_throughput(url, model, 1, 8)  # warm up
-    return {n: statistics.median(round_throughput(url, model, n, tokens) for _ in range(runs)) for n in levels}
+    out: dict = {n: statistics.median(round_throughput(url, model, n, tokens) for _ in range(runs)) for n in levels}
+    rounds = [latency_round(url, model) for _ in range(runs)]
+    out["latency"] = {k: statistics.median(r[k] for r in rounds) for k in ("p50", "p99", "max", "ttft")}
+    return out
 
 
-def serve_and_measure(command, levels: list[int], args) -> dict[int, float]:
+def serve_and_measure(command, levels: list[int], args) -> dict:
     """Start a server (command(port) -> argv), measure it, stop it."""
     port = free_port()
     proc = subprocess.Popen(command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -91,18 +127,20 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--llama-server", default=shutil.which("llama-server"))
+    ap.add_argument("--chunks", type=int, nargs="+", default=[256], help="glmkit serve --prefill-chunk values")
     args = ap.parse_args()
     levels = [1, 4, 8]
 
     from glmkit.loaders.hub import resolve
 
     gguf = Path(resolve(args.model))
-    rows = {"glmkit serve": serve_and_measure(
-        lambda port: [sys.executable, "-m", "glmkit", "serve", str(gguf), "--port", str(port), "--max-batch", "8",
-                      "--model-name", "m"], levels, args)}
+    subprocess.run([sys.executable, "-m", "glmkit", "compile", str(gguf)], check=True)  # once; then from disk
+    rows = {f"glmkit serve --prefill-chunk {c}": serve_and_measure(
+        lambda port, c=c: [sys.executable, "-m", "glmkit", "serve", str(gguf), "--port", str(port), "--max-batch",
+                           "8", "--model-name", "m", "--prefill-chunk", str(c)], levels, args) for c in args.chunks}
     if args.llama_server and gguf.suffix == ".gguf":
         rows["llama-server -np 8"] = serve_and_measure(
-            lambda port: [args.llama_server, "-m", str(gguf), "--port", str(port), "-np", "8", "-c", "4096", "-t", "2"],
+            lambda port: [args.llama_server, "-m", str(gguf), "--port", str(port), "-np", "8", "-c", "32768", "-t", "2"],
             levels, args)
     print(f"\naggregate decode tokens/s, {args.tokens} tokens per stream, median of {args.runs} runs "
           f"({gguf.name})\n")
@@ -111,6 +149,15 @@ def main() -> None:
     for name, figures in rows.items():
         print(f"| {name} | " + " | ".join(f"{figures[n]:.1f}" for n in levels)
               + f" | {figures[8] / figures[1]:.2f}x |")
+    if "llama-server -np 8" in rows:
+        g, ll = next(iter(rows.values())), rows["llama-server -np 8"]
+        print("| glmkit / llama-server | " + " | ".join(f"{g[n] / ll[n]:.2f}x" for n in levels) + " | |")
+    print("\n7 streams of 128 tokens, a ~2k-token prompt arriving 1 s in (medians of the runs' figures)\n")
+    print("| server | inter-token p50 ms | p99 ms | longest gap ms | long prompt's first token s |")
+    print("|---|---:|---:|---:|---:|")
+    for name, figures in rows.items():
+        lat = figures["latency"]
+        print(f"| {name} | {lat['p50']:.0f} | {lat['p99']:.0f} | {lat['max']:.0f} | {lat['ttft']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -236,6 +236,17 @@ def test_native_renderer_equals_the_official_template(tmp_path, case, kwargs):
         "function"]["name"] == "now"
 
 
+def streams_to(whole: dict, text: str, in_reasoning: bool, rng: random.Random, pieces: int) -> None:
+    """Fed in up to `pieces` random pieces, the stream parser ends with `whole` and its deltas add up to it."""
+    cuts = sorted(rng.sample(range(1, len(text)), k=min(len(text) - 1, rng.randint(1, pieces)))) if len(text) > 1 else []
+    parser = StreamParser(TOOLS, in_reasoning)
+    deltas = [d for a, b in zip([0] + cuts, cuts + [len(text)]) for d in parser.feed(text[a:b])] + parser.close()
+    assert _without_ids(parser.message) == _without_ids(whole)
+    for key in ("reasoning_content", "content"):
+        assert "".join(d.get(key, "") for d in deltas) == (whole.get(key) or "")
+    assert accumulated_calls(deltas) == parser.message.get("tool_calls", [])
+
+
 PIECES = ["北京", "a < b", "x<y>z", "<", "007", "null", "{}", "[1, 2]", "line\nbreak", " spaced ", "3.5", "true",
           "<think", "</tool", "tool_call", "<arg", "😀", "\\n", '"quoted"']
 
@@ -279,13 +290,7 @@ def test_random_replies_in_random_pieces(seed):
     text, in_reasoning, reasoning, content, calls = _random_reply(rng)
     whole = parse_glm45(text, TOOLS, in_reasoning)
     _same(whole, reasoning, content, calls)
-    cuts = sorted(rng.sample(range(1, len(text)), k=min(len(text) - 1, rng.randint(1, 40)))) if len(text) > 1 else []
-    parser = StreamParser(TOOLS, in_reasoning)
-    deltas = [d for a, b in zip([0] + cuts, cuts + [len(text)]) for d in parser.feed(text[a:b])] + parser.close()
-    assert _without_ids(parser.message) == _without_ids(whole)
-    for key in ("reasoning_content", "content"):
-        assert "".join(d.get(key, "") for d in deltas) == (whole.get(key) or "")
-    assert accumulated_calls(deltas) == parser.message.get("tool_calls", [])
+    streams_to(whole, text, in_reasoning, rng, pieces=40)
 
 
 SOUP = list(TAGS) + ["now", "get_weather", "city", "{", "}", '"name"', ":", "\n", " ", "x", "<", ">", "3",
@@ -300,10 +305,4 @@ def test_tag_soup_never_breaks_the_stream(seed):
     text = "".join(rng.choice(SOUP) for _ in range(rng.randint(0, 25)))
     in_reasoning = rng.random() < 0.5
     whole = parse_glm45(text, TOOLS, in_reasoning)
-    cuts = sorted(rng.sample(range(1, len(text)), k=min(len(text) - 1, rng.randint(1, 10)))) if len(text) > 1 else []
-    parser = StreamParser(TOOLS, in_reasoning)
-    deltas = [d for a, b in zip([0] + cuts, cuts + [len(text)]) for d in parser.feed(text[a:b])] + parser.close()
-    assert _without_ids(parser.message) == _without_ids(whole)
-    for key in ("reasoning_content", "content"):
-        assert "".join(d.get(key, "") for d in deltas) == (whole.get(key) or "")
-    assert accumulated_calls(deltas) == parser.message.get("tool_calls", [])
+    streams_to(whole, text, in_reasoning, rng, pieces=10)

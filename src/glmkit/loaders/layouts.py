@@ -14,7 +14,7 @@ from typing import Any
 
 from glmkit.config import ModelConfig, hf_spelling
 from glmkit.errors import CheckpointError
-from glmkit.loaders.keymap import W, WBS, Module, Table, gate_up, qkv
+from glmkit.loaders.keymap import W, WB, WBS, Module, Table, gate_up, qkv
 from glmkit.loaders.quantized import FORMAT as QUANTIZED_FORMAT
 
 
@@ -101,20 +101,20 @@ _MTP_DROPS = (r"model\.layers\.\d+\.embed_tokens\.weight", r"model\.layers\.\d+\
 TRANSFORMERS_GLM4_MOE = _transformers("transformers_glm4_moe", fused_gate_up=False, extra=(
     Module("layers.{i}.attn.q_norm", f"{_HF}.self_attn.q_norm", W),
     Module("layers.{i}.attn.k_norm", f"{_HF}.self_attn.k_norm", W), *_MOE), drops=_MTP_DROPS)
-_ATTN = f"{_HF}.self_attn"
-_LATENT = (  # GLM-4.7-Flash / GLM-5 latent attention (mla.py), GLM-5's indexer
-    Module("layers.{i}.attn.q", f"{_ATTN}.q_proj", W, linear=True),
-    Module("layers.{i}.attn.q_a", f"{_ATTN}.q_a_proj", linear=True),
-    Module("layers.{i}.attn.q_a_norm", f"{_ATTN}.q_a_layernorm", W),
-    Module("layers.{i}.attn.q_b", f"{_ATTN}.q_b_proj", W, linear=True),
-    Module("layers.{i}.attn.kv_a", f"{_ATTN}.kv_a_proj_with_mqa", linear=True),
-    Module("layers.{i}.attn.kv_a_norm", f"{_ATTN}.kv_a_layernorm", W),
-    Module("layers.{i}.attn.kv_b", f"{_ATTN}.kv_b_proj", W),
-    Module("layers.{i}.attn.indexer.wq_b", f"{_ATTN}.indexer.wq_b", W, linear=True),
-    Module("layers.{i}.attn.indexer.wk", f"{_ATTN}.indexer.wk", W, linear=True),
-    Module("layers.{i}.attn.indexer.k_norm", f"{_ATTN}.indexer.k_norm"),
-    Module("layers.{i}.attn.indexer.weights", f"{_ATTN}.indexer.weights_proj", W, linear=True),
-)
+_LATENT_PARTS = (  # GLM-4.7-Flash / GLM-5 latent attention (mla.py) and GLM-5's indexer: (ours, params, linear)
+    ("q", W, True), ("q_a", WB, True), ("q_a_norm", W, False), ("q_b", W, True), ("kv_a", WB, True),
+    ("kv_a_norm", W, False), ("kv_b", W, False), ("indexer.wq_b", W, True), ("indexer.wk", W, True),
+    ("indexer.k_norm", WB, False), ("indexer.weights", W, True))
+
+
+def _latent(prefix: str, names: str) -> tuple[Module, ...]:
+    """The latent-attention modules under a source's names (`names`: its suffixes, in _LATENT_PARTS' order)."""
+    return tuple(Module(f"layers.{{i}}.attn.{ours}", f"{prefix}.{theirs}", params, linear=linear)
+                 for (ours, params, linear), theirs in zip(_LATENT_PARTS, names.split(), strict=True))
+
+
+_LATENT = _latent(f"{_HF}.self_attn", "q_proj q_a_proj q_a_layernorm q_b_proj kv_a_proj_with_mqa kv_a_layernorm "
+                                      "kv_b_proj indexer.wq_b indexer.wk indexer.k_norm indexer.weights_proj")
 TRANSFORMERS_GLM4_MOE_LITE = _transformers("transformers_glm4_moe_lite", fused_gate_up=False, extra=_MOE,
                                            drops=_MTP_DROPS, attention=_LATENT)
 GLMKIT = Layout("glmkit", None, "transformers", "hf")
@@ -161,17 +161,9 @@ GGUF_GLM4MOE = Layout("gguf_glm4moe", Table(_GGUF_COMMON + (  # GLM-4.5 family; 
 ) + _GGUF_MOE, drops=_GGUF_MTP_DROPS), "transformers_glm4_moe", "gguf")
 GGUF_MLA = Layout("gguf_mla", Table(_GGUF_COMMON + (  # GLM-4.7-Flash ('deepseek2'), GLM-5 ('glm-dsa')
     gate_up("layers.{i}.mlp.in_proj", f"{_B}.ffn_gate", f"{_B}.ffn_up"),
-    Module("layers.{i}.attn.q", f"{_B}.attn_q", W, linear=True),
-    Module("layers.{i}.attn.q_a", f"{_B}.attn_q_a", linear=True),
-    Module("layers.{i}.attn.q_a_norm", f"{_B}.attn_q_a_norm", W),
-    Module("layers.{i}.attn.q_b", f"{_B}.attn_q_b", W, linear=True),
-    Module("layers.{i}.attn.kv_a", f"{_B}.attn_kv_a_mqa", linear=True),
-    Module("layers.{i}.attn.kv_a_norm", f"{_B}.attn_kv_a_norm", W),
-    Module("layers.{i}.attn.kv_b", f"{_B}.attn_kv_b", W),  # newer files split it: joined again on reading
-    Module("layers.{i}.attn.indexer.wq_b", f"{_B}.indexer.attn_q_b", W, linear=True),
-    Module("layers.{i}.attn.indexer.wk", f"{_B}.indexer.attn_k", W, linear=True),
-    Module("layers.{i}.attn.indexer.k_norm", f"{_B}.indexer.k_norm"),
-    Module("layers.{i}.attn.indexer.weights", f"{_B}.indexer.proj", W, linear=True),
+    # attn_kv_b: newer files split it into attn_k_b / attn_v_b, joined again on reading (gguf.py)
+    *_latent(_B, "attn_q attn_q_a attn_q_a_norm attn_q_b attn_kv_a_mqa attn_kv_a_norm attn_kv_b indexer.attn_q_b "
+                 "indexer.attn_k indexer.k_norm indexer.proj"),
 ) + _GGUF_MOE, drops=_GGUF_MTP_DROPS), "transformers_glm4_moe_lite", "gguf")
 GGUF_LAYOUTS = {"llama": GGUF_LLAMA, "chatglm": GGUF_CHATGLM, "glm4": GGUF_GLM4, "glm4moe": GGUF_GLM4MOE,
                 "deepseek2": GGUF_MLA, "glm-dsa": GGUF_MLA}
