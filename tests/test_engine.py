@@ -344,3 +344,31 @@ def test_cancel_while_prefilling_frees_the_slot(tiny, random_ids):
     assert engine.cached[slot] == prompt[:4]  # the keys it did write stay reusable by a later prompt
     with pytest.raises(GlmkitError, match="prefill_chunk"):
         llm.make_engine(prefill_chunk=0)
+
+
+def test_a_lone_stream_in_any_row_takes_the_one_row_step(tiny, random_ids):
+    """When one sequence is left decoding, in row 1 here, its steps are one-row steps on that row, the case the
+    compiled step serves (here a stand-in that records the rows it gets and runs the model), not batched steps
+    over idle rows; its greedy ids still equal the naive loop's."""
+    llm, _ = tiny["llama"]
+    engine = llm.make_engine(max_batch=4)
+    seen = []
+
+    class Recorder:
+        def usable(self, start):
+            return True
+
+        def __call__(self, tokens, positions, cache, start):
+            seen.append(cache.k[0].data_ptr())
+            return llm.model(tokens, positions, cache, start)[:, -1]
+
+    engine.runner.compiled = Recorder()
+    first, second = (random_ids(1, 6, llm.config.vocab_size, seed=s)[0].tolist() for s in (31, 32))
+    a = engine.submit(first, SamplingParams(max_tokens=2, **GREEDY))
+    b = engine.submit(second, SamplingParams(max_tokens=9, **GREEDY))
+    while engine.has_work:
+        engine.step()
+    assert (a.slot, b.slot) == (None, None) and len(seen) >= 6
+    row1 = engine.runner.cache.rows(1, 2).k[0].data_ptr()
+    assert set(seen) == {row1}  # every one-row step ran on row 1, where b lives
+    assert b.output == naive_greedy(llm, second, 9) and a.output == naive_greedy(llm, first, 2)

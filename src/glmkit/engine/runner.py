@@ -24,7 +24,8 @@ CACHE_STEP = 256  # the cache grows in steps of this many positions
 class StepInputs:
     """One step of work. A prefill: one cache row, `tokens` the prompt ids not cached yet, `prompt` the whole
     prompt (2d positions and the prefix mask depend on all of it), `reserve` the positions to make room for.
-    A decode step: rows 0..n-1, one id each (an idle row's id is 0 and its start points past what it keeps).
+    A decode step: rows 0..n-1, one id each (an idle row's id is 0 and its start points past what it keeps),
+    or one row, any.
     `starts[r]` is the sequence index of row r's first id (its cached length)."""
     rows: list[int]
     tokens: list[list[int]]
@@ -97,10 +98,11 @@ class ModelRunner:
         tokens = torch.tensor([t[0] for t in inputs.tokens], device=self.device)[:, None]  # (n, 1)
         anchors = [self.anchors.get(r) for r in inputs.rows]
         positions = decode_positions(inputs.starts, anchors, self.config, self.device)  # (n, 1) or (n, 2, 1)
-        if n == 1:  # one row: a plain offset (no per-row scatter, no mask)
-            start = self.P + inputs.starts[0]
+        if n == 1:  # one row, whichever it is: a plain offset (no per-row scatter, no mask), the compiled step
+            row, start = inputs.rows[0], self.P + inputs.starts[0]
+            cache = self.cache.rows(row, row + 1)
             if self.compiled is not None and self.compiled.usable(start):  # the compiled one-token step
-                return self.compiled(tokens, positions, self.cache.rows(0, 1), start)  # (1, V)
-        else:
-            start = torch.tensor(inputs.starts, device=self.device) + self.P  # (n,)
+                return self.compiled(tokens, positions, cache, start)  # (1, V)
+            return self.model(tokens, positions, cache, start)[:, -1]  # (1, V)
+        start = torch.tensor(inputs.starts, device=self.device) + self.P  # (n,): rows 0..n-1
         return self.model(tokens, positions, self.cache.rows(0, n), start)[:, -1]  # (n, V)

@@ -152,6 +152,13 @@ class Scheduler:
         return kept[: len(prompt)] == prompt
 
     def _decode(self, running: list[int], out: list) -> None:
+        if len(running) == 1:  # one stream, in whichever row: a one-row step (the compiled step's case)
+            row = running[0]
+            seq = self.slots[row]
+            logits = self.runner.step(StepInputs([row], [[seq.ids[-1]]], [len(seq.ids) - 1]))  # (1, V)
+            seq.fed = len(seq.ids)
+            self._emit(seq, seq.take(logits[0]), out)
+            return
         n = max(running) + 1
         tokens, starts = [[0] for _ in range(n)], [0] * n
         for row in range(n):
