@@ -129,7 +129,13 @@ class ReplyStream:
         return out + ([{"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}] if calls else [])
 
     def _content(self, value: str) -> list[dict]:
-        if len(value) <= len(self.sent) or not value.startswith(self.sent):
+        piece = growth(self.sent, value)
+        if not piece:
             return []
-        piece, self.sent = value[len(self.sent):], value
+        self.sent = value
         return [{"content": piece}]
+
+
+def growth(sent: str, value: str) -> str:
+    """What a stream may still send of `value` after `sent`: the new tail when value extends it, else ''."""
+    return value[len(sent):] if len(value) > len(sent) and value.startswith(sent) else ""

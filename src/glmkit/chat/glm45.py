@@ -20,11 +20,11 @@ from __future__ import annotations
 import ast
 import json
 import re
-import uuid
 from typing import Any
 
+from glmkit.chat.base import growth
 from glmkit.chat.jinja import JinjaFormat
-from glmkit.chat.tools import FREE_TEXT, functions, special, tool_names
+from glmkit.chat.tools import FREE_TEXT, call_id, functions, openai_call, read_json_call, special, tool_names
 
 THINK, END_THINK, CALL, END_CALL = "<think>", "</think>", "<tool_call>", "</tool_call>"
 ARG_KEY, END_ARG_KEY, ARG_VALUE, END_ARG_VALUE = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
@@ -92,9 +92,9 @@ class Call:
     def pieces(self) -> list[str]:
         return argument_pieces(self.pairs, self.closed)
 
-    def openai(self, call_id: str | None = None) -> dict[str, Any]:
-        return {"id": call_id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                "function": {"name": self.name, "arguments": "".join(argument_pieces(self.pairs, True))}}
+    def openai(self) -> dict[str, Any]:
+        """As an OpenAI tool call: its arguments are the JSON the closed call's pieces join to."""
+        return openai_call(self.name, dict(self.pairs))
 
 
 def read_call(body: str, tools: list[dict] | None, closed: bool = True) -> Call | None:
@@ -103,7 +103,8 @@ def read_call(body: str, tools: list[dict] | None, closed: bool = True) -> Call 
     known = dict(functions(tools)) if tool_names(tools) else {}
     body = body.lstrip()
     if body.startswith("{"):  # a JSON body: {"name": ..., "arguments": {...}}
-        return _json_call(body.rstrip(), known) if closed else None
+        call = read_json_call(body.rstrip(), tools) if closed else None
+        return None if call is None else Call(call[0], list(call[1].items()), True)
     end = NAME_END.search(body)
     if not closed and end is None:
         return None  # the name may still grow
@@ -125,17 +126,6 @@ def _json_arguments(name: str, text: str) -> Call | None:
     except json.JSONDecodeError:
         return None
     return Call(name, list(args.items()), True) if isinstance(args, dict) else None
-
-
-def _json_call(body: str, known: dict) -> Call | None:
-    try:
-        value = json.loads(body)
-    except json.JSONDecodeError:
-        return None
-    args = value.get("arguments", value.get("parameters", {})) if isinstance(value, dict) else None
-    if not (isinstance(value, dict) and value.get("name") in known and isinstance(args, dict)):
-        return None
-    return Call(value["name"], list(args.items()), True)
 
 
 def read_rest(rest: str, tools: list[dict] | None, final: bool) -> tuple[str, list[Call]]:
@@ -160,16 +150,26 @@ def read_rest(rest: str, tools: list[dict] | None, final: bool) -> tuple[str, li
     return "".join(content), calls
 
 
-def parse_glm45(text: str, tools: list[dict] | None = None, in_reasoning: bool | None = None) -> dict[str, Any]:
-    """A whole reply -> the assistant message: content, reasoning_content (when there was any), tool_calls."""
+def parts(text: str, tools: list[dict] | None, in_reasoning: bool | None) -> tuple[str, str, list[Call]]:
+    """A whole reply -> (reasoning, content, calls), stripped."""
     reasoning, rest = split_reasoning(text, in_reasoning)
     content, calls = read_rest(rest, tools, final=True)
-    message: dict[str, Any] = {"role": "assistant", "content": content.strip() or (None if calls else "")}
-    if reasoning.strip():
-        message["reasoning_content"] = reasoning.strip()
+    return reasoning.strip(), content.strip(), calls
+
+
+def message_of(reasoning: str, content: str, calls: list[Call]) -> dict[str, Any]:
+    """The assistant message: content, reasoning_content (when there was any), tool_calls."""
+    message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else "")}
+    if reasoning:
+        message["reasoning_content"] = reasoning
     if calls:
         message["tool_calls"] = [c.openai() for c in calls]
     return message
+
+
+def parse_glm45(text: str, tools: list[dict] | None = None, in_reasoning: bool | None = None) -> dict[str, Any]:
+    """A whole reply -> the assistant message: content, reasoning_content (when there was any), tool_calls."""
+    return message_of(*parts(text, tools, in_reasoning))
 
 
 def held(text: str, tags: tuple[str, ...] = TAGS) -> int:
@@ -194,33 +194,35 @@ class StreamParser:
 
     def feed(self, text: str) -> list[dict]:
         self.text += text
-        return self._deltas(*self._view(self.text[: len(self.text) - held(self.text)], final=False))
+        return self._deltas(*self._view(self.text[: len(self.text) - held(self.text)]))
 
     def close(self) -> list[dict]:
-        self.message = parse_glm45(self.text, self.tools, self.in_reasoning)
-        deltas = self._deltas(*self._view(self.text, final=True))
-        for call_id, call in zip(self.ids, self.message.get("tool_calls", [])):
-            call["id"] = call_id  # one id per call, streamed or not
+        whole = parts(self.text, self.tools, self.in_reasoning)
+        deltas = self._deltas(*whole)
+        self.message = message_of(*whole)
+        for sent_id, call in zip(self.ids, self.message.get("tool_calls", [])):
+            call["id"] = sent_id  # one id per call, streamed or not
         return deltas
 
-    def _view(self, text: str, final: bool) -> tuple[str, str, list[Call]]:
-        """(reasoning, content, calls) of the text so far."""
+    def _view(self, text: str) -> tuple[str, str, list[Call]]:
+        """(reasoning, content, calls) of the text so far: an open call not yet a Call, and the content after
+        it, wait."""
         reasoning, rest = split_reasoning(text, self.in_reasoning)
-        if not final and END_THINK not in text and (self.in_reasoning or text.lstrip().startswith(THINK)):
+        if END_THINK not in text and (self.in_reasoning or text.lstrip().startswith(THINK)):
             return reasoning.strip(), "", []  # still thinking
-        content, calls = read_rest(rest, self.tools, final)
+        content, calls = read_rest(rest, self.tools, final=False)
         return reasoning.strip(), content.strip(), calls
 
     def _deltas(self, reasoning: str, content: str, calls: list[Call]) -> list[dict]:
         out = []
         for key, value in (("reasoning_content", reasoning), ("content", content)):
-            sent = self.sent[key]
-            if len(value) > len(sent) and value.startswith(sent):
-                out.append({key: value[len(sent):]})
+            piece = growth(self.sent[key], value)
+            if piece:
+                out.append({key: piece})
                 self.sent[key] = value
         for i, call in enumerate(calls):
             if i == len(self.ids):  # announce: id, type and name
-                self.ids.append(f"call_{uuid.uuid4().hex[:24]}")
+                self.ids.append(call_id())
                 self.pieces_sent.append(0)
                 out.append({"tool_calls": [{"index": i, "id": self.ids[i], "type": "function",
                                             "function": {"name": call.name, "arguments": ""}}]})

@@ -18,8 +18,12 @@ from typing import Any
 from glmkit.errors import GlmkitError
 
 
-def _call(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def openai_call(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"id": call_id(), "type": "function",
             "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
 
 
@@ -66,8 +70,13 @@ def parse_json_call(text: str, tools: list[dict] | None) -> dict[str, Any] | Non
     """A reply that is one JSON call of a known tool (as forced_json_call writes it; "parameters" read as
     "arguments", <tool_call> tags allowed around it) -> the assistant message with that call, else None."""
     body = text.strip().removeprefix("<tool_call>").removesuffix("</tool_call>").strip()
-    if not body.startswith("{"):
-        return None
+    call = read_json_call(body, tools) if body.startswith("{") else None
+    return None if call is None else {"role": "assistant", "content": None, "tool_calls": [openai_call(*call)]}
+
+
+def read_json_call(body: str, tools: list[dict] | None) -> tuple[str, dict[str, Any]] | None:
+    """A JSON object {"name": <a known tool>, "arguments" (or "parameters"): {...}} -> (name, arguments), else
+    None."""
     try:
         value = json.loads(body)
     except json.JSONDecodeError:
@@ -75,9 +84,7 @@ def parse_json_call(text: str, tools: list[dict] | None) -> dict[str, Any] | Non
     if not isinstance(value, dict) or value.get("name") not in tool_names(tools):
         return None
     arguments = value.get("arguments", value.get("parameters", {}))
-    if not isinstance(arguments, dict):
-        return None
-    return {"role": "assistant", "content": None, "tool_calls": [_call(value["name"], arguments)]}
+    return (value["name"], arguments) if isinstance(arguments, dict) else None
 
 
 def split_metadata(text: str) -> tuple[str, str]:
@@ -95,7 +102,7 @@ def parse_glm4(text: str, tools: list[dict] | None) -> dict[str, Any]:
         except json.JSONDecodeError:
             arguments = None
         if isinstance(arguments, dict):
-            return {"role": "assistant", "content": None, "tool_calls": [_call(name, arguments)]}
+            return {"role": "assistant", "content": None, "tool_calls": [openai_call(name, arguments)]}
     return {"role": "assistant", "content": rest.strip() if not name else text.strip()}
 
 
@@ -105,7 +112,7 @@ def parse_chatglm3(text: str, tools: list[dict] | None) -> dict[str, Any]:
     if name and name in tool_names(tools):
         arguments = _literal_tool_call(rest)
         if arguments is not None:
-            return {"role": "assistant", "content": None, "tool_calls": [_call(name, arguments)]}
+            return {"role": "assistant", "content": None, "tool_calls": [openai_call(name, arguments)]}
     return {"role": "assistant", "content": rest.strip() if not name else text.strip()}
 
 

@@ -71,24 +71,20 @@ class ChatDelta(dict):
 class ChatTurn:
     def __init__(self, fmt: ChatFormat, tools: list[dict] | None, prompt: list[int], parallel_calls: bool = True):
         """parallel_calls=False: only the reply's first tool call counts (OpenAI's parallel_tool_calls)."""
-        self.fmt, self.tools, self.prompt_tokens = fmt, tools or None, len(prompt)
-        self.parallel_calls = parallel_calls
-        self.parser = fmt.stream_parser(self.tools, prompt)
-        self.tokens, self.finish_reason, self.closed = 0, "stop", False
+        self.prompt_tokens, self.parallel_calls = len(prompt), parallel_calls
+        self.parser = fmt.stream_parser(tools or None, prompt)
+        self.tokens, self.finish_reason = 0, "stop"
 
     def feed(self, text: str, n_tokens: int = 0, finish_reason: str | None = None) -> list[dict]:
         """Take one chunk of the reply; return the deltas to send now (with a finish reason: the last ones)."""
         self.tokens += n_tokens
         self.finish_reason = finish_reason or self.finish_reason
-        out = self.parser.feed(text) if text else []
-        return self._calls_allowed(out + self.close() if finish_reason is not None else out)
+        out = self._calls_allowed(self.parser.feed(text)) if text else []
+        return out + self.close() if finish_reason is not None else out
 
     def close(self) -> list[dict]:
-        """The deltas the stream still owes at its end (none a second time)."""
-        if self.closed:
-            return []
-        self.closed = True
-        return self._calls_allowed(self.parser.close())
+        """The deltas the stream still owes at its end (none a second time: the parser has its message then)."""
+        return [] if self.parser.message is not None else self._calls_allowed(self.parser.close())
 
     def _calls_allowed(self, deltas: list[dict]) -> list[dict]:
         return deltas if self.parallel_calls else [d for d in deltas if d.get("tool_calls", [{"index": 0}])[0][

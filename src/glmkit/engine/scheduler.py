@@ -152,14 +152,21 @@ class Scheduler:
         return kept[: len(prompt)] == prompt
 
     def _decode(self, running: list[int], out: list) -> None:
-        if len(running) == 1:  # one stream, in whichever row: a one-row step (the compiled step's case)
-            row = running[0]
+        inputs = self._one_row(running[0]) if len(running) == 1 else self._all_rows(max(running) + 1)
+        logits = self.runner.step(inputs)  # (rows, V)
+        for i, row in enumerate(inputs.rows):
             seq = self.slots[row]
-            logits = self.runner.step(StepInputs([row], [[seq.ids[-1]]], [len(seq.ids) - 1]))  # (1, V)
-            seq.fed = len(seq.ids)
-            self._emit(seq, seq.take(logits[0]), out)
-            return
-        n = max(running) + 1
+            if row in running:
+                seq.fed = len(seq.ids)
+                self._emit(seq, seq.take(logits[i]), out)
+
+    def _one_row(self, row: int) -> StepInputs:
+        """One stream, in whichever row: a one-row step (the compiled step's case), no idle rows beside it."""
+        seq = self.slots[row]
+        return StepInputs([row], [[seq.ids[-1]]], [len(seq.ids) - 1])  # the last sampled id goes here
+
+    def _all_rows(self, n: int) -> StepInputs:
+        """Rows 0..n-1: the running ones with their last sampled id, the others written where nothing is kept."""
         tokens, starts = [[0] for _ in range(n)], [0] * n
         for row in range(n):
             seq = self.slots[row]
@@ -170,11 +177,7 @@ class Scheduler:
                 self.cached[row] = self.cached[row][: starts[row]]
             else:
                 tokens[row], starts[row] = [seq.ids[-1]], len(seq.ids) - 1  # the last sampled id goes here
-        logits = self.runner.step(StepInputs(list(range(n)), tokens, starts))  # (n, V)
-        for row in running:
-            seq = self.slots[row]
-            seq.fed = len(seq.ids)
-            self._emit(seq, seq.take(logits[row]), out)
+        return StepInputs(list(range(n)), tokens, starts)
 
 
 def _common(a: list[int], b: list[int]) -> int:

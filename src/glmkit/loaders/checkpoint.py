@@ -93,7 +93,9 @@ def file_identity(*paths: str | Path | None) -> list[tuple[str, int, int]]:
     out = []
     for path in (Path(p).expanduser().resolve() for p in paths if p is not None):
         files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path] if path.is_file() else []
-        out += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        for f in files:
+            stat = f.stat()
+            out.append((str(f), stat.st_size, stat.st_mtime_ns))
     return out
 
 

@@ -97,8 +97,8 @@ def config_from_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"), **moe, **mla)
 
 
-MLA_ARCHS = ("deepseek2", "glm-dsa")
-SPLIT_KV_B = (".attn_k_b.weight", ".attn_v_b.weight")  # read as floats: joined into kv_b  # GLM-4.7-Flash, GLM-5 as llama.cpp's converter writes them
+MLA_ARCHS = ("deepseek2", "glm-dsa")  # GLM-4.7-Flash, GLM-5 as llama.cpp's converter writes them
+SPLIT_KV_B = (".attn_k_b.weight", ".attn_v_b.weight")  # read as floats: joined into kv_b
 GATING = {1: "softmax", 2: "sigmoid"}  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_*
 
 
@@ -111,11 +111,11 @@ def _mla_fields(a, tensor_names: set[str], arch: str, layers: int) -> dict[str, 
     key, value = a("attention.key_length_mla"), a("attention.value_length_mla")
     if key is None:  # older files: key_length and value_length were the per-head sizes
         key, value = a("attention.key_length"), a("attention.value_length")
-    types = a("attention.indexer.types")
+    types, q_lora = a("attention.indexer.types"), a("attention.q_lora_rank")
     dsa = arch == "glm-dsa"
     return {"mla": MLAConfig(
         kv_lora_rank=int(a("attention.kv_lora_rank")), qk_nope_head_dim=int(key) - rope, qk_rope_head_dim=rope,
-        v_head_dim=int(value), q_lora_rank=None if a("attention.q_lora_rank") is None else int(a("attention.q_lora_rank")),
+        v_head_dim=int(value), q_lora_rank=None if q_lora is None else int(q_lora),
         rope_interleave=True, index_topk=int(a("attention.indexer.top_k")) if dsa else 0,
         index_heads=int(a("attention.indexer.head_count", 0)) if dsa else 0,
         index_head_dim=int(a("attention.indexer.key_length", 0)) if dsa else 0,
