@@ -354,3 +354,48 @@ def test_gguf_q8_experts_become_int8_without_a_float_copy(tmp_path):
         assert isinstance(module, StackedInt8)
         want = StackedInt8.from_float(getattr(exact.model.layers[1].mlp.experts, name))
         assert torch.equal(module.q, want.q) and torch.allclose(module.scales, want.scales, rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------------------------ larger than RAM
+PEAK_CHILD = r"""
+import re, sys, threading, time
+import torch
+from glmkit import loaders
+from glmkit.model import Transformer
+
+def anon():  # private memory: what a checkpoint larger than RAM cannot afford (file pages can be dropped)
+    return int(re.search(r"RssAnon:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
+
+base, peak, done = anon(), [0], []
+def watch():
+    while not done:
+        peak[0] = max(peak[0], anon()); time.sleep(0.0005)
+threading.Thread(target=watch, daemon=True).start()
+model = loaders.assemble(loaders.open(sys.argv[1]), Transformer.skeleton, "cpu", None, sys.argv[2])
+done.append(1); time.sleep(0.01)
+print(peak[0] - base, sum(b.numel() * b.element_size() for b in model.state_dict().values()))
+"""
+
+
+@pytest.mark.parametrize("quantize", ["int4", "int8"])
+def test_quantized_loading_holds_one_layer_of_float_weights(tmp_path, quantize):
+    """A quantized load reads, fills and quantizes one layer at a time: private memory stays near the quantized
+    model plus one layer, far below the bfloat16 checkpoint (read whole, stacking its experts alone would copy
+    all of it), so a checkpoint larger than RAM can be quantized."""
+    import subprocess
+    import sys
+
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Glm4MoeConfig(**{**BASE, "hidden_size": 256, "moe_intermediate_size": 256, "n_routed_experts": 32,
+                              "num_hidden_layers": 16, "head_dim": 64, "vocab_size": 256})
+    Glm4MoeForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    stored = (tmp_path / "model.safetensors").stat().st_size
+    out = subprocess.run([sys.executable, "-c", PEAK_CHILD, str(tmp_path), quantize], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    peak, resident = map(int, out.stdout.split())
+    layer = stored / 16
+    assert resident < (0.4 if quantize == "int4" else 0.62) * stored  # the model is quantized
+    assert peak < resident + 4 * layer, (peak / 2**20, resident / 2**20, stored / 2**20)

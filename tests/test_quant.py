@@ -213,6 +213,14 @@ def test_quantize_save_load_round_trip(tmp_path, random_ids, vocab_dirs, bits):
     again = subprocess.run([sys.executable, "-m", "glmkit", "quantize", str(src), str(tmp_path / "q"), "--bits", "8"],
                            capture_output=True, text=True)
     assert again.returncode == 1 and "not empty" in again.stderr
+    # an already quantized source is refused, with the reason and the way out; --requantize does it
+    twice = [sys.executable, "-m", "glmkit", "quantize", str(tmp_path / "q"), str(tmp_path / "q2"), "--bits", "8"]
+    refused = subprocess.run(twice, capture_output=True, text=True)
+    assert refused.returncode == 1 and "already stored quantized" in refused.stderr and "--requantize" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "q2").exists()
+    done = subprocess.run(twice + ["--requantize"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert glmkit.load(tmp_path / "q2").generate([1, 2, 3], max_tokens=3, temperature=0).token_ids
 
 
 def test_int8_odd_width_takes_the_portable_path():

@@ -20,6 +20,7 @@ from torch import nn
 from glmkit.config import ModelConfig
 from glmkit.errors import CheckpointError, GlmkitError
 from glmkit.loaders.checkpoint import Checkpoint
+from glmkit.loaders.keymap import layer_index
 from glmkit.quant import (Int4Linear, Int8Linear, StackedInt4, StackedInt8, TiedInt8Embedding, quantize_model,
                           replace_module)
 
@@ -51,9 +52,10 @@ Skeleton = Callable[[ModelConfig], nn.Module]
 
 
 def assemble(checkpoint: Checkpoint, skeleton: Skeleton, device: str | None = None,
-             dtype: str | torch.dtype | None = None, quantize: str | None = None) -> nn.Module:
-    """quantize: None, 'int8' or 'int4'. A quantized GGUF stays quantized on the CPU unless a dtype is asked
-    for; quantized models default to bfloat16 activations (what the weight-only kernels run fastest with)."""
+             dtype: str | torch.dtype | None = None, quantize: str | None = None, group_size: int = 32) -> nn.Module:
+    """quantize: None, 'int8' or 'int4' (group_size: int4's columns per scale). A quantized GGUF stays quantized
+    on the CPU unless a dtype is asked for; quantized models default to bfloat16 activations (what the
+    weight-only kernels run fastest with) and are read and quantized one layer at a time."""
     if quantize not in (None, "int8", "int4"):
         raise GlmkitError(f"quantize={quantize!r} is not supported; use None, 'int8' or 'int4'.")
     dev = pick_device(device)
@@ -65,19 +67,40 @@ def assemble(checkpoint: Checkpoint, skeleton: Skeleton, device: str | None = No
         quantize = checkpoint.quantization
     dtype = pick_dtype("bfloat16" if quantize is not None and dtype is None else dtype, dev)
     with lean_heap():
-        tensors, sources = checkpoint.tensors(keep_int4=quantize == "int4", keep_int8=quantize is not None,
-                                              dtype=dtype)
-        model = fill(skeleton(checkpoint.config), tensors, sources, torch.device("cpu") if quantize else dev, dtype)
         if quantize is not None:
-            model = quantize_model(model, bits=4 if quantize == "int4" else 8).to(dev)
-    return model
+            return _quantized_by_layer(checkpoint, skeleton, dtype, 4 if quantize == "int4" else 8, group_size).to(dev)
+        tensors, sources = checkpoint.tensors(dtype=dtype)
+        return fill(skeleton(checkpoint.config), tensors, sources, dev, dtype)
+
+
+def _quantized_by_layer(checkpoint: Checkpoint, skeleton: Skeleton, dtype: torch.dtype, bits: int,
+                        group_size: int) -> nn.Module:
+    """Each layer read, filled and quantized before the next is read (then the embedding, norm and head): the
+    float weights of one layer at most are ever in memory, beside the quantized model."""
+    layers = checkpoint.layers(keep_int4=bits == 4, keep_int8=True, dtype=dtype)  # checks the names first
+    model = skeleton(checkpoint.config)
+    for index, tensors, sources in layers:
+        fill(model, tensors, sources, torch.device("cpu"), dtype, layer=index)
+        if index is not None:
+            quantize_model(model.layers[index], bits, group_size)
+    unfilled = next((name for name, t in model.state_dict().items() if t.is_meta), None)
+    if unfilled is not None:
+        raise CheckpointError(f"the checkpoint has no tensor for {unfilled!r}; the download is incomplete or "
+                              "config.json does not match the weights.")
+    return quantize_model(model, bits, group_size)  # the head (and a tied embedding); layers are done
+
+
+_EVERY = object()  # fill()'s default: the whole model
 
 
 def fill(model: nn.Module, tensors: dict, sources: dict[str, str], device: torch.device,
-         dtype: torch.dtype) -> nn.Module:
+         dtype: torch.dtype, layer=_EVERY) -> nn.Module:
     """A meta-device model filled with `assign=True`; every parameter must come from the checkpoint. Empties
-    `tensors` as it goes, so a checkpoint is never held twice."""
+    `tensors` as it goes, so a checkpoint is never held twice. `layer`: fill only that layer's parameters (an
+    index; None: those of no layer), which `tensors` must then hold exactly."""
     expected = model.state_dict()
+    if layer is not _EVERY:
+        expected = {k: v for k, v in expected.items() if _layer_of(k) == layer}
     for path in _official_quantized(model, tensors, expected, sources):  # ChatGLM -int4 / -int8 layers
         expected = {k: v for k, v in expected.items() if k.rsplit(".", 1)[0] != path}
     unexpected = sorted(set(tensors) - set(expected))
@@ -106,7 +129,14 @@ def fill(model: nn.Module, tensors: dict, sources: dict[str, str], device: torch
         else:
             _packed_module(model, name.rsplit(".", 1)[0], blocks, state, dtype)
     model.load_state_dict(state, strict=False, assign=True)  # completeness was checked above
+    if layer is not _EVERY:  # the rest of the model is still on the meta device
+        return model.requires_grad_(False)
     return model.to(device).requires_grad_(False)  # quantized layers were built on the CPU: moved (and repacked)
+
+
+def _layer_of(name: str) -> int | None:
+    i = layer_index(name)
+    return None if i is None else int(i)
 
 
 def _stacked_module(stacked) -> nn.Module:

@@ -19,7 +19,7 @@ from glmkit.config import ModelConfig
 from glmkit.errors import CheckpointError, GlmkitError
 import glmkit.loaders.hf as hf
 from glmkit.loaders.gguf_file import GGUFFile
-from glmkit.loaders.keymap import layer_index, map_tensors
+from glmkit.loaders.keymap import NO_MATCH, layer_index, map_tensors
 from glmkit.loaders.layouts import GGUF_LAYOUTS, Layout, detect, read_config
 
 
@@ -49,21 +49,44 @@ class Checkpoint:
         """Our tensors (name -> tensor, or GGUF blocks kept packed) and where each came from, for errors.
         keep_int4 / keep_int8: GGUF quantized weights stay as the file's blocks (loaders.gguf.Int4Blocks /
         Int8Rows); dtype: what GGUF's quantized types dequantize to (directories keep their stored dtypes)."""
-        named = self.named(keep_int4, keep_int8, dtype)
-        if self.layout.table is None:  # glmkit's own names
-            tensors, sources = {}, {}
-            for name, file, load in named:
-                tensors[name], sources[name] = load(), f"{file}: {name}"
-        else:
-            try:
-                tensors, sources = map_tensors(self.layout.table, named, self.config)
-            except GlmkitError:
-                raise
-            except (RuntimeError, ValueError) as e:  # a layout fix that does not fit the stored shape
-                raise CheckpointError(f"a tensor in {self.source} does not fit its config ({e}).") from None
-        self._check_layers(tensors)
-        self._without_absent_mtp(tensors)
+        tensors, sources = {}, {}
+        for _, part, where in self.layers(keep_int4, keep_int8, dtype):
+            tensors.update(part)
+            sources.update(where)
         return tensors, sources
+
+    def layers(self, keep_int4: bool = False, keep_int8: bool = False, dtype: torch.dtype = torch.float32):
+        """tensors() one layer at a time: (layer index, tensors, sources) for each layer in order, then (None, ...)
+        for what belongs to no layer (embedding, final norm, head). Each group is read only when reached, so a
+        model can be filled and quantized layer by layer, one layer's float weights in memory at most (a
+        checkpoint larger than RAM). The layer count is checked on names before anything is read."""
+        groups: dict[int, list] = {}
+        ours = []
+        for triple in self.named(keep_int4, keep_int8, dtype):
+            name = self._our_name(triple[0])
+            i = layer_index(name) if isinstance(name, str) else None
+            groups.setdefault(-1 if name is NO_MATCH else int(i) if i is not None else 1 << 62, []).append(triple)
+            ours += [name] if isinstance(name, str) else []
+        self._check_layers(ours)
+        self._without_absent_mtp(ours)
+        return ((None if key == 1 << 62 else key, *self._mapped(groups[key])) for key in sorted(groups))
+
+    def _our_name(self, name: str):
+        """Our name for a source tensor name (None: dropped on purpose, NO_MATCH: unknown)."""
+        if self.layout.table is None:  # glmkit's own names
+            return name
+        target = self.layout.table.target(name, self.config)
+        return target.name if target is not None and target is not NO_MATCH else target
+
+    def _mapped(self, named: list) -> tuple[dict, dict[str, str]]:
+        if self.layout.table is None:
+            return {n: load() for n, _, load in named}, {n: f"{file}: {n}" for n, file, _ in named}
+        try:
+            return map_tensors(self.layout.table, named, self.config)
+        except GlmkitError:
+            raise
+        except (RuntimeError, ValueError) as e:  # a layout fix that does not fit the stored shape
+            raise CheckpointError(f"a tensor in {self.source} does not fit its config ({e}).") from None
 
     def _without_absent_mtp(self, names) -> None:
         """config.json counts MTP layers that files written by transformers (and many conversions) leave out:

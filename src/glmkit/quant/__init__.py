@@ -263,7 +263,13 @@ class StackedInt4(nn.Module):
     def from_float(cls, w: torch.Tensor, group_size: int = 32) -> "StackedInt4":
         if w.shape[-1] % group_size:
             raise GlmkitError(f"int4 experts need a group size ({group_size}) dividing the input size ({w.shape[-1]}).")
-        return cls(*int4_groups(w, group_size), group_size)
+        E, N, K = w.shape
+        q = torch.empty(E, N, K, dtype=torch.uint8, device=w.device)  # (E, N, K)
+        scales, zeros = (torch.empty(E, N, K // group_size, device=w.device) for _ in range(2))  # (E, N, K / gs)
+        for e in range(E):  # expert by expert: float32 temporaries of one expert, not of the whole layer
+            qe, scales[e], zeros[e] = int4_groups(w[e], group_size)
+            q[e] = qe
+        return cls(q, scales, zeros, group_size)
 
     def _pack(self, q: torch.Tensor) -> None:
         if q.device.type == "cpu" and self.out_features % 16 == 0 and self.group_size in (32, 64, 128, 256):
