@@ -16,10 +16,12 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "glmkit"
 # glmkit.errors and glmkit.config (the bottom layers), and its own package. "model" stands for the model
 # group of the table's row (model, moe, positions, kv_cache). loaders' third-party extras: numpy (gguf's arrays)
 # and huggingface_hub (hub.py's downloads).
-MODEL = ["glmkit.model", "glmkit.layers", "glmkit.mla", "glmkit.moe", "glmkit.positions", "glmkit.kv_cache"]
+MODEL = ["glmkit.model", "glmkit.layers", "glmkit.mla", "glmkit.moe", "glmkit.positions", "glmkit.kv_cache",
+         "glmkit.vision"]
 MAY = {
     "config": [],
-    "model": ["torch", "glmkit.kv_cache", "glmkit.moe", "glmkit.layers", "glmkit.mla"],
+    "model": ["torch", "glmkit.kv_cache", "glmkit.moe", "glmkit.layers", "glmkit.mla", "glmkit.vision"],
+    "vision": ["torch", "glmkit.layers"],
     "layers": ["torch", "glmkit.kv_cache"],
     "mla": ["torch", "glmkit.layers"],
     "moe": ["torch"],
@@ -31,7 +33,7 @@ MAY = {
     "engine": ["torch", *MODEL],
     "llm": ["torch", "typing_extensions", "glmkit.loaders", *MODEL, "glmkit.chat", "glmkit.engine", "glmkit.tokenizer",
             "glmkit.quant", "glmkit.adapters", "glmkit.grammar", "glmkit.forward",
-            "glmkit.infill"],
+            "glmkit.infill", "glmkit.images"],
     "server": ["glmkit.llm", "glmkit.engine", "glmkit.chat", "glmkit.tokenizer", "fastapi", "uvicorn", "starlette",
                "pydantic", "prometheus_client"],
     "train": ["torch", "safetensors", "tqdm", *MODEL, "glmkit.loaders", "glmkit.tokenizer", "glmkit.chat",
@@ -42,6 +44,7 @@ MAY = {
     "grammar": ["torch", "llguidance", "glmkit.tokenizer"],
     "forward": ["torch", *MODEL],
     "infill": [],
+    "images": ["torch", "PIL", "glmkit.chat"],
 }
 MUST_NOT = {
     "config": ["torch", "glmkit.model", "glmkit.engine", "glmkit.loaders", "glmkit.llm"],
@@ -64,6 +67,8 @@ MUST_NOT = {
     "train": ["glmkit.server", "glmkit.cli"],
     "grammar": ["glmkit.engine", "glmkit.model", "glmkit.chat", "glmkit.server", "glmkit.llm"],
     "forward": ["glmkit.loaders", "glmkit.tokenizer", "glmkit.engine", "glmkit.server", "glmkit.llm"],
+    "vision": ["glmkit.loaders", "glmkit.tokenizer", "glmkit.engine", "glmkit.model", "json", "pathlib", "os"],
+    "images": ["glmkit.model", "glmkit.engine", "glmkit.server", "glmkit.llm"],
 }
 EVERYONE = ["__future__", "glmkit.errors", "glmkit.config", "glmkit.__version__"]
 

@@ -24,7 +24,8 @@ MlpKind = Literal["swiglu", "gelu_tanh"]  # swiglu: in_proj holds [gate; up]; ge
 ResidualKind = Literal["pre_norm", "deepnorm"]  # deepnorm: x = alpha * LN(x) + f(LN(x)) (ChatGLM-6B)
 ExtraNorms = Literal["none", "sandwich"]  # sandwich: a norm after attention and after MLP (GLM-4-0414)
 RopeLayout = Literal["interleaved", "half_split"]  # pairs (2i, 2i+1) (GLM) or (i, i + d/2) (Llama)
-PositionKind = Literal["1d", "2d"]  # 2d: position + block position on the two halves of a head
+PositionKind = Literal["1d", "2d", "mrope"]  # 2d: position + block position on the two halves of a head;
+# mrope: (t, h, w) positions, each rotary frequency slot reading one of them (GLM-4.1V / 4.5V)
 MaskKind = Literal["causal", "prefix"]  # prefix: tokens before <sop> see each other (ChatGLM-6B)
 FreqDtype = Literal["float32", "float16"]  # ChatGLM-6B rounds its rotary frequencies to float16
 
@@ -79,14 +80,25 @@ class MLAConfig:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """A vision tower whose features enter the text model through its embeddings input (GLM-4.1V, 4.5V)."""
+    """A vision tower whose features enter the text model through its embeddings input (GLM-4.1V, 4.5V): patches
+    of `patch_size` pixels over `temporal_patch_size` frames, `depth` blocks of `hidden_size`, merged
+    `spatial_merge_size` x `spatial_merge_size` into tokens of `out_hidden_size` (the text model's width)."""
     depth: int
     hidden_size: int
     num_heads: int
     patch_size: int
     out_hidden_size: int
+    intermediate_size: int  # the merger's SwiGLU width
     spatial_merge_size: int = 2
     temporal_patch_size: int = 2
+    image_size: int = 336  # the learned position table covers (image_size / patch_size)^2 patches
+    in_channels: int = 3
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    attention_bias: bool = False
+    image_token_id: int = 151343  # <|image|>: one per output token of an image in the prompt
+    image_start_token_id: int | None = None
+    image_end_token_id: int | None = None
 
 
 SUB_CONFIGS = {"moe": MoEConfig, "mla": MLAConfig, "vision": VisionConfig}
@@ -131,6 +143,7 @@ class ModelConfig:
     moe: MoEConfig | None = None  # Mixture-of-Experts MLPs after the first dense layers (GLM-4.5 family)
     mla: MLAConfig | None = None
     vision: VisionConfig | None = None
+    mrope_section: tuple[int, ...] = ()  # positions "mrope": rotary frequency slots read from t, h, w in turn
 
     def __post_init__(self) -> None:
         for name, kind in SUB_CONFIGS.items():
@@ -166,11 +179,18 @@ class ModelConfig:
                               "the causal part).")
         if self.positions == "2d" and self.mask_token_id is None and self.gmask_token_id is None:
             raise ConfigError("ModelConfig.positions '2d' needs mask_token_id or gmask_token_id.")
+        if self.positions == "mrope" and (len(self.mrope_section) != 3 or sum(self.mrope_section) != self.rotary_dim // 2):
+            raise ConfigError(f"ModelConfig.mrope_section {self.mrope_section} must give 3 sizes summing to the "
+                              f"{self.rotary_dim // 2} rotary frequencies.")
+        if self.vision is not None and self.vision.out_hidden_size != self.hidden_size:
+            raise ConfigError(f"the vision tower's out_hidden_size ({self.vision.out_hidden_size}) must equal the text "
+                              f"model's hidden_size ({self.hidden_size}).")
         if self.moe is not None:
             _check_moe(self.moe, self.num_layers)
         if self.mla is not None:
             _check_mla(self.mla, self.num_layers)
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        object.__setattr__(self, "mrope_section", tuple(self.mrope_section))
 
     @property
     def rotary_dim(self) -> int:
@@ -185,6 +205,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["mrope_section"] = list(self.mrope_section)
         return {k: v for k, v in d.items() if k not in SUB_CONFIGS or v is not None}
 
     @classmethod
@@ -207,6 +228,8 @@ class ModelConfig:
         if spelling in ("thudm_v1", "thudm_v2"):
             return _from_thudm(_Keys(d))
         model_type = d.get("model_type")
+        if model_type in _VISION_TEXT:
+            return _from_vision_language(d, model_type)
         if spelling == "transformers":
             return _from_transformers(_Keys(d), model_type)
         archs = d.get("architectures") or []
@@ -252,7 +275,7 @@ def hf_spelling(d: dict[str, Any]) -> str | None:
     whether a checkpoint is THUDM's: layouts, tokenizers, adapters and export all ask this."""
     if "num_layers" in d and ("padded_vocab_size" in d or "inner_hidden_size" in d or "kv_channels" in d):
         return "thudm_v1" if d.get("position_encoding_2d") is not None or "inner_hidden_size" in d else "thudm_v2"
-    return "transformers" if d.get("model_type") in _HF_FAMILIES else None
+    return "transformers" if d.get("model_type") in (*_HF_FAMILIES, *_VISION_TEXT) else None
 
 
 # config.json keys of architecture features glmkit does not run yet: a model carrying them would be read as
@@ -270,7 +293,8 @@ UNSUPPORTED_FEATURES = {
 
 _MOE_KEYS = {"n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "num_nextn_predict_layers"}
 SUPPORTED_BY = {"glm4_moe": _MOE_KEYS | {"use_qk_norm"}, "glm4_moe_lite": _MOE_KEYS | {"kv_lora_rank", "q_lora_rank"},
-                "glm_moe_dsa": _MOE_KEYS | {"kv_lora_rank", "q_lora_rank", "index_topk"}}  # model types that run some
+                "glm_moe_dsa": _MOE_KEYS | {"kv_lora_rank", "q_lora_rank", "index_topk"},
+                "glm4v": {"vision_config"}, "glm4v_moe": {"vision_config"}}  # model types that run some
 
 
 NOT_YET = {  # model types glmkit knows of but does not run yet, with what they add
@@ -283,7 +307,7 @@ def _refuse_unsupported_features(d: dict[str, Any]) -> None:
     if d.get("model_type") in NOT_YET:
         raise UnsupportedArchitectureError(f"model_type {d['model_type']!r} is not supported yet ({NOT_YET[d['model_type']]}); "
                                            "glmkit cannot run this model.")
-    kinds = d.get("layer_types") or d.get("text_config", {}).get("layer_types") or []
+    kinds = d.get("layer_types") or (d.get("text_config") or {}).get("layer_types") or []
     if isinstance(kinds, list) and "linear_attention" in kinds:
         raise UnsupportedArchitectureError("unsupported architecture feature 'layer_types' (linear-attention layers) "
                                            "in config.json: glmkit cannot run this model yet.")
@@ -484,6 +508,58 @@ def _mla(k: _Keys, model_type: str, num_layers: int) -> dict[str, Any]:
                     indexer_types=tuple(types or ()))
     return {"mla": mla, "head_dim": rope, "rope_fraction": 1.0,
             "rope_layout": "interleaved" if mla.rope_interleave else "half_split"}
+
+
+_VISION_TEXT = {"glm4v": "glm4", "glm4v_moe": "glm4_moe"}  # vision-language model type -> its text model's family
+
+
+def _from_vision_language(d: dict[str, Any], model_type: str) -> ModelConfig:
+    """Glm4vConfig / Glm4vMoeConfig: text_config read as its family (GLM-4-0414 or GLM-4.5) with M-RoPE positions
+    (half-split rotation for glm4v_moe, pairs for glm4v, whose rotary covers the whole head unless a
+    partial_rotary_factor says otherwise), and vision_config as the tower."""
+    k = _Keys(d)
+    text, vision = k.get("text_config"), k.get("vision_config")
+    if not isinstance(text, dict) or not isinstance(vision, dict):
+        raise ConfigError(f"config.json of a {model_type} model needs text_config and vision_config objects.")
+    for key in ("video_token_id", "video_start_token_id", "video_end_token_id"):  # video input is not read yet
+        k.get(key)
+    family = _VISION_TEXT[model_type]
+    rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+    section = rope.pop("mrope_section", [8, 12, 12])
+    rope.setdefault("partial_rotary_factor", 1.0 if family == "glm4" else 0.5)
+    text = {**text, "model_type": family, "rope_parameters": rope, "rope_scaling": None,
+            "tie_word_embeddings": k.get("tie_word_embeddings", False)}
+    cfg = _from_transformers(_Keys(text), family)
+    cfg = dataclasses.replace(cfg, positions="mrope", mrope_section=tuple(section), vision=_vision(_Keys(vision), k))
+    k.check_leftovers()
+    return cfg
+
+
+def _vision(v: _Keys, top: _Keys) -> VisionConfig:
+    v.expect("hidden_act", ("silu",), "silu")
+    rope = dict(v.get("rope_parameters") or {"rope_type": "axial"})
+    if rope.pop("rope_type", "axial") != "axial":
+        raise ConfigError("config.json vision_config rope_type must be 'axial' (2-D rotary over patch rows and columns).")
+    theta = float(rope.pop("rope_theta", 10000.0))
+    if rope:
+        raise ConfigError(f"config.json vision_config rope settings {sorted(rope)} are not understood by glmkit.")
+    single = {key: v.get(key) for key in ("patch_size", "temporal_patch_size", "image_size")}
+    bad = [key for key, value in single.items() if value is not None and not isinstance(value, int)]
+    if bad:
+        raise ConfigError(f"config.json vision_config {bad[0]} must be one integer, got {single[bad[0]]!r}.")
+    out = VisionConfig(
+        depth=int(v.need("depth")), hidden_size=int(v.need("hidden_size")), num_heads=int(v.need("num_heads")),
+        patch_size=int(single["patch_size"] or 14), out_hidden_size=int(v.need("out_hidden_size")),
+        intermediate_size=int(v.need("intermediate_size")), spatial_merge_size=int(v.get("spatial_merge_size", 2)),
+        temporal_patch_size=int(single["temporal_patch_size"] or 2), image_size=int(single["image_size"] or 336),
+        in_channels=int(v.get("in_channels", 3)), norm_eps=float(v.get("rms_norm_eps", 1e-5)), rope_theta=theta,
+        attention_bias=bool(v.get("attention_bias", False)),
+        image_token_id=int(top.need("image_token_id")), image_start_token_id=top.get("image_start_token_id"),
+        image_end_token_id=top.get("image_end_token_id"))
+    for key in ("attention_dropout", "initializer_range", "model_type", "_name_or_path", "architectures", "dtype"):
+        v.get(key)
+    v.check_leftovers()
+    return out
 
 
 def _from_transformers(k: _Keys, model_type: str) -> ModelConfig:

@@ -32,12 +32,17 @@ class Step(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------- rope
 def rope_cos_sin(positions: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (B, T) for 1d or (B, 2, T) for 2d -> cos, sin of shape (B, T, R/2) or (B, 2, T, R/2), float32."""
+    """positions (B, T) for 1d, (B, 2, T) for 2d or (B, 3, T) for mrope -> cos, sin of shape (B, T, R/2)
+    ((B, 2, T, R/2) for 2d), float32."""
     R = config.rotary_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, R, 2, device=positions.device, dtype=torch.float32) / R))
     if config.rope_freq_dtype == "float16":  # ChatGLM-6B computes its frequencies in float16
         inv_freq = inv_freq.half().float()
     angles = (positions.float() / config.rope_linear_factor)[..., None] * inv_freq  # (..., T, R/2)
+    if config.positions == "mrope":  # (B, 3, T, R/2): slot i takes its angle from stream t, h or w in turn
+        stream = torch.cat([torch.full((n,), i % 3, device=positions.device)
+                            for i, n in enumerate(config.mrope_section)])  # (R/2,)
+        angles = angles.gather(1, stream.expand(angles.shape[0], 1, angles.shape[2], -1)).squeeze(1)  # (B, T, R/2)
     return angles.cos(), angles.sin()
 
 
@@ -61,7 +66,7 @@ def rope_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     rotate = rope_interleaved if config.rope_layout == "interleaved" else rope_half_split
-    if config.positions == "1d":
+    if config.positions != "2d":
         return rotate(x, cos[:, None], sin[:, None])
     # 2d (ChatGLM-6B): first half of each head rotates with the position, second with the block position
     first, second = x.chunk(2, dim=-1)  # (B, n, T, D/2) each

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from typing_extensions import Unpack
 
-from glmkit import forward, loaders
+from glmkit import forward, images, loaders
 from glmkit import infill as blanks
 from glmkit.adapters import apply_lora, load_prefix
 from glmkit.chat import (ChatDelta, ChatFormat, ChatReply, ChatTurn, fit_conversation, reply_decoder,
@@ -55,6 +55,7 @@ class LLM:
         self.compiled = None  # the CompiledDecoder of llm.compile(), handed to every engine
         self._engine: Scheduler | None = None
         self._grammars: Grammars | None = None
+        self.preprocessor, self.image_limits = {}, images.Limits()  # preprocessor_config.json; per-request bounds
         generation = generation or {}
         self.defaults = sampling_defaults(generation)  # what sampling arguments left out mean (README: Sampling)
         eos = generation.get("eos_token_id")
@@ -67,8 +68,7 @@ class LLM:
                          | self.extra_stop_ids)
 
     @property
-    def grammars(self) -> Grammars:
-        """This model's grammar compiler for structured outputs (its vocabulary is read on first use)."""
+    def grammars(self) -> Grammars:  # the grammar compiler for structured outputs (vocabulary read on first use)
         if self._grammars is None:
             self._grammars = Grammars(self.tokenizer, self.config.vocab_size, self.stop_ids)
         return self._grammars
@@ -93,9 +93,8 @@ class LLM:
         return self._engine
 
     def compile(self, background: bool = False, build: bool = True, on_ready=None):
-        """Compile the one-token decode step (a package cached under $GLMKIT_HOME/compiled); single-sequence
-        decoding uses it once ready and stays eager until then, or if compiling fails. build=False only uses a
-        package on disk; on_ready(decoder) runs once it is usable. -> CompiledDecoder (.ready, .cached, .error, ...)."""
+        """Compile the one-token decode step (cached under $GLMKIT_HOME/compiled), used once ready (eager until then or
+        on failure); build=False only takes a package on disk; on_ready(decoder) runs once usable. -> CompiledDecoder."""
         from glmkit.engine.compiled import CompiledDecoder
 
         self.compiled = self.engine.runner.compiled = CompiledDecoder(self.model, compiled_dir(), self.source,
@@ -103,8 +102,7 @@ class LLM:
         return self.compiled.compile_in_background(build) if background else self.compiled.compile(build)
 
     def sampling_params(self, **sampling: Unpack[Sampling]) -> SamplingParams:
-        """The given sampling arguments over this model's defaults (`llm.defaults`: generation_config.json, else
-        llama-server's), checked; a response_format becomes its grammar."""
+        """Sampling arguments over this model's defaults (`llm.defaults`), checked; response_format -> its grammar."""
         sampling = {k: v for k, v in sampling.items() if v is not None}
         if "response_format" in sampling:
             sampling["grammar"] = self.output_grammar(sampling.pop("response_format")) or sampling.get("grammar")
@@ -114,8 +112,7 @@ class LLM:
             raise GlmkitError(f"unknown sampling parameter ({e}); see help(glmkit.LLM.generate).") from None
 
     def encode_prompt(self, text: str) -> list[int]:
-        """Plain text -> prompt ids, with the special tokens this generation puts around a prompt
-        (ChatGLM-6B: text + [gMASK] <sop>; ChatGLM2/3, GLM-4: [gMASK] sop + text; others: as the tokenizer adds)."""
+        """Plain text -> prompt ids with the special tokens this generation puts around a prompt ([gMASK] <sop> ...)."""
         ids = self.tokenizer.encode_prompt(text)
         return self.chat_format.wrap_plain(ids) if self.chat_format is not None else ids
 
@@ -125,7 +122,7 @@ class LLM:
         if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict):
             raise GlmkitError("generate() takes text or token ids; for chat messages use llm.chat(messages).")
         try:
-            return [int(i) for i in prompt]
+            return prompt if hasattr(prompt, "images") else [int(i) for i in prompt]  # an ImagePrompt keeps its images
         except (TypeError, ValueError):
             raise GlmkitError(f"a prompt is text or a list of token ids, got {type(prompt).__name__}.") from None
 
@@ -193,7 +190,9 @@ class LLM:
         if self.chat_format is None:
             raise GlmkitError(f"{self.source} has no chat format: no chat template in its tokenizer files and no GLM "
                               "role tokens. Use plain-text generation, or pass chat_format= to glmkit.load().")
-        return self.chat_format.render(messages, tools, add_generation_prompt, **template_kwargs)[0]
+        render = lambda m: self.chat_format.render(m, tools, add_generation_prompt, **template_kwargs)[0]  # noqa: E731
+        return images.chat_prompt(messages, render, self.config.vision, self.preprocessor, self.image_limits,
+                                  hasattr(self.chat_format, "template"))  # image parts read and expanded
 
     @property
     def device(self) -> torch.device:
@@ -226,8 +225,7 @@ class LLM:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"LLM({self.source!r}, layers={c.num_layers}, hidden={c.hidden_size}, heads={c.num_heads}/"
-                f"{c.num_kv_heads}, vocab={c.vocab_size}, device={self.device}, dtype={self.dtype})")
+        return f"LLM({self.source!r}, layers={c.num_layers}, hidden={c.hidden_size}, device={self.device}, dtype={self.dtype})"
 
 
 def load(source: str | Path | None = None, *, device: str | None = None, dtype: str | torch.dtype | None = None,
@@ -246,5 +244,7 @@ def load(source: str | Path | None = None, *, device: str | None = None, dtype: 
     if lora is not None:
         apply_lora(model, checkpoint.layout.adapter_names, lora)
     prefix = None if ptuning is None else load_prefix(ptuning, model.config)
-    return LLM(model, checkpoint.source, tokenizer, fmt, layout=checkpoint.layout, prefix_kv=prefix,
-               generation=checkpoint.generation, weight_files=loaders.file_identity(checkpoint.source, lora))
+    llm = LLM(model, checkpoint.source, tokenizer, fmt, layout=checkpoint.layout, prefix_kv=prefix,
+              generation=checkpoint.generation, weight_files=loaders.file_identity(checkpoint.source, lora))
+    llm.preprocessor = checkpoint.preprocessor  # a vision model's image settings (preprocessor_config.json)
+    return llm

@@ -4,7 +4,8 @@ attention: mla.py; Mixture-of-Experts: moe.py).
 tokens (or embeddings) + positions (+ KV cache) -> logits. It samples nothing, tokenizes nothing, reads no
 files and chooses no device: the engine builds positions and owns the cache; loaders fill the weights.
 A layer's kind may depend on its index (Block(config, index)); what one forward shares across layers
-(rotary tables, mask, cache, offsets) travels as one `Step`. Sub-configs it does not run yet are refused.
+(rotary tables, mask, cache, offsets) travels as one `Step`. A vision tower (vision.py), when the config has one,
+turns pixels into the rows `embeddings()` puts at the image tokens.
 
 Glossary: B batch, T new tokens, S attended length (cached + new), C hidden size, H query heads,
 K kv heads, D head dim, R rotated dims per rotary block, F ffn size, V vocab.
@@ -21,11 +22,11 @@ import torch.utils.checkpoint
 from torch import nn
 
 from glmkit.config import ModelConfig
-from glmkit.errors import UnsupportedArchitectureError
 from glmkit.kv_cache import KVCache
 from glmkit.layers import Norm, Step, apply_rope, attention_mask, decode_attention, model_norm, rope_cos_sin
 from glmkit.mla import LatentAttention
 from glmkit.moe import MoE
+from glmkit.vision import VisionTower
 
 
 class Attention(nn.Module):
@@ -131,9 +132,6 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, init: bool = True):
         """init=False leaves the embedding uninitialised (see skeleton)."""
         super().__init__()
-        if config.vision is not None:
-            raise UnsupportedArchitectureError("unsupported architecture feature 'vision': glmkit's model does not "
-                                               "run it yet.")
         self.config = config
         table = None if init else torch.empty(config.vocab_size, config.hidden_size)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size, _weight=table)
@@ -142,6 +140,18 @@ class Transformer(nn.Module):
         self.norm = model_norm(config)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # training: recompute each block's activations in backward
+        self.visual = VisionTower(config.vision) if config.vision is not None else None  # image features
+
+    def embeddings(self, tokens: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> (B, T, C), the image tokens' rows replaced by image_features (n, C) in order: what
+        hidden_states takes as `embeds` for a prompt holding images."""
+        x = self.embed(tokens)  # (B, T, C)
+        if image_features is None:
+            return x
+        at = tokens == self.config.vision.image_token_id  # (B, T)
+        if int(at.sum()) != image_features.shape[0]:
+            raise ValueError(f"{int(at.sum())} image tokens but {image_features.shape[0]} image feature rows")
+        return x.masked_scatter(at[..., None], image_features.to(x.dtype))  # (B, T, C)
 
     @classmethod
     def skeleton(cls, config: ModelConfig) -> "Transformer":

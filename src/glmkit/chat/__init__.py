@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import warnings
 
-from glmkit.chat.base import ChatFormat, normalize
+from glmkit.chat.base import ChatFormat, normalize, split_images
 from glmkit.chat.glm import FORMATS, ChatGLM1Format, ChatGLM2Format, ChatGLM3Format, GLM4Format
 from glmkit.chat.glm45 import Glm45Format
 from glmkit.chat.jinja import JinjaFormat
@@ -113,6 +113,6 @@ def tokenizer_and_format(checkpoint, name: str | None = None):
 
 
 __all__ = ["FORMATS", "ChatDelta", "ChatFormat", "ChatReply", "ChatGLM1Format", "ChatGLM2Format", "ChatGLM3Format",
-           "ChatTurn", "GLM4Format", "Glm45Format", "JinjaFormat", "fit_conversation", "normalize", "pick", "reply_decoder",
+           "ChatTurn", "GLM4Format", "Glm45Format", "JinjaFormat", "fit_conversation", "normalize", "pick", "split_images", "reply_decoder",
            "special_strings",
            "tokenizer_and_format"]

@@ -33,6 +33,34 @@ def normalize(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+IMAGE_PARTS = ("image_url", "image", "input_image")
+PLACEHOLDER = {"type": "image"}  # an image's place in a message, as GLM-V chat templates read it
+
+
+def split_images(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """OpenAI messages -> the same messages with each image part replaced by {'type': 'image'} (a GLM-V template
+    renders it as <|begin_of_image|><|image|><|end_of_image|>), and the image parts in order."""
+    out, images = [], []
+    for n, m in enumerate(messages if isinstance(messages, list) else []):
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(content, list) or not any(_is_image(p) for p in content):
+            out.append(m)
+            continue
+        if m.get("role") != "user":
+            raise GlmkitError(f"message {n} ({m.get('role')}) has an image part; images go in user messages.")
+        images += [p for p in content if _is_image(p)]
+        out.append({**m, "content": [PLACEHOLDER if _is_image(p) else p for p in content]})
+    return out, images
+
+
+def _is_image(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") in IMAGE_PARTS and part != PLACEHOLDER
+
+
+def has_placeholders(message: Any) -> bool:
+    return isinstance(message, dict) and isinstance(message.get("content"), list) and PLACEHOLDER in message["content"]
+
+
 def _text_part(n: int, part: Any) -> str:
     kind = part.get("type") if isinstance(part, dict) else type(part).__name__
     if kind == "text" and isinstance(part.get("text"), str):

@@ -16,7 +16,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from glmkit.chat.base import ChatFormat, normalize
+from glmkit.chat.base import PLACEHOLDER, ChatFormat, has_placeholders, normalize
 from glmkit.chat.tools import arguments_of
 from glmkit.errors import GlmkitError
 from glmkit.tokenizer import Tokenizer
@@ -72,10 +72,12 @@ class JinjaFormat(ChatFormat):
     def prepared(messages: list[dict]) -> list[dict]:
         """The same checks as every format (roles, content types); lists of text parts become their text, which
         every template reads; call arguments become mappings; other None values are dropped."""
-        flat = normalize(messages) if messages else []
+        texts = [{**m, "content": [p for p in m["content"] if p != PLACEHOLDER]} if has_placeholders(m) else m
+                 for m in messages or []]  # image placeholders (split_images) stay as parts the template reads
+        flat = normalize(texts) if messages else []
         messages = [{k: v for k, v in {**m, **({"content": f["content"]} if isinstance(m.get("content"), list)
-                                               or m.get("tool_calls") else {})}.items() if v is not None}
-                    for m, f in zip(messages, flat)]  # an assistant tool call keeps its content ("" for None)
+                                               and not has_placeholders(m) or m.get("tool_calls") else {})}.items()
+                     if v is not None} for m, f in zip(messages, flat)]  # a tool call keeps its content ("" for None)
         return [{**m, "tool_calls": [_dict_arguments(c) for c in m["tool_calls"]]}
                 if isinstance(m.get("tool_calls"), list) else m for m in messages]
 

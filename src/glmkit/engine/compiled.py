@@ -182,7 +182,7 @@ class CompiledDecoder:
         c, m = self.model.config, self.model
         cache = KVCache(c, 1, 16, dtype=m.dtype, device=m.device)
         kv = tuple(cache.k + cache.v)
-        shape = (1, 2, 1) if c.positions == "2d" else (1, 1)
+        shape = {"2d": (1, 2, 1), "mrope": (1, 3, 1)}.get(c.positions, (1, 1))
         example = (torch.zeros(1, 1, dtype=torch.long, device=m.device),
                    torch.full(shape, 5, dtype=torch.long, device=m.device), torch.empty(6, dtype=torch.uint8))
         attended, max_len = Dim("attended", min=2, max=1 << 20), Dim("max_len", min=2, max=1 << 20)

@@ -22,16 +22,18 @@ CACHE_STEP = 256  # the cache grows in steps of this many positions
 
 @dataclass
 class StepInputs:
-    """One step of work. A prefill: one cache row, `tokens` the prompt ids not cached yet, `prompt` the whole
-    prompt (2d positions and the prefix mask depend on all of it), `reserve` the positions to make room for.
-    A decode step: rows 0..n-1, one id each (an idle row's id is 0 and its start points past what it keeps),
-    or one row, any.
+    """One step of work. A prefill: one cache row, `tokens` the next prompt ids to run (all those not cached yet,
+    or a chunk of them), `prompt` the whole prompt (positions and the prefix mask depend on all of it),
+    `reserve` the positions to make room for, `images` the prompt's images in order (each with .pixels, .grid
+    and a .features slot the runner fills once). A decode step: rows 0..n-1, one id each (an idle row's id is
+    0 and its start points past what it keeps), or one row, any.
     `starts[r]` is the sequence index of row r's first id (its cached length)."""
     rows: list[int]
     tokens: list[list[int]]
     starts: list[int]
     prompt: list[int] | None = None
     reserve: int = 0
+    images: tuple = ()
 
     @property
     def is_prefill(self) -> bool:
@@ -83,15 +85,26 @@ class ModelRunner:
 
     def _prefill(self, inputs: StepInputs) -> torch.Tensor:
         row, common = inputs.rows[0], inputs.starts[0]
+        end = common + len(inputs.tokens[0])
         self.reserve(inputs.reserve, row + 1)
-        ids = torch.tensor([inputs.prompt], device=self.device)  # (1, T)
-        positions, prefix_len = prompt_positions(ids, self.config)
+        ids = torch.tensor([inputs.prompt], device=self.device)  # (1, T): the whole prompt
+        positions, prefix_len = prompt_positions(ids, self.config, [image.grid for image in inputs.images])
         self.anchors[row] = anchor(positions, prefix_len, self.config)
         if prefix_len is not None:
             prefix_len = prefix_len + self.P
-        h = self.model.hidden_states(ids[:, common:], positions[..., common:], self.cache.rows(row, row + 1),
-                                     self.P + common, prefix_len)  # (1, T, C)
+        embeds = self.image_embeddings(ids, inputs.images)[:, common:end] if inputs.images else None  # (1, t, C)
+        h = self.model.hidden_states(ids[:, common:end], positions[..., common:end], self.cache.rows(row, row + 1),
+                                     self.P + common, prefix_len, embeds)  # (1, t, C)
         return self.model.head(h[:, -1:])[:, -1]  # only the last position's logits are needed: (1, V)
+
+    def image_embeddings(self, ids: torch.Tensor, images) -> torch.Tensor:
+        """The prompt's embeddings (1, T, C) with each image's features at its tokens; an image's features are
+        computed once (kept on it) however many chunks or samples its prompt is prefilled in."""
+        for image in images:
+            if getattr(image, "features", None) is None:
+                pixels = image.pixels.to(self.device, self.model.visual.patch_embed.proj.weight.dtype)
+                image.features = self.model.visual(pixels, [image.grid])  # (n, C)
+        return self.model.embeddings(ids, torch.cat([image.features for image in images]))
 
     def _decode(self, inputs: StepInputs) -> torch.Tensor:
         n = len(inputs.rows)

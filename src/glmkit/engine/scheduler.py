@@ -46,6 +46,8 @@ class Scheduler:
         if max(prompt) >= self.config.vocab_size or min(prompt) < 0:
             raise GlmkitError(f"the prompt holds token ids outside this model's vocabulary (0..{self.config.vocab_size - 1}).")
         seq = Sequence(prompt, params, self.stop_ids, self.decode, self.runner.device)
+        if seq.images and self.config.vision is None:
+            raise GlmkitError("this model reads text only; send the request without images, or use a vision model.")
         seq.max_new = min(params.max_tokens, ctx - len(prompt))
         self.waiting.append(seq)
         return seq
@@ -77,7 +79,7 @@ class Scheduler:
                 break
             budget -= self._advance(seq, budget, shared, out)
         while self.waiting and None in self.slots and budget > 0:
-            if any(s.prompt == self.waiting[0].prompt for s in self.prefilling):
+            if any(s.key == self.waiting[0].key for s in self.prefilling):
                 break  # another sample of a prompt still prefilling: it copies that row once the prefill ends
             seq = self.waiting.popleft()
             try:
@@ -99,14 +101,14 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         if seq.slot is not None and self.slots[seq.slot] is seq:
             self.slots[seq.slot] = None
-            self.cached[seq.slot] = seq.ids[: seq.fed]
+            self.cached[seq.slot] = seq.keys[: seq.fed]
         seq.slot = None
 
     def _admit(self, seq: Sequence, budget: int, shared: dict, out: list) -> int:
         """Give a sequence a free row and prefill (part of) its prompt; -> the prompt tokens run. A prompt already
         prefilled in this step (n samples of one request) is copied from that row, and samples from its logits."""
-        key = tuple(seq.prompt)
-        if key in shared and self._holds(shared[key][0], seq.prompt):
+        key = tuple(seq.key)
+        if key in shared and self._holds(shared[key][0], seq.key):
             row, logits = shared[key]
             slot = next(i for i, s in enumerate(self.slots) if s is None)
             seq.slot, self.slots[slot], self.cached[slot] = slot, seq, []
@@ -115,8 +117,8 @@ class Scheduler:
             self._emit(seq, seq.take(logits), out)
             return 0
         free = [i for i, s in enumerate(self.slots) if s is None]
-        slot = max(free, key=lambda i: (_common(self.cached[i], seq.prompt), -i))
-        common = _common(self.cached[slot], seq.prompt) if self.reuse else 0
+        slot = max(free, key=lambda i: (_common(self.cached[i], seq.key), -i))
+        common = _common(self.cached[slot], seq.key) if self.reuse else 0
         common = min(common, len(seq.prompt) - 1)  # at least one token runs, to give the next logits
         seq.slot, self.slots[slot] = slot, seq
         self.cached[slot] = []
@@ -127,8 +129,8 @@ class Scheduler:
         """Prefill the next `budget` prompt tokens of a sequence; the last chunk gives its first token."""
         position, first = self.prefilling[seq]
         end = min(len(seq.prompt), position + budget)
-        inputs = StepInputs([seq.slot], [seq.prompt[position:end]], [position], seq.prompt[:end],
-                            len(seq.prompt) + seq.max_new)
+        inputs = StepInputs([seq.slot], [seq.prompt[position:end]], [position], seq.prompt,
+                            len(seq.prompt) + seq.max_new, seq.images)
         try:
             logits = self.runner.step(inputs)[0]  # (V,); on failure the row holds nothing reusable (cached stays [])
         except Exception as e:  # noqa: BLE001 - one prompt's failure ends that request only
@@ -141,15 +143,15 @@ class Scheduler:
             return end - position
         del self.prefilling[seq]
         seq.prefilled = len(seq.prompt) - first
-        shared[tuple(seq.prompt)] = (seq.slot, logits)
+        shared[tuple(seq.key)] = (seq.slot, logits)
         self._emit(seq, seq.take(logits), out)
         return end - position
 
-    def _holds(self, row: int, prompt: list[int]) -> bool:
-        """Row `row` still holds `prompt`'s keys: its sequence runs there, or left them behind."""
+    def _holds(self, row: int, key: list) -> bool:
+        """Row `row` still holds a prompt's keys (`key`: Sequence.key): its sequence runs there, or left them."""
         owner = self.slots[row]
-        kept = owner.prompt if owner is not None else self.cached[row]
-        return kept[: len(prompt)] == prompt
+        kept = owner.key if owner is not None else self.cached[row]
+        return kept[: len(key)] == key
 
     def _decode(self, running: list[int], out: list) -> None:
         inputs = self._one_row(running[0]) if len(running) == 1 else self._all_rows(max(running) + 1)

@@ -40,10 +40,25 @@ class Completion:
         return getattr(self, key)
 
 
+def prompt_key(prompt: list[int], images) -> list:
+    """The prompt with each image's tokens replaced by (its digest, i): two prompts share cached keys only where
+    their images are the same, whatever placeholder ids stand for them."""
+    if not images:
+        return prompt
+    key, at = list(prompt), 0
+    for image in images:
+        at = prompt.index(image.token_id, at)
+        key[at: at + image.tokens] = [(image.digest, i) for i in range(image.tokens)]
+        at += image.tokens
+    return key
+
+
 class Sequence:
     def __init__(self, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int],
                  decode: Callable[[list[int]], str] | None, device: torch.device | str = "cpu"):
         self.prompt = list(prompt)
+        self.images = tuple(getattr(prompt, "images", ()))  # an image prompt's images (llm / images.py)
+        self.key = prompt_key(self.prompt, self.images)  # what prefix reuse compares: images by content
         self.params = params
         self.stop_ids = frozenset() if params.ignore_eos else frozenset(stop_ids) | set(params.stop_token_ids)
         self.sample = make_sampler(params)
@@ -72,6 +87,11 @@ class Sequence:
     @property
     def ids(self) -> list[int]:
         return self.prompt + self.output
+
+    @property
+    def keys(self) -> list:
+        """ids as prefix reuse compares them: an image's tokens stand for that image's content."""
+        return self.key + self.output
 
     def take(self, logits: torch.Tensor) -> Chunk | None:
         """Sample the next id from this sequence's logits (V,) and accept it. Any failure here (NaN / Inf

@@ -20,7 +20,7 @@ from torch import nn
 from glmkit.config import ModelConfig
 from glmkit.errors import CheckpointError, GlmkitError
 from glmkit.loaders.checkpoint import Checkpoint
-from glmkit.loaders.keymap import layer_index
+from glmkit.loaders.keymap import text_layer
 from glmkit.quant import (Int4Linear, Int8Linear, StackedInt4, StackedInt8, TiedInt8Embedding, quantize_model,
                           replace_module)
 
@@ -100,7 +100,7 @@ def fill(model: nn.Module, tensors: dict, sources: dict[str, str], device: torch
     index; None: those of no layer), which `tensors` must then hold exactly."""
     expected = model.state_dict()
     if layer is not _EVERY:
-        expected = {k: v for k, v in expected.items() if _layer_of(k) == layer}
+        expected = {k: v for k, v in expected.items() if text_layer(k) == layer}
     for path in _official_quantized(model, tensors, expected, sources):  # ChatGLM -int4 / -int8 layers
         expected = {k: v for k, v in expected.items() if k.rsplit(".", 1)[0] != path}
     unexpected = sorted(set(tensors) - set(expected))
@@ -132,11 +132,6 @@ def fill(model: nn.Module, tensors: dict, sources: dict[str, str], device: torch
     if layer is not _EVERY:  # the rest of the model is still on the meta device
         return model.requires_grad_(False)
     return model.to(device).requires_grad_(False)  # quantized layers were built on the CPU: moved (and repacked)
-
-
-def _layer_of(name: str) -> int | None:
-    i = layer_index(name)
-    return None if i is None else int(i)
 
 
 def _stacked_module(stacked) -> nn.Module:

@@ -19,7 +19,7 @@ from glmkit.config import ModelConfig
 from glmkit.errors import CheckpointError, GlmkitError
 import glmkit.loaders.hf as hf
 from glmkit.loaders.gguf_file import GGUFFile
-from glmkit.loaders.keymap import NO_MATCH, layer_index, map_tensors
+from glmkit.loaders.keymap import NO_MATCH, layer_index, map_tensors, text_layer
 from glmkit.loaders.layouts import GGUF_LAYOUTS, Layout, detect, read_config
 
 
@@ -35,6 +35,7 @@ class Checkpoint:
     chat_template: str | None = None
     raw_config: dict[str, Any] = field(default_factory=dict)
     generation: dict[str, Any] = field(default_factory=dict)  # the authors' sampling: generation_config.json, GGUF
+    preprocessor: dict[str, Any] = field(default_factory=dict)  # preprocessor_config.json: a vision model's images
 
     def named(self, keep_int4: bool = False, keep_int8: bool = False, dtype: torch.dtype = torch.float32):
         """(source name, file, loader) triples under the checkpoint's own names."""
@@ -64,8 +65,8 @@ class Checkpoint:
         ours = []
         for triple in self.named(keep_int4, keep_int8, dtype):
             name = self._our_name(triple[0])
-            i = layer_index(name) if isinstance(name, str) else None
-            groups.setdefault(-1 if name is NO_MATCH else int(i) if i is not None else 1 << 62, []).append(triple)
+            i = text_layer(name) if isinstance(name, str) else None
+            groups.setdefault(-1 if name is NO_MATCH else i if i is not None else 1 << 62, []).append(triple)
             ours += [name] if isinstance(name, str) else []
         self._check_layers(ours)
         self._without_absent_mtp(ours)
@@ -98,7 +99,7 @@ class Checkpoint:
     def _check_layers(self, names) -> None:
         """config.json's layer count against the layers the weights hold (our names), before the model is built: a
         hostile or mistaken count fails at once, not after minutes of building."""
-        held = {int(i) for name in names if (i := layer_index(name)) is not None}
+        held = {i for name in names if (i := text_layer(name)) is not None}
         n = max(held) + 1 if held else 0
         if self.config.num_layers > n:
             raise CheckpointError(f"the config says {self.config.num_layers} layers but the weights in {self.source} "
@@ -138,8 +139,9 @@ def open(source: str | Path | None = None) -> Checkpoint:  # noqa: A001 - the lo
     elif raw.get("quantization_bit") in (4, 8):  # official ChatGLM -int4 / -int8
         quantization = f"int{raw['quantization_bit']}"
     tok_config = hf.tokenizer_config(path)
+    preprocessor = hf.read_json(path / "preprocessor_config.json") if (path / "preprocessor_config.json").is_file() else {}
     return Checkpoint(str(path), layout, config, quantization, path, None, tok_config,
-                      hf.template_source(path, tok_config), raw, hf.generation_config(path))
+                      hf.template_source(path, tok_config), raw, hf.generation_config(path), preprocessor)
 
 
 def _open_gguf(path: Path) -> Checkpoint:

@@ -85,6 +85,7 @@ class Table:
     modules: tuple[Module, ...]
     drops: tuple[str, ...] = ()  # source-name regexes dropped on purpose (recomputed buffers)
     config_drops: Callable[[ModelConfig], list[str]] | None = None  # e.g. MTP layers past num_layers
+    rename: tuple[tuple[str, str], ...] = ()  # source-name prefixes read as others (a vision model's text part)
     by_name: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -100,6 +101,10 @@ class Table:
 
     def target(self, name: str, config: ModelConfig | None = None) -> Target | None | object:
         """Our Target for a source tensor name, None when dropped on purpose, NO_MATCH when unknown."""
+        for old, new in self.rename:
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
         template, i, e = _template(name)
         target = self.by_name.get(template)
         if target is not None:
@@ -139,6 +144,12 @@ def _template(name: str) -> tuple[str, str | None, str | None]:
 def layer_index(name: str) -> str | None:
     """The layer number in a tensor name (the first dotted number), or None."""
     return _template(name)[1]
+
+
+def text_layer(name: str) -> int | None:
+    """The text model's layer a parameter of ours belongs to, or None (embedding, head, the vision tower)."""
+    i = None if name.startswith("visual.") else layer_index(name)
+    return None if i is None else int(i)
 
 
 def piece_rows(target: Target, config: ModelConfig, rows: int) -> tuple[int, int]:

@@ -57,7 +57,8 @@ _QKV = (qkv("layers.{i}.attn.qkv", f"{_HF}.self_attn.q_proj", f"{_HF}.self_attn.
 
 
 def _transformers(name: str, fused_gate_up: bool, extra: tuple[Module, ...] = (),
-                  drops: tuple[str, ...] = (), attention: tuple[Module, ...] = _QKV) -> Layout:
+                  drops: tuple[str, ...] = (), attention: tuple[Module, ...] = _QKV,
+                  rename: tuple[tuple[str, str], ...] = ()) -> Layout:
     """GlmForCausalLM / Glm4ForCausalLM write gate_up_proj fused, LlamaForCausalLM gate and up apart; both
     spellings are read. `extra`: a family's own modules (Glm4Moe's experts), which then names its adapters;
     `attention`: the q / k / v projections (latent attention has others)."""
@@ -73,7 +74,7 @@ def _transformers(name: str, fused_gate_up: bool, extra: tuple[Module, ...] = ()
         Module("layers.{i}.mlp.out_proj", f"{_HF}.mlp.down_proj", linear=True),
         Module("norm", "model.norm", W),
         Module("lm_head", "lm_head", W),
-    ), drops=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",) + drops),
+    ), drops=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",) + drops, rename=rename),
         name if extra else "transformers", "hf")
 
 
@@ -117,6 +118,16 @@ _LATENT = _latent(f"{_HF}.self_attn", "q_proj q_a_proj q_a_layernorm q_b_proj kv
                                       "kv_b_proj indexer.wq_b indexer.wk indexer.k_norm indexer.weights_proj")
 TRANSFORMERS_GLM4_MOE_LITE = _transformers("transformers_glm4_moe_lite", fused_gate_up=False, extra=_MOE,
                                            drops=_MTP_DROPS, attention=_LATENT)
+_VISION = tuple(Module(f"visual.{n}", f"model.visual.{n}", params) for n, params in (  # Glm4vVisionModel: same names
+    ("patch_embed.proj", WB), ("post_conv_layernorm", W), ("embeddings.position_embedding", W), ("blocks.{i}.norm1", W),
+    ("blocks.{i}.norm2", W), ("blocks.{i}.attn.qkv", WB), ("blocks.{i}.attn.proj", W), ("blocks.{i}.mlp.gate_proj", W),
+    ("blocks.{i}.mlp.up_proj", W), ("blocks.{i}.mlp.down_proj", W), ("post_layernorm", W), ("downsample", WB),
+    ("merger.proj", W), ("merger.post_projection_norm", WB), ("merger.gate_proj", W), ("merger.up_proj", W),
+    ("merger.down_proj", W)))
+_TEXT_PART = (("model.language_model.", "model."),)  # a vision model's text model, read as the text family's names
+TRANSFORMERS_GLM4V = _transformers("transformers_glm4v", fused_gate_up=True, extra=_VISION, rename=_TEXT_PART)
+TRANSFORMERS_GLM4V_MOE = _transformers("transformers_glm4v_moe", fused_gate_up=False, extra=(*_MOE, *_VISION),
+                                       drops=_MTP_DROPS, rename=_TEXT_PART)
 GLMKIT = Layout("glmkit", None, "transformers", "hf")
 GLMKIT_QUANTIZED = Layout("glmkit_quantized", None, "transformers", "hf")
 
@@ -168,7 +179,8 @@ GGUF_MLA = Layout("gguf_mla", Table(_GGUF_COMMON + (  # GLM-4.7-Flash ('deepseek
 GGUF_LAYOUTS = {"llama": GGUF_LLAMA, "chatglm": GGUF_CHATGLM, "glm4": GGUF_GLM4, "glm4moe": GGUF_GLM4MOE,
                 "deepseek2": GGUF_MLA, "glm-dsa": GGUF_MLA}
 LAYOUTS = {layout.name: layout for layout in (THUDM_V1, THUDM_V2, TRANSFORMERS_GLM, TRANSFORMERS_LLAMA,
-                                              TRANSFORMERS_GLM4_MOE, TRANSFORMERS_GLM4_MOE_LITE, GLMKIT,
+                                              TRANSFORMERS_GLM4_MOE, TRANSFORMERS_GLM4_MOE_LITE, TRANSFORMERS_GLM4V,
+                                              TRANSFORMERS_GLM4V_MOE, GLMKIT,
                                               GLMKIT_QUANTIZED, *GGUF_LAYOUTS.values())}
 
 
@@ -182,7 +194,8 @@ def detect(raw: dict[str, Any]) -> Layout:
         return LAYOUTS[spelling]
     if spelling == "transformers":
         return {"llama": TRANSFORMERS_LLAMA, "glm4_moe": TRANSFORMERS_GLM4_MOE, "glm4_moe_lite": TRANSFORMERS_GLM4_MOE_LITE,
-                "glm_moe_dsa": TRANSFORMERS_GLM4_MOE_LITE}.get(raw.get("model_type"), TRANSFORMERS_GLM)
+                "glm_moe_dsa": TRANSFORMERS_GLM4_MOE_LITE, "glm4v": TRANSFORMERS_GLM4V,
+                "glm4v_moe": TRANSFORMERS_GLM4V_MOE}.get(raw.get("model_type"), TRANSFORMERS_GLM)
     ModelConfig.from_hf_dict(raw)  # raises the unknown- or unsupported-architecture error
     raise CheckpointError("config.json describes no layout glmkit reads.")
 

@@ -353,7 +353,9 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 32, include_he
             pass  # a shape the int4 kernel cannot take: int8 serves it
         return Int8Linear.from_float(w, bias)
 
-    for module in list(model.modules()):
+    for path, module in list(model.named_modules()):
+        if path.split(".")[0] == "visual":  # a vision tower stays float (its cost is per image, not per token)
+            continue
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and (child_name != "lm_head" or include_head):
                 eight = child_name == "lm_head" or getattr(module, "int8_only", False)  # e.g. GLM-5's indexer

@@ -1,0 +1,171 @@
+"""GLM-4.1V / GLM-4.6V-Flash (glm4v) and GLM-4.5V / GLM-4.6V (glm4v_moe): images against transformers.
+
+Tiny random Glm4vForConditionalGeneration / Glm4vMoeForConditionalGeneration saved as released checkpoints are
+(weights, tokenizer with the image tokens, preprocessor_config.json, a GLM-V style chat template); transformers'
+Glm4vProcessor (its PIL image processor) and the model classes are the reference for preprocessing, vision
+features, logits and greedy replies.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import pytest
+import torch
+
+import glmkit
+from glmkit.errors import GlmkitError
+
+SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+            "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+            "<|end_of_video|>", "<|image|>", "<|video|>"]
+TEMPLATE = (Path(__file__).parent / "fixtures" / "templates" / "GLM-4.1V-style.jinja").read_text()
+PREPROCESSOR = dict(size={"shortest_edge": 28 * 28 * 2, "longest_edge": 28 * 28 * 40}, patch_size=14,
+                    temporal_patch_size=2, merge_size=2)
+TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=1024)
+VISION = dict(depth=2, hidden_size=32, num_heads=2, out_hidden_size=64, intermediate_size=48)
+MOE = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+           first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True, head_dim=16)
+
+
+def make_vlm(directory: Path, kind: str = "glm4v", seed: int = 0):
+    """A tiny random GLM-V checkpoint as released: -> (transformers model, its processor)."""
+    from transformers import (Glm4vConfig, Glm4vForConditionalGeneration, Glm4vImageProcessorPil, Glm4vMoeConfig,
+                              Glm4vMoeForConditionalGeneration, Glm4vProcessor)
+    from vocab import save_hf_tokenizer
+    from transformers import AutoTokenizer
+
+    save_hf_tokenizer(directory, SPECIALS, TEMPLATE, eos_token="<|endoftext|>")
+    tok = AutoTokenizer.from_pretrained(directory)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image|>", "<|video|>", "<|begin_of_image|>", "<|end_of_image|>",
+                                                     "<|begin_of_video|>", "<|end_of_video|>")}
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]}
+    text = {**TEXT, "vocab_size": len(tok), "rope_parameters": rope, **(MOE if kind == "glm4v_moe" else {})}
+    special = dict(image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+                   image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
+                   video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"])
+    torch.manual_seed(seed)
+    if kind == "glm4v":
+        model = Glm4vForConditionalGeneration(Glm4vConfig(text_config=text, vision_config=VISION, **special))
+    else:
+        model = Glm4vMoeForConditionalGeneration(Glm4vMoeConfig(text_config=text, vision_config=VISION, **special))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "layernorm.weight")):
+                p.normal_(0, 0.08 if "position_embedding" not in name else 0.5)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.normal_(0, 0.2)
+    model.eval().save_pretrained(directory)
+    processor = _processor(Glm4vProcessor, Glm4vImageProcessorPil(**PREPROCESSOR), tok)
+    processor.image_processor.save_pretrained(directory)
+    (directory / "chat_template.jinja").write_text(TEMPLATE)
+    return model, processor
+
+
+def _processor(cls, image_processor, tokenizer):
+    """transformers' Glm4vProcessor without a video processor (which needs torchvision, absent here): its class
+    check on the missing video processor is skipped; images go through it unchanged."""
+    from transformers.processing_utils import ProcessorMixin
+
+    check = ProcessorMixin.check_argument_for_proper_class
+    ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: None
+    try:
+        return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=TEMPLATE)
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = check
+
+
+def picture(width: int, height: int, mode: str = "RGB", seed: int = 0):
+    """A random-noise picture (smooth enough that resizing matters, noisy enough that every pixel counts)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    small = torch.randint(0, 256, (max(height // 4, 1), max(width // 4, 1), 4), generator=g, dtype=torch.uint8)
+    img = Image.fromarray(small.numpy(), "RGBA").resize((width, height), Image.BILINEAR)
+    return img.convert(mode)
+
+
+def data_url(img, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def conversation(images: list, question: str = "What is in the picture?") -> list[dict]:
+    """OpenAI messages (data-URL images) and the same for transformers' processor (PIL images)."""
+    ours = [{"role": "user", "content": [*({"type": "image_url", "image_url": {"url": data_url(i)}} for i in images),
+                                         {"type": "text", "text": question}]}]
+    theirs = [{"role": "user", "content": [*({"type": "image", "image": i} for i in images),
+                                           {"type": "text", "text": question}]}]
+    return ours, theirs
+
+
+@pytest.fixture(scope="module")
+def vlms(tmp_path_factory):
+    out = {}
+    for kind in ("glm4v", "glm4v_moe"):
+        directory = tmp_path_factory.mktemp(kind)
+        out[kind] = (directory, *make_vlm(directory, kind, seed=3 if kind == "glm4v" else 4))
+    return out
+
+
+@pytest.mark.parametrize("size,mode", [((60, 90), "RGB"), ((200, 37), "RGBA"), ((30, 30), "L"), ((500, 333), "P"),
+                                       ((17, 300), "LA")])
+def test_preprocessing_equals_the_image_processor(size, mode):
+    """Pixels and grid exactly as transformers' Glm4vImageProcessor (PIL backend): resize rule, bicubic resampling,
+    transparency over white, rescale and normalisation rounding, patch order."""
+    from transformers import Glm4vImageProcessorPil
+
+    from glmkit.images import Preprocessing, preprocess
+    from glmkit.config import VisionConfig
+
+    img = picture(*size, mode=mode, seed=sum(size))
+    want = Glm4vImageProcessorPil(**PREPROCESSOR)(images=[img], return_tensors="pt")
+    vision = VisionConfig(depth=1, hidden_size=32, num_heads=2, patch_size=14, out_hidden_size=64, intermediate_size=48)
+    pixels, grid = preprocess(img, Preprocessing.of(PREPROCESSOR, vision))
+    assert list(grid) == want["image_grid_thw"][0].tolist()
+    assert pixels.dtype == want["pixel_values"].dtype and torch.equal(pixels, want["pixel_values"])
+
+
+@pytest.mark.parametrize("kind", ["glm4v", "glm4v_moe"])
+def test_features_and_logits_equal_transformers(vlms, kind):
+    """Vision features and logits of a two-image prompt (different sizes) equal transformers' within 1e-5."""
+    from glmkit.positions import prompt_positions
+
+    directory, hf, processor = vlms[kind]
+    llm = glmkit.load(directory, dtype="float32")
+    _, theirs = conversation([picture(60, 90, seed=1), picture(120, 50, seed=2)])
+    inputs = processor.apply_chat_template(theirs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    with torch.no_grad():
+        want_features = torch.cat(hf.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+        want = hf(**inputs).logits
+        grids = [tuple(g) for g in inputs["image_grid_thw"].tolist()]
+        features = llm.model.visual(inputs["pixel_values"], grids)
+        ids = inputs["input_ids"]
+        positions, _ = prompt_positions(ids, llm.config, grids)
+        got = llm.model(ids, positions, embeds=llm.model.embeddings(ids, features))
+    torch.testing.assert_close(features, want_features, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["glm4v", "glm4v_moe"])
+@pytest.mark.parametrize("count", [1, 2])
+def test_greedy_chat_with_images_equals_transformers(vlms, kind, count):
+    """llm.chat on OpenAI messages with data-URL images: the prompt ids equal the processor's, and the greedy
+    reply equals transformers' generate token for token (one image; two images of different sizes)."""
+    directory, hf, processor = vlms[kind]
+    llm = glmkit.load(directory, dtype="float32")
+    ours, theirs = conversation([picture(60, 90, seed=5), picture(150, 60, seed=6)][:count])
+    inputs = processor.apply_chat_template(theirs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    assert llm.apply_chat_template(ours) == inputs["input_ids"][0].tolist()
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=10, do_sample=False)
+    want = out[0, inputs["input_ids"].shape[1]:].tolist()
+    reply = llm.generate(llm.apply_chat_template(ours), max_tokens=10, temperature=0, ignore_eos=True)
+    assert reply.token_ids == want
