@@ -169,3 +169,181 @@ def test_greedy_chat_with_images_equals_transformers(vlms, kind, count):
     want = out[0, inputs["input_ids"].shape[1]:].tolist()
     reply = llm.generate(llm.apply_chat_template(ours), max_tokens=10, temperature=0, ignore_eos=True)
     assert reply.token_ids == want
+
+
+def test_prefix_reuse_tells_images_apart(vlms):
+    """Two prompts whose ids are equal (same-size images behind the same placeholders) but whose images differ:
+    the second must not reuse the first's cached keys; the same image again may (and gives the same reply)."""
+    directory = vlms["glm4v"][0]
+    llm, fresh = glmkit.load(directory, dtype="float32"), glmkit.load(directory, dtype="float32")
+    a, b = conversation([picture(60, 90, seed=11)])[0], conversation([picture(60, 90, seed=12)])[0]
+    ids_a, ids_b = llm.apply_chat_template(a), llm.apply_chat_template(b)
+    assert list(ids_a) == list(ids_b)  # the same placeholder ids ...
+    greedy = dict(max_tokens=6, temperature=0, ignore_eos=True)
+    first, second = llm.generate(ids_a, **greedy), llm.generate(ids_b, **greedy)
+    assert second.token_ids == fresh.generate(fresh.apply_chat_template(b), **greedy).token_ids
+    assert first.token_ids != second.token_ids  # ... and different pictures give different replies
+    again = llm.generate(llm.apply_chat_template(a), **greedy)
+    assert again.token_ids == first.token_ids and again.usage["prompt_tokens"] == len(ids_a)
+
+
+def test_bad_images_are_one_clear_sentence(vlms, tmp_path):
+    """Corrupt, non-image, too many, too large, remote without permission, missing file; a text-only model."""
+    from glmkit.images import Limits
+
+    llm = glmkit.load(vlms["glm4v"][0], dtype="float32")
+    good = data_url(picture(40, 40))
+
+    def ask(*urls):
+        return llm.chat([{"role": "user", "content": [*({"type": "image_url", "image_url": {"url": u}} for u in urls),
+                                                      {"type": "text", "text": "hi"}]}], max_tokens=2)
+
+    (tmp_path / "notes.txt").write_text("not a picture")
+    cases = {"data:image/png;base64,iVBORw0KGgoAAAANSUhEUg==": "could not be read",
+             "data:image/png;base64,@@@": "invalid base64",
+             str(tmp_path / "notes.txt"): "could not be read",
+             str(tmp_path / "missing.png"): "not a data: URL",
+             "https://example.com/cat.png": "--allow-image-urls"}
+    for url, says in cases.items():
+        with pytest.raises(GlmkitError, match=says):
+            ask(url)
+    with pytest.raises(GlmkitError, match="at most 8 images"):
+        ask(*[good] * 9)
+    llm.image_limits = Limits(max_pixels=1000)
+    with pytest.raises(GlmkitError, match="over the limit"):
+        ask(data_url(picture(40, 40)))
+    llm.image_limits = Limits()
+    with pytest.raises(GlmkitError, match="images go in user messages"):
+        llm.chat([{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": good}}]},
+                  {"role": "user", "content": "hi"}])
+    assert ask(good)["content"] is not None  # and the model still answers
+
+
+def test_a_text_only_model_refuses_images(tmp_path):
+    from scripted import write_glm45_checkpoint
+
+    llm = glmkit.load(write_glm45_checkpoint(tmp_path / "m"))
+    with pytest.raises(GlmkitError, match="reads text only"):
+        llm.chat(conversation([picture(40, 40)])[0], max_tokens=2)
+
+
+def test_quantized_text_model_keeps_the_vision_tower_float(vlms):
+    """int8 / int4 quantize the text model only; the image still steers the reply."""
+    from glmkit.quant import Int4Linear, Int8Linear
+
+    directory = vlms["glm4v_moe"][0]
+    for bits in ("int8", "int4"):
+        llm = glmkit.load(directory, quantize=bits)
+        assert all(p.is_floating_point() for p in llm.model.visual.parameters())
+        assert not any(isinstance(m, (Int4Linear, Int8Linear)) for m in llm.model.visual.modules())
+        assert isinstance(llm.model.layers[0].attn.qkv, (Int4Linear, Int8Linear))
+        greedy = dict(max_tokens=5, temperature=0, ignore_eos=True)
+        replies = {tuple(llm.generate(llm.apply_chat_template(conversation([picture(60, 90, seed=s)])[0]),
+                                      **greedy).token_ids) for s in (21, 22)}
+        assert len(replies) == 2
+
+
+def test_server_answers_an_image_conversation(vlms):
+    """The official openai client, streaming and not: the same reply as llm.chat; a bad image is a 400 and the
+    server keeps serving."""
+    import openai
+    from conftest import LiveServer
+
+    llm = glmkit.load(vlms["glm4v"][0], dtype="float32")
+    ours = conversation([picture(60, 90, seed=31)])[0]
+    want = llm.chat(ours, max_tokens=8, temperature=0, ignore_eos=True)["content"]
+    live = LiveServer(llm)
+    try:
+        client = live.client()
+        got = client.chat.completions.create(model="tiny", messages=ours, max_tokens=8, temperature=0,
+                                             extra_body={"ignore_eos": True})
+        assert got.choices[0].message.content == want
+        assert got.usage.prompt_tokens == len(llm.apply_chat_template(ours))
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="tiny", messages=ours, max_tokens=8, temperature=0, stream=True, extra_body={"ignore_eos": True})
+            if c.choices)
+        assert streamed == want
+        bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                                            {"type": "text", "text": "hi"}]}]
+        with pytest.raises(openai.BadRequestError, match="could not be read"):
+            client.chat.completions.create(model="tiny", messages=bad, max_tokens=4)
+        assert client.chat.completions.create(model="tiny", messages=ours, max_tokens=2).choices[0].message
+    finally:
+        live.close()
+
+
+def test_web_page_uploads_an_image(vlms, tmp_path):
+    """In headless chromium: an image attached through the file picker shows as a thumbnail in the user's
+    message, travels as an image_url part and gets a streamed reply."""
+    import shutil
+
+    from conftest import LiveServer
+    from playwright.sync_api import sync_playwright
+
+    browser_path = shutil.which("chromium")
+    assert browser_path, "Debian's chromium is needed for this test (scripts/setup --test installs it)"
+    picture(60, 90, seed=41).save(tmp_path / "cat.png")
+    live = LiveServer(glmkit.load(vlms["glm4v"][0], dtype="float32"))
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page()
+            bodies = []
+            page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/chat/completions") else None)
+            page.goto(live.url + "/")
+            page.set_input_files("#file", str(tmp_path / "cat.png"))
+            page.wait_for_selector("#pending img")
+            page.fill("#input", "What is this?")
+            page.press("#input", "Enter")
+            page.wait_for_function("document.getElementById('send').hidden === false && "
+                                   "document.querySelector('.msg.assistant .body').textContent.length > 0",
+                                   timeout=30000)
+            assert page.locator(".msg.user .images img").count() == 1
+            assert page.locator("#pending img").count() == 0 and page.locator(".msg.error").count() == 0
+            part = bodies[-1]["messages"][-1]["content"][0]
+            assert part["type"] == "image_url" and part["image_url"]["url"].startswith("data:image/png;base64,")
+            browser.close()
+    finally:
+        live.close()
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_covers_mrope(vlms, tmp_path, monkeypatch):
+    """The compiled one-token step of a vision model (its three position streams shifted by the image's offset):
+    greedy tokens after an image prompt equal eager."""
+    monkeypatch.setenv("GLMKIT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "home" / "inductor"))
+    directory = vlms["glm4v"][0]
+    messages = conversation([picture(60, 90, seed=5)])[0]
+    eager = glmkit.load(directory, dtype="float32")
+    expected = eager.generate(eager.apply_chat_template(messages), max_tokens=12, temperature=0, ignore_eos=True)
+    llm = glmkit.load(directory, dtype="float32")
+    decoder = llm.compile()
+    assert decoder.ready, decoder.error
+    got = llm.generate(llm.apply_chat_template(messages), max_tokens=12, temperature=0, ignore_eos=True)
+    assert got.token_ids == expected.token_ids
+
+
+@pytest.mark.parametrize("kind", ["glm4v", "glm4v_moe"])
+def test_released_config_spellings_read_the_same(vlms, tmp_path, kind):
+    """Released config.json files spell things as transformers 4.x did (rope_scaling with mrope_section, a top-level
+    partial_rotary_factor and rope_theta in text_config, the image token ids repeated there, dropout keys in
+    vision_config): the same model as transformers 5's spelling."""
+    import json
+    import shutil
+
+    directory = vlms[kind][0]
+    shutil.copytree(directory, tmp_path / "m")
+    raw = json.loads((directory / "config.json").read_text())
+    text = raw["text_config"]
+    rope = text.pop("rope_parameters")
+    text.update(rope_scaling={"type": "default", "mrope_section": rope["mrope_section"]},
+                partial_rotary_factor=rope["partial_rotary_factor"], rope_theta=rope["rope_theta"],
+                image_token_id=raw["image_token_id"], image_start_token_id=raw["image_start_token_id"])
+    raw["vision_config"]["hidden_dropout_prob"] = 0.0
+    (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
+    assert glmkit.load(tmp_path / "m").config == glmkit.load(directory).config
+    raw["vision_config"]["window_size"] = 112  # a key that would change the tower: refused by name
+    (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(GlmkitError, match="window_size"):
+        glmkit.load(tmp_path / "m")

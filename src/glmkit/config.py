@@ -526,9 +526,14 @@ def _from_vision_language(d: dict[str, Any], model_type: str) -> ModelConfig:
     family = _VISION_TEXT[model_type]
     rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
     section = rope.pop("mrope_section", [8, 12, 12])
-    rope.setdefault("partial_rotary_factor", 1.0 if family == "glm4" else 0.5)
-    text = {**text, "model_type": family, "rope_parameters": rope, "rope_scaling": None,
-            "tie_word_embeddings": k.get("tie_word_embeddings", False)}
+    if text.get("partial_rotary_factor") is None:  # transformers' default differs between the two text models
+        rope.setdefault("partial_rotary_factor", 1.0 if family == "glm4" else 0.5)
+    copies = ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
+              "video_start_token_id", "video_end_token_id", "hidden_dropout_prob")  # released text configs repeat them
+    text = {**{key: v for key, v in text.items() if key not in copies}, "model_type": family, "rope_parameters": rope,
+            "rope_scaling": None, "tie_word_embeddings": k.get("tie_word_embeddings", text.get("tie_word_embeddings", False)),
+            "eos_token_id": text.get("eos_token_id", d.get("eos_token_id"))}
+    k.get("eos_token_id")
     cfg = _from_transformers(_Keys(text), family)
     cfg = dataclasses.replace(cfg, positions="mrope", mrope_section=tuple(section), vision=_vision(_Keys(vision), k))
     k.check_leftovers()
@@ -556,7 +561,8 @@ def _vision(v: _Keys, top: _Keys) -> VisionConfig:
         attention_bias=bool(v.get("attention_bias", False)),
         image_token_id=int(top.need("image_token_id")), image_start_token_id=top.get("image_start_token_id"),
         image_end_token_id=top.get("image_end_token_id"))
-    for key in ("attention_dropout", "initializer_range", "model_type", "_name_or_path", "architectures", "dtype"):
+    for key in ("attention_dropout", "hidden_dropout_prob", "initializer_range", "model_type", "_name_or_path",
+                "architectures", "dtype"):
         v.get(key)
     v.check_leftovers()
     return out

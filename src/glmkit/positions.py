@@ -96,7 +96,7 @@ def decode_positions(indexes: list[int], anchors: list[tuple[int, int] | None], 
     (B, 3, 1) for mrope (index + the row's offset on all three)."""
     if config.positions == "mrope":
         shifted = [i + (a[0] if a else 0) for i, a in zip(indexes, anchors)]
-        return torch.tensor(shifted, device=device)[:, None, None].expand(-1, 3, 1)  # (B, 3, 1)
+        return torch.tensor(shifted, device=device)[:, None, None].repeat(1, 3, 1)  # (B, 3, 1), contiguous
     if config.positions != "2d":
         return torch.tensor(indexes, device=device)[:, None]  # (B, 1)
     rows = [[[m], [i - c + 1]] if a is not None else [[0], [0]] for i, a in zip(indexes, anchors)

@@ -9,6 +9,7 @@ when it ends (--log-format text|json, --no-access-log).
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -32,6 +33,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", choices=["text", "json"], default="text",
                         help="the access log on stderr: one line per request (tokens, time to first token, tok/s)")
     parser.add_argument("--no-access-log", action="store_true", help="no access log")
+    parser.add_argument("--allow-image-urls", action="store_true",
+                        help="vision models: fetch http(s) image URLs (default: only data: URLs and files)")
     add_sampling_args(parser, max_tokens=None)  # the server's defaults for requests that leave them out
 
 
@@ -56,9 +59,11 @@ def main(args: argparse.Namespace) -> int:
     llm.sampling_params(**defaults)  # checked now, not at the first request
     llm.defaults.update(defaults)
     name = args.model_name or str(args.model)
+    llm.image_limits = replace(llm.image_limits, allow_remote=args.allow_image_urls)
+    body = 64 << 20 if llm.config.vision is not None else 4 << 20  # images travel as data: URLs
     app = create_app(llm, model_name=name, api_keys=keys, cors_origins=args.cors_origin, max_batch=args.max_batch,
                      max_queue=args.max_queue, request_timeout=args.timeout, prefill_chunk=args.prefill_chunk,
-                     access_log=None if args.no_access_log else args.log_format)
+                     access_log=None if args.no_access_log else args.log_format, max_body_bytes=body)
     _log_to_stderr()
     url = f"http://{args.host}:{args.port}"
     print(f"glmkit serve: {name} at {url}/v1 (OpenAI API; model name {name!r}), chat page at {url}/"

@@ -227,4 +227,5 @@ class CompiledDecoder:
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         if self._attended.numel() <= start:
             self._attended = torch.empty(2 * (start + 1), dtype=torch.uint8)
-        return self._run([tokens, positions, self._attended[: start + 1], *cache.k, *cache.v])[0]
+        # the package assumes contiguous inputs (an expanded view would be read as if it were not)
+        return self._run([tokens.contiguous(), positions.contiguous(), self._attended[: start + 1], *cache.k, *cache.v])[0]
