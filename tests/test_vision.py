@@ -243,9 +243,9 @@ def test_quantized_text_model_keeps_the_vision_tower_float(vlms):
         assert len(replies) == 2
 
 
-def test_server_answers_an_image_conversation(vlms):
-    """The official openai client, streaming and not: the same reply as llm.chat; a bad image is a 400 and the
-    server keeps serving."""
+def test_server_answers_an_image_conversation(vlms, tmp_path):
+    """The official openai client, streaming and not: the same reply as llm.chat; a bad image, or a path naming a
+    file on the server, is a 400 and the server keeps serving."""
     import openai
     from conftest import LiveServer
 
@@ -267,6 +267,10 @@ def test_server_answers_an_image_conversation(vlms):
                                             {"type": "text", "text": "hi"}]}]
         with pytest.raises(openai.BadRequestError, match="could not be read"):
             client.chat.completions.create(model="tiny", messages=bad, max_tokens=4)
+        picture(40, 40).save(tmp_path / "server-side.png")  # a file on the server's disk is not the client's to name
+        named = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(tmp_path / "server-side.png")}}]}]
+        with pytest.raises(openai.BadRequestError, match="not as file paths"):
+            client.chat.completions.create(model="tiny", messages=named, max_tokens=4)
         assert client.chat.completions.create(model="tiny", messages=ours, max_tokens=2).choices[0].message
     finally:
         live.close()
@@ -347,3 +351,29 @@ def test_released_config_spellings_read_the_same(vlms, tmp_path, kind):
     (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
     with pytest.raises(GlmkitError, match="window_size"):
         glmkit.load(tmp_path / "m")
+
+
+def test_chat_command_attaches_images(vlms, tmp_path):
+    """`glmkit chat MODEL --image FILE` asks about the image in the first message, `/image FILE` attaches one to
+    the next; a missing file is refused and the chat goes on. The replies are llm.chat's greedy ones."""
+    import subprocess
+    import sys
+
+    directory = vlms["glm4v"][0]
+    picture(60, 90, seed=51).save(tmp_path / "a.png")
+    picture(90, 60, seed=52).save(tmp_path / "b.png")
+    llm = glmkit.load(directory)
+    greedy = dict(max_tokens=4, temperature=0)
+    first = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(tmp_path / "a.png")}},
+                                          {"type": "text", "text": "What is it?"}]}]
+    one = llm.chat(first, **greedy)
+    second = first + [one.message, {"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": str(tmp_path / "b.png")}}, {"type": "text", "text": "And this?"}]}]
+    two = llm.chat(second, **greedy)
+    out = subprocess.run([sys.executable, "-m", "glmkit", "chat", str(directory), "--image", str(tmp_path / "a.png"),
+                          "--temperature", "0", "--max-tokens", "4"],
+                         input=f"What is it?\n/image {tmp_path / 'nope.png'}\n/image {tmp_path / 'b.png'}\nAnd this?\n",
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "(no image file at" in out.stderr and "(b.png goes with your next message)" in out.stderr
+    assert out.stdout.replace("\n>>> ", "") == one["content"] + two["content"]  # input() prompts aside

@@ -32,12 +32,14 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 @dataclass(frozen=True)
 class Limits:
     """What one request may send: images, encoded bytes per image, decoded pixels per image; remote URLs only
-    when the server was started allowing them, fetched within `timeout` seconds."""
+    when allowed (glmkit serve --allow-image-urls), fetched within `timeout` seconds; local files only where the
+    caller is the machine's user (Python, the CLI), never from a server's clients."""
     max_images: int = 8
     max_bytes: int = 20 << 20
     max_pixels: int = 40_000_000
     allow_remote: bool = False
     timeout: float = 10.0
+    allow_files: bool = True
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,8 @@ def smart_resize(height: int, width: int, p: Preprocessing) -> tuple[int, int]:
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if frames * h * w > p.max_pixels:
         beta = math.sqrt(frames * height * width / p.max_pixels)
-        h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
     elif frames * h * w < p.min_pixels:
         beta = math.sqrt(p.min_pixels / (frames * height * width))
         h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
@@ -116,7 +119,8 @@ def preprocess(picture, p: Preprocessing) -> tuple[torch.Tensor, tuple[int, int,
     picture = picture.resize((width, height), PILImage.BICUBIC)
     x = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8).view(height, width, 3).permute(2, 0, 1)
     x = (x.double() * p.rescale_factor).float()  # (3, H, W), rounded as numpy does it
-    x = (x - torch.tensor(p.mean, dtype=torch.float32)[:, None, None]) / torch.tensor(p.std, dtype=torch.float32)[:, None, None]
+    mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in (p.mean, p.std))  # (3, 1, 1)
+    x = (x - mean) / std
     P, M, T = p.patch_size, p.merge_size, p.temporal_patch_size
     gh, gw = height // P, width // P
     x = x.reshape(3, gh // M, M, P, gw // M, M, P).permute(1, 4, 2, 5, 0, 3, 6)  # windows, then patches in them
@@ -141,6 +145,9 @@ def read(url: str, limits: Limits) -> bytes:
     scheme = urllib.parse.urlparse(url).scheme
     if scheme in ("http", "https"):
         return _fetch(url, limits)
+    if not limits.allow_files:
+        raise GlmkitError("this server takes images as data: URLs (or http(s) URLs when started with "
+                          "--allow-image-urls), not as file paths.")
     path = Path(urllib.parse.urlparse(url).path if scheme == "file" else url).expanduser()
     if not path.is_file():
         raise GlmkitError(f"image {url!r} is not a data: URL, an http(s) URL or an existing file.")
@@ -154,7 +161,7 @@ def _fetch(url: str, limits: Limits) -> bytes:
         raise GlmkitError("image URLs over http(s) are not fetched by this server (start it with "
                           "--allow-image-urls); send the image as a data: URL instead.")
     try:
-        with urllib.request.urlopen(url, timeout=limits.timeout) as response:  # noqa: S310 - http(s) only, checked above
+        with urllib.request.urlopen(url, timeout=limits.timeout) as response:  # noqa: S310 - http(s) only here
             data = response.read(limits.max_bytes + 1)
     except OSError as e:
         raise GlmkitError(f"image {url!r} could not be fetched ({e}).") from None
@@ -179,7 +186,8 @@ def decode(data: bytes, limits: Limits):
     except GlmkitError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, PILImage.DecompressionBombError) as e:
-        raise GlmkitError(f"an image could not be read ({type(e).__name__}); send a PNG, JPEG, GIF or WebP file.") from None
+        raise GlmkitError(f"an image could not be read ({type(e).__name__}); send a PNG, JPEG, GIF or WebP "
+                          "file.") from None
 
 
 def load(url: str, p: Preprocessing, vision: VisionConfig, limits: Limits) -> Image:

@@ -39,7 +39,7 @@ def rope_cos_sin(positions: torch.Tensor, config: ModelConfig) -> tuple[torch.Te
     if config.rope_freq_dtype == "float16":  # ChatGLM-6B computes its frequencies in float16
         inv_freq = inv_freq.half().float()
     angles = (positions.float() / config.rope_linear_factor)[..., None] * inv_freq  # (..., T, R/2)
-    if config.positions == "mrope":  # (B, 3, T, R/2): slot i takes its angle from stream t, h or w in turn
+    if config.positions == "mrope" and positions.dim() == 3:  # (B, 3, T, R/2): slot i reads stream t, h or w in turn
         stream = torch.cat([torch.full((n,), i % 3, device=positions.device)
                             for i, n in enumerate(config.mrope_section)])  # (R/2,)
         angles = angles.gather(1, stream.expand(angles.shape[0], 1, angles.shape[2], -1)).squeeze(1)  # (B, T, R/2)

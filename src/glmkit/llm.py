@@ -192,7 +192,7 @@ class LLM:
                               "role tokens. Use plain-text generation, or pass chat_format= to glmkit.load().")
         render = lambda m: self.chat_format.render(m, tools, add_generation_prompt, **template_kwargs)[0]  # noqa: E731
         return images.chat_prompt(messages, render, self.config.vision, self.preprocessor, self.image_limits,
-                                  hasattr(self.chat_format, "template"))  # image parts read and expanded
+                                  getattr(self.chat_format, "template", None) is not None)  # images read, expanded
 
     @property
     def device(self) -> torch.device:

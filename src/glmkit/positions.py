@@ -47,8 +47,8 @@ def prompt_positions(ids: torch.Tensor, config: ModelConfig,
 
 def _mrope_row(row: list[int], config: ModelConfig, images) -> list[list[int]]:
     """One prompt's (3, T) positions: text (i, i, i); an image's merged grid (s + t, s + row, s + column)."""
-    merge, image = config.vision.spatial_merge_size if config.vision else 1, config.vision.image_token_id if \
-        config.vision else None
+    merge = config.vision.spatial_merge_size if config.vision else 1
+    image = config.vision.image_token_id if config.vision else None
     out: list[list[int]] = [[], [], []]
     i, next_pos = 0, 0
     while i < len(row):
@@ -61,7 +61,8 @@ def _mrope_row(row: list[int], config: ModelConfig, images) -> list[list[int]]:
         n = t * (h // merge) * (w // merge)
         if n == 0 or row[i: i + n] != [image] * n or (i + n < len(row) and row[i + n] == image):
             raise GlmkitError("the prompt's image placeholder tokens do not match the images given (each image "
-                              "needs exactly its grid's count of <|image|> tokens); build prompts with the chat format.")
+                              "needs exactly its grid's count of <|image|> tokens); build prompts with the chat "
+                              "format.")
         grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h // merge), torch.arange(w // merge),
                                           indexing="ij")).reshape(3, -1) + next_pos  # (3, n)
         for stream, values in zip(out, grid.tolist()):

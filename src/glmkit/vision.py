@@ -102,7 +102,8 @@ class Merger(nn.Module):
         C = v.out_hidden_size
         self.proj = nn.Linear(C, C, bias=False)
         self.post_projection_norm = nn.LayerNorm(C)
-        self.gate_proj, self.up_proj = nn.Linear(C, v.intermediate_size, bias=False), nn.Linear(C, v.intermediate_size, bias=False)
+        self.gate_proj = nn.Linear(C, v.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(C, v.intermediate_size, bias=False)
         self.down_proj = nn.Linear(v.intermediate_size, C, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,9 +138,8 @@ class VisionTower(nn.Module):
 
     def rotary(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """2-D rotary: a head's first half of frequencies follows the row, the second the column -> (N, D/2)."""
-        D = self.v.hidden_size // self.v.num_heads
-        quarter = D // 2
-        inv_freq = 1.0 / (self.v.rope_theta ** (torch.arange(0, quarter, 2, device=rows.device).float() / quarter))
+        half = self.v.hidden_size // self.v.num_heads // 2  # D/2: a quarter of a head's dims per axis
+        inv_freq = 1.0 / (self.v.rope_theta ** (torch.arange(0, half, 2, device=rows.device).float() / half))
         angles = torch.cat([rows[:, None].float() * inv_freq, cols[:, None].float() * inv_freq], dim=-1)  # (N, D/2)
         return angles.cos(), angles.sin()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,6 +32,7 @@ def create_app(llm, *, model_name: str, api_keys: list[str] | None = None, cors_
     if any(not k.strip() for k in api_keys or []):
         raise GlmkitError("an API key is empty; give non-empty keys (or none, for an open server).")
     worker = EngineWorker(llm.make_engine(max_batch=max_batch, prefill_chunk=prefill_chunk), max_queue=max_queue)
+    llm.image_limits = replace(llm.image_limits, allow_files=False)  # clients send images, never name server files
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
