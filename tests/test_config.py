@@ -128,7 +128,7 @@ def test_switched_off_sliding_window_is_accepted():
 
 def test_sub_configs_round_trip_and_the_model_refuses_what_it_does_not_run():
     from glmkit.config import MLAConfig, MoEConfig
-    from glmkit.errors import ConfigError, UnsupportedArchitectureError
+    from glmkit.errors import ConfigError
     from glmkit.model import Transformer
 
     base = ModelConfig.from_hf_dict(GLM_4_9B_CHAT).to_dict()
@@ -146,7 +146,13 @@ def test_sub_configs_round_trip_and_the_model_refuses_what_it_does_not_run():
     with pytest.raises(ConfigError, match="an indexer reads the q_lora_rank latent"):
         ModelConfig.from_dict({**base, "mla": {**MLAConfig(16, 16, 8, 16).__dict__, "index_topk": 4,
                                                "index_heads": 2, "index_head_dim": 16}})
-    vision = ModelConfig.from_dict({**base, "num_layers": 1, "vision": {"depth": 1, "hidden_size": 8, "num_heads": 2,
-                                                                        "patch_size": 14, "out_hidden_size": 8}})
-    with pytest.raises(UnsupportedArchitectureError, match="'vision'"):
-        Transformer.skeleton(vision)
+    tower = {"depth": 1, "hidden_size": 8, "num_heads": 2, "patch_size": 14, "out_hidden_size": base["hidden_size"],
+             "intermediate_size": 16}
+    vision = ModelConfig.from_dict({**base, "num_layers": 1, "vision": tower, "positions": "mrope",
+                                    "mrope_section": [16, 8, 8]})
+    assert ModelConfig.from_dict(vision.to_dict()) == vision
+    assert Transformer.skeleton(vision).visual.merger.gate_proj.weight.shape == (16, base["hidden_size"])
+    with pytest.raises(ConfigError, match="out_hidden_size"):
+        ModelConfig.from_dict({**base, "vision": {**tower, "out_hidden_size": 8}})
+    with pytest.raises(ConfigError, match="mrope_section"):
+        ModelConfig.from_dict({**base, "positions": "mrope", "mrope_section": [8, 8, 8]})
