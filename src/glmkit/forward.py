@@ -5,6 +5,8 @@ against the model's vocabulary and context. No tokenizer, no engine.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from glmkit.config import ModelConfig
@@ -28,11 +30,23 @@ def as_batch(ids, config: ModelConfig, device: torch.device) -> torch.Tensor:
     return t.long().to(device)
 
 
+def mirrored(fn):
+    """Tensor parallelism: rank 0 sends the call to the other ranks (engine/follow.py) before running it."""
+    @functools.wraps(fn)
+    def run(model, *args, **kw):
+        world = getattr(model, "tp", None)
+        if world is not None and world.rank == 0:
+            world.send(("forward", fn.__name__, args, kw))
+        return fn(model, *args, **kw)
+    return run
+
+
 def _hidden(model, t: torch.Tensor) -> torch.Tensor:
     positions, prefix_len = prompt_positions(t, model.config)
     return model.hidden_states(t, positions, prefix_len=prefix_len)  # (B, T, C)
 
 
+@mirrored
 @torch.inference_mode()
 def logits(model, t: torch.Tensor) -> torch.Tensor:
     """(B, T) ids -> (B, T, V) float32 logits."""
@@ -40,6 +54,7 @@ def logits(model, t: torch.Tensor) -> torch.Tensor:
     return model(t, positions, prefix_len=prefix_len).float()
 
 
+@mirrored
 @torch.inference_mode()
 def prompt_logprobs(model, t: torch.Tensor, top: int = 0,
                     chunk: int = 256) -> list[tuple[int, float | None, dict[int, float]]]:
@@ -57,6 +72,7 @@ def prompt_logprobs(model, t: torch.Tensor, top: int = 0,
     return [(ids[0], None, {})] + [(tok, p, d) for tok, p, d in zip(ids[1:], picked, tops)]
 
 
+@mirrored
 @torch.inference_mode()
 def embed(model, batches: list[torch.Tensor], pooling: str = "mean", normalize: bool = True) -> torch.Tensor:
     """(1, T_i) ids per input -> (N, C) float32: final-normed hidden states averaged over each input's tokens

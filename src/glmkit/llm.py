@@ -15,12 +15,13 @@ from typing import Any, Iterator, Sequence
 import torch
 from typing_extensions import Unpack
 
-from glmkit import forward, images, loaders
+from glmkit import forward, images, loaders, parallel
 from glmkit import infill as blanks
 from glmkit.adapters import apply_lora, load_prefix
 from glmkit.chat import (ChatDelta, ChatFormat, ChatReply, ChatTurn, fit_conversation, reply_decoder,
                          tokenizer_and_format)
 from glmkit.config import ModelConfig
+from glmkit.engine.follow import lead_or_follow
 from glmkit.engine.generate import complete, complete_batch, stream as stream_chunks
 from glmkit.engine.runner import ModelRunner
 from glmkit.engine.sampling import Sampling, SamplingParams, sampling_defaults
@@ -81,8 +82,7 @@ class LLM:
     def make_engine(self, max_batch: int = 8, prefill_chunk: int = 256) -> Scheduler:
         """A new continuous-batching engine over this model: its stop ids, detokenizer, prefix and compiled step."""
         decode = None if self._tokenizer is None else reply_decoder(self._tokenizer, self.chat_format)
-        runner = ModelRunner(self.model, self.prefix_kv)
-        runner.compiled = self.compiled
+        (runner := ModelRunner(self.model, self.prefix_kv)).compiled = self.compiled
         return Scheduler(runner, self.stop_ids, decode, max_batch=max_batch, prefill_chunk=prefill_chunk)
 
     @property
@@ -129,10 +129,8 @@ class LLM:
     def generate(self, prompt: str | Sequence[int], *, stream: bool = False,
                  **sampling: Unpack[Sampling]) -> Completion | Iterator[Chunk]:
         """Complete text or token ids: a Completion (.text, .token_ids, .finish_reason, .usage, .logprobs), or with
-        stream=True an iterator of Chunks. Sampling arguments (engine.sampling.Sampling): max_tokens,
-        temperature (0 = greedy), top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty,
-        stop, stop_token_ids, ignore_eos, seed, logprobs, logit_bias, response_format, grammar; those left out
-        take the model's defaults (`llm.defaults`)."""
+        stream=True an iterator of Chunks. Sampling arguments: engine.sampling.Sampling (max_tokens, temperature
+        (0 = greedy), top_p, ..., seed, logprobs, response_format); those left out take `llm.defaults`."""
         ids, params = self._ids(prompt), self.sampling_params(**sampling)
         return stream_chunks(self.engine, ids, params) if stream else complete(self.engine, ids, params)
 
@@ -240,10 +238,12 @@ def load(source: str | Path | None = None, *, device: str | None = None, dtype: 
         checkpoint = loaders.open(source)
         tokenizer, fmt = tokenizer_and_format(checkpoint, chat_format)
         checkpoint.release_metadata()  # the vocabulary's header copy goes before the weights arrive (peak memory)
-        model = loaders.assemble(checkpoint, Transformer.skeleton, device, dtype, quantize)
+        world = parallel.from_env(device)  # under torchrun: this rank's share of the model
+        model = loaders.assemble(checkpoint, Transformer.skeleton, device, dtype, quantize, world=world)
     if lora is not None:
         apply_lora(model, checkpoint.layout.adapter_names, lora)
     prefix = None if ptuning is None else load_prefix(ptuning, model.config)
+    lead_or_follow(model, prefix)  # ranks other than 0 follow rank 0 from here, and end with it
     llm = LLM(model, checkpoint.source, tokenizer, fmt, layout=checkpoint.layout, prefix_kv=prefix,
               generation=checkpoint.generation, weight_files=loaders.file_identity(checkpoint.source, lora))
     llm.preprocessor = checkpoint.preprocessor  # a vision model's image settings (preprocessor_config.json)

@@ -141,6 +141,7 @@ class Transformer(nn.Module):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # training: recompute each block's activations in backward
         self.visual = VisionTower(config.vision) if config.vision is not None else None  # image features
+        self.tp = None  # a parallel.World when this is one rank's share of a tensor-parallel model
 
     def embeddings(self, tokens: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> (B, T, C), the image tokens' rows replaced by image_features (n, C) in order: what
@@ -208,6 +209,7 @@ class Transformer(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final hidden states (B, T, C) -> logits (B, T, V)."""
-        if self.lm_head is None:  # tied embeddings
-            return F.linear(h, self.embed.weight)  # (B, T, V)
-        return self.lm_head(h)  # (B, T, V)
+        logits = F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)  # (B, T, V or V/W)
+        if self.tp is not None:  # each rank's vocabulary rows: gathered, the padding past V dropped
+            logits = self.tp.gather_last(logits)[..., : self.config.vocab_size]  # (B, T, V)
+        return logits

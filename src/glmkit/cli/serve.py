@@ -73,6 +73,9 @@ def main(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5,
                             http=HeaderTimeoutH11)
     DrainingServer(config, app.state.worker).run()
+    if app.state.worker.fatal is not None:
+        print(f"glmkit serve: {app.state.worker.fatal}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -132,6 +132,9 @@ class CompiledDecoder:
     def compile(self, build: bool = True) -> "CompiledDecoder":
         """Load the package from disk, or export and compile it now (blocking); on failure stay eager.
         build=False only looks on disk: without a package, decoding stays eager and nothing is said."""
+        if getattr(self.model, "tp", None) is not None:
+            self.error = "a tensor-parallel model decodes eagerly (the compiled step holds no collectives)"
+            return self
         if self.directory.exists() and not _private(self.directory):
             self.error = f"{self.directory} is writable by other users; glmkit loads no compiled code from it"
             warnings.warn(f"{self.error} (chmod 700 it); decoding stays eager.", stacklevel=2)

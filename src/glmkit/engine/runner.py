@@ -9,6 +9,7 @@ seam a tensor-parallel rank, a vision input or a draft model plugs into.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from glmkit.model import Transformer
 from glmkit.positions import anchor, decode_positions, prompt_positions
 
 CACHE_STEP = 256  # the cache grows in steps of this many positions
+_RUNNER_IDS = itertools.count()  # tensor parallelism: which runner of rank 0 a mirrored call is for
 
 
 @dataclass
@@ -51,6 +53,11 @@ class ModelRunner:
         self.cache: KVCache | None = None
         self.anchors: dict[int, tuple[int, int] | None] = {}  # cache row -> what its decode positions hang on
         self.compiled = None  # a CompiledDecoder (engine/compiled.py) for one-row decode steps
+        self.world, self.id = getattr(model, "tp", None), next(_RUNNER_IDS)  # rank 0's calls go to the others too
+
+    def _mirror(self, *call) -> None:
+        if self.world is not None and self.world.rank == 0:
+            self.world.send((call[0], self.id, *call[1:]))
 
     @property
     def max_len(self) -> int:
@@ -74,6 +81,7 @@ class ModelRunner:
     def fork(self, src: int, dst: int, length: int, reserve: int) -> None:
         """Row dst starts as a copy of row src's first `length` positions (and its position anchor), with room
         for `reserve` positions: a second sample of the same prompt without a second prefill."""
+        self._mirror("fork", src, dst, length, reserve)
         self.reserve(reserve, dst + 1)
         self.cache.copy_row(src, dst, self.P + length)
         self.anchors[dst] = self.anchors.get(src)
@@ -81,6 +89,7 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, inputs: StepInputs) -> torch.Tensor:
         """-> the logits after each row's last id, (rows, V)."""
+        self._mirror("step", inputs)
         return self._prefill(inputs) if inputs.is_prefill else self._decode(inputs)
 
     def _prefill(self, inputs: StepInputs) -> torch.Tensor:

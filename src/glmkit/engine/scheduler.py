@@ -18,6 +18,7 @@ from glmkit.engine.runner import ModelRunner, StepInputs
 from glmkit.engine.sampling import SamplingParams
 from glmkit.engine.sequence import Chunk, Sequence
 from glmkit.errors import GlmkitError
+from glmkit.parallel import RankLost
 
 
 class Scheduler:
@@ -84,6 +85,8 @@ class Scheduler:
             seq = self.waiting.popleft()
             try:
                 budget -= self._admit(seq, budget, shared, out)
+            except RankLost:
+                raise  # the whole group is broken: not this request's failure
             except Exception as e:  # noqa: BLE001 - one prompt's failure ends that request only
                 self.prefilling.pop(seq, None)
                 self._emit(seq, seq.fail(e, "prefill"), out)
@@ -133,6 +136,8 @@ class Scheduler:
                             len(seq.prompt) + seq.max_new, seq.images)
         try:
             logits = self.runner.step(inputs)[0]  # (V,); on failure the row holds nothing reusable (cached stays [])
+        except RankLost:
+            raise
         except Exception as e:  # noqa: BLE001 - one prompt's failure ends that request only
             self.prefilling.pop(seq)
             self._emit(seq, seq.fail(e, "prefill"), out)

@@ -52,13 +52,17 @@ Skeleton = Callable[[ModelConfig], nn.Module]
 
 
 def assemble(checkpoint: Checkpoint, skeleton: Skeleton, device: str | None = None,
-             dtype: str | torch.dtype | None = None, quantize: str | None = None, group_size: int = 32) -> nn.Module:
+             dtype: str | torch.dtype | None = None, quantize: str | None = None, group_size: int = 32,
+             world=None) -> nn.Module:
     """quantize: None, 'int8' or 'int4' (group_size: int4's columns per scale). A quantized GGUF stays quantized
     on the CPU unless a dtype is asked for; quantized models default to bfloat16 activations (what the
-    weight-only kernels run fastest with) and are read and quantized one layer at a time."""
+    weight-only kernels run fastest with) and are read and quantized one layer at a time. world (a
+    parallel.World): this rank's share of a tensor-parallel model only."""
     if quantize not in (None, "int8", "int4"):
         raise GlmkitError(f"quantize={quantize!r} is not supported; use None, 'int8' or 'int4'.")
     dev = pick_device(device)
+    if world is not None:
+        return _share(checkpoint, skeleton, dev, dtype, quantize, group_size, world)
     if checkpoint.layout.name == "glmkit_quantized":
         with lean_heap():
             model = _glmkit_quantized(checkpoint, skeleton, pick_dtype(dtype or "bfloat16", dev))
@@ -88,6 +92,35 @@ def _quantized_by_layer(checkpoint: Checkpoint, skeleton: Skeleton, dtype: torch
         raise CheckpointError(f"the checkpoint has no tensor for {unfilled!r}; the download is incomplete or "
                               "config.json does not match the weights.")
     return quantize_model(model, bits, group_size)  # the head (and a tied embedding); layers are done
+
+
+def _share(checkpoint: Checkpoint, skeleton: Skeleton, dev: torch.device, dtype, quantize: str | None,
+           group_size: int, world) -> nn.Module:
+    """One rank's share of a tensor-parallel model: each layer read (memory-mapped), cut to this rank's slices,
+    filled and, with quantize (or a quantized GGUF's own type), quantized before the next layer is read."""
+    from glmkit import parallel
+
+    if checkpoint.quantization is not None and checkpoint.gguf is None:
+        raise GlmkitError(f"{checkpoint.source} is stored quantized; tensor parallelism splits float weights and "
+                          "quantizes each share: load the float checkpoint with quantize='int8' or 'int4'.")
+    quantize = quantize or (checkpoint.quantization if dtype is None and dev.type == "cpu" else None)
+    dtype = pick_dtype("bfloat16" if quantize is not None and dtype is None else dtype, dev)
+    bits = {"int8": 8, "int4": 4}.get(quantize)
+    layers = checkpoint.layers(dtype=dtype)  # float (a GGUF's blocks dequantized); checks the names first
+    full = checkpoint.config
+    model = parallel.prepare(skeleton(parallel.local_config(full, world)), full, world)
+    with lean_heap():
+        for index, tensors, sources in layers:
+            part = {name: parallel.shard(name, t, full, world).contiguous() for name, t in tensors.items()}
+            tensors.clear()
+            fill(model, part, sources, torch.device("cpu"), dtype, layer=index)
+            if bits is not None and index is not None:
+                quantize_model(model.layers[index], bits, group_size)
+    unfilled = next((name for name, t in model.state_dict().items() if t.is_meta), None)
+    if unfilled is not None:
+        raise CheckpointError(f"the checkpoint has no tensor for {unfilled!r}; the download is incomplete or "
+                              "config.json does not match the weights.")
+    return (model if bits is None else quantize_model(model, bits, group_size)).to(dev)
 
 
 _EVERY = object()  # fill()'s default: the whole model

@@ -363,7 +363,8 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 32, include_he
         for name, param in list(module.named_parameters(recurse=False)):
             if param.dim() == 3 and name.endswith("_proj"):  # stacked experts (E, N, K): a MoE layer
                 replace_module(module, name, quantize_experts(param.detach(), bits, group_size))
-    if include_head and getattr(model, "lm_head", False) is None:  # tied: one int8 table serves head and embedding
+    if include_head and getattr(model, "lm_head", False) is None and not getattr(model.embed, "sharded", False):
+        # tied: one int8 table serves head and embedding (a tensor-parallel share of it stays float)
         dtype = model.embed.weight.dtype
         model.lm_head = make(model.embed.weight.detach(), None, head=True)
         model.embed = TiedInt8Embedding(model.lm_head, dtype)

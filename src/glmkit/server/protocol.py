@@ -54,6 +54,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, worker):
         super().__init__(config)
         self.worker = worker
+        worker.on_fatal = lambda: setattr(self, "should_exit", True)  # the model is gone (a lost rank): exit
 
     def handle_exit(self, sig, frame) -> None:
         self.worker.drain()  # thread-safe: a command to the engine thread

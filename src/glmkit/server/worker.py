@@ -17,6 +17,7 @@ from typing import Any, Callable
 from glmkit.engine.scheduler import Scheduler
 from glmkit.engine.sampling import SamplingParams
 from glmkit.engine.sequence import Chunk, Sequence
+from glmkit.parallel import RankLost
 
 
 class Busy(Exception):
@@ -40,6 +41,8 @@ class EngineWorker:
         self.lock = threading.Lock()
         self.admitted = 0  # submitted and not finished
         self.stopping = False
+        self.fatal: Exception | None = None  # what ended serving for good (a lost tensor-parallel rank)
+        self.on_fatal: Callable[[], None] | None = None  # then called (glmkit serve: the server exits)
         self.thread = threading.Thread(target=self._run, name="glmkit-engine", daemon=True)
         self.thread.start()
 
@@ -142,6 +145,11 @@ class EngineWorker:
                     self.engine.cancel(handle.seq)
                     self._send(handle, e)
                     self._finish(handle)
+                if isinstance(e, RankLost):  # the model is gone: answer everyone, then the server stops
+                    self.fatal, self.stopping = e, True
+                    if self.on_fatal is not None:
+                        self.on_fatal()
+                    return
                 continue
             for seq, chunk in events:
                 handle = self.handles.get(id(seq))
