@@ -37,7 +37,7 @@ import os, sys, json, torch, torch.distributed as dist
 from glmkit import loaders, parallel
 from glmkit.model import Transformer
 dist.init_process_group("gloo")
-world = parallel.World(dist.get_rank(), dist.get_world_size())
+world = parallel.World(dist.get_rank(), dist.get_world_size(), sys.argv[2])
 model = loaders.assemble(loaders.open(sys.argv[1]), Transformer.skeleton, "cpu", "float32", None, world=world)
 mine = sum(t.numel() for t in model.state_dict().values())
 print(json.dumps({"rank": world.rank, "params": mine}), flush=True)
@@ -75,10 +75,13 @@ def checkpoints(tmp_path_factory):
     return models(tmp_path_factory.mktemp("tp"))
 
 
-@pytest.mark.parametrize("kind", ["glm4", "moe", "llama", "llama-mqa-tied"])
+@pytest.mark.parametrize("kind", ["glm4", "moe", "moe-by-expert", "llama", "llama-mqa-tied"])
 def test_two_ranks_give_the_single_process_logits(checkpoints, tmp_path, kind):
-    """Logits within 1e-5; greedy decoding and a continuous batch of two prompts token for token."""
-    done = torchrun(str(_script(tmp_path, LOGITS)), str(checkpoints[kind]), str(tmp_path / "tp.pt"))
+    """Logits within 1e-5; greedy decoding and a continuous batch of two prompts token for token (MoE experts
+    split by columns, the default, and whole experts per rank)."""
+    env = {**os.environ, "GLMKIT_SPLIT_EXPERTS": "experts" if kind.endswith("by-expert") else "columns"}
+    kind = kind.removesuffix("-by-expert")
+    done = torchrun(str(_script(tmp_path, LOGITS)), str(checkpoints[kind]), str(tmp_path / "tp.pt"), env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     got = torch.load(tmp_path / "tp.pt")
     llm = glmkit.load(checkpoints[kind], dtype="float32")
@@ -95,9 +98,11 @@ def _script(tmp_path: Path, source: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind", ["glm4", "moe"])
+@pytest.mark.parametrize("kind", ["glm4", "moe", "moe-by-expert"])
 def test_each_rank_holds_about_half_the_weights(checkpoints, tmp_path, kind):
-    done = torchrun(str(_script(tmp_path, SHARES)), str(checkpoints[kind]))
+    split = "experts" if kind.endswith("by-expert") else "columns"
+    kind = kind.removesuffix("-by-expert")
+    done = torchrun(str(_script(tmp_path, SHARES)), str(checkpoints[kind]), split)
     assert done.returncode == 0, done.stderr[-3000:]
     shares = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     total = sum(t.numel() for t in glmkit.load(checkpoints[kind], dtype="float32").model.state_dict().values())

@@ -194,6 +194,9 @@ def merge(model: nn.Module) -> None:
 
 def apply_lora(model: nn.Module, layout: str, directory: str | Path) -> None:
     """Apply a PEFT LoRA adapter directory: merged into float weights, kept beside quantized ones."""
+    if getattr(model, "tp", None) is not None:
+        raise GlmkitError("LoRA adapters are not applied to a tensor-parallel model yet; merge the adapter into the "
+                          "weights in one process (glmkit train writes merged checkpoints too), then split those.")
     settings, adapters = read_adapter(directory)
     add_lora(model, layout, settings, adapters=adapters)
     floats = all(getattr(m.base, "weight", torch.empty(0, dtype=torch.int8)).is_floating_point()

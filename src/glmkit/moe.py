@@ -54,6 +54,7 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, 2 * width, hidden))  # (E, 2I, C)
         self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden, width))  # (E, C, I)
         self.num_experts, self.pairs_below = num_experts, pairs_below
+        self.held = (0, num_experts)  # the experts [lo, lo + n) this module holds (expert parallelism: a share)
 
     def linear(self, name: str, e, x: torch.Tensor) -> torch.Tensor:
         """x (n, in) through expert e's gate_up_proj / down_proj -> (n, out): a float matmul, or the kernel of
@@ -78,20 +79,26 @@ class Experts(nn.Module):
         activation and the weighted sum batched over the k. The loop's length is static; the expert ids are read
         as scalars (torch.export traces them as bounded unknowns), so the compiled step covers it."""
         wide = torch.float32 if x.dtype == torch.float16 else x.dtype
+        lo, held = self.held
         rows = []
         for n in range(x.shape[0]):
-            ids = []
+            ids, slots = [], []
             for j in range(chosen.shape[1]):
                 e = chosen[n, j].item()
                 torch._check(e >= 0)
                 torch._check(e < self.num_experts)
-                ids.append(e)
+                if held == self.num_experts or lo <= e < lo + held:  # (expert parallelism: the ones held here)
+                    ids.append(e - lo)
+                    slots.append(j)
+            if not ids:
+                rows.append(x.new_zeros(1, x.shape[1], dtype=torch.float32))
+                continue
             xn = x[n: n + 1]  # (1, C)
             h = torch.cat([self.linear("gate_up_proj", e, xn) for e in ids])  # (k, 2I)
             gate, up = h.float().chunk(2, dim=-1)  # (k, I) each
             a = (F.silu(gate) * up).to(wide)  # (k, I)
             y = torch.cat([self.linear("down_proj", e, a[j: j + 1]) for j, e in enumerate(ids)])  # (k, C)
-            rows.append(weights[n: n + 1] @ y.float())  # (1, C)
+            rows.append(weights[n: n + 1, slots] @ y.float())  # (1, C)
         return torch.cat(rows).to(x.dtype)  # (N, C)
 
     def _grouped(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -100,13 +107,14 @@ class Experts(nn.Module):
         flat = chosen.flatten()  # (N k,)
         order = flat.argsort()
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        first, held = self.held
         lo = 0
         for e, n in enumerate(counts):
-            if n:
+            if n and first <= e < first + held:  # (expert parallelism: the experts held here)
                 slots = order[lo: lo + n]  # positions in (N k)
                 rows = slots // k  # (n,) token of each
-                out.index_add_(0, rows, self.expert(e, x[rows]) * weights.flatten()[slots, None])
-                lo += n
+                out.index_add_(0, rows, self.expert(e - first, x[rows]) * weights.flatten()[slots, None])
+            lo += n
         return out.to(x.dtype)
 
 

@@ -4,9 +4,10 @@ CPU, NCCL on GPUs; env:// rendezvous, so several machines work as several proces
 What each rank holds (gpt-fast's tp.py and mlx-lm's shard(), as weight slicing plus one all-reduce per sublayer):
 attention by heads (its query heads and their kv heads; kv heads are replicated when there are fewer than ranks),
 the output projection by the matching input columns; dense MLPs and shared experts by columns (gate and up rows)
-then rows (down's input columns); routed experts by expert columns (every expert's slice of width I / W, so the
-router and the chosen experts are the same on every rank and nothing depends on which rank owns what); the
-embedding and the output head by vocabulary rows. The attention and MLP outputs are summed over ranks
+then rows (down's input columns); routed experts by expert columns (the default: every expert's slice of width
+I / W, so every rank works on every chosen expert and nothing depends on which rank owns what), or by expert
+(GLMKIT_SPLIT_EXPERTS=experts: rank r holds experts [r E / W, (r + 1) E / W) whole and runs the chosen ones it
+holds, expert parallelism); the embedding and the output head by vocabulary rows. The attention and MLP outputs are summed over ranks
 (all-reduce), the embedding too, and the head's logits gathered. Norms and routers are replicated.
 
 `local_config` gives the shapes of one rank's model, `shard` the slice of a full tensor a rank keeps,
@@ -37,6 +38,7 @@ class RankLost(GlmkitError):
 class World:
     rank: int
     size: int
+    experts: str = "columns"  # how routed experts are split: "columns" or "experts" (expert parallelism)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         try:
@@ -84,6 +86,10 @@ def from_env(device: str | None = None) -> World | None:
     each rank on its LOCAL_RANK's GPU) and return this rank's World; None for one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    experts = os.environ.get("GLMKIT_SPLIT_EXPERTS", "columns")
+    if experts not in ("columns", "experts"):
+        raise GlmkitError(f"GLMKIT_SPLIT_EXPERTS={experts!r}: use 'columns' (each expert's width split) or 'experts' "
+                          "(whole experts per rank).")
     if not dist.is_initialized():
         cuda = str(device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         if cuda:
@@ -91,7 +97,7 @@ def from_env(device: str | None = None) -> World | None:
         # a long timeout: the other ranks wait for rank 0's next step as long as a server stays idle; a rank that
         # dies is still noticed at once (its connections close)
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(days=30))
-    return World(dist.get_rank(), dist.get_world_size())
+    return World(dist.get_rank(), dist.get_world_size(), experts)
 
 
 def lost(e: Exception) -> RankLost:
@@ -122,8 +128,11 @@ def local_config(config: ModelConfig, world: World) -> ModelConfig:
     else:
         kv = 1
     moe = config.moe
-    if moe is not None:
+    if moe is not None and world.experts == "columns":
         moe = dataclasses.replace(moe, expert_size=_split(moe.expert_size, world, "the expert width"))
+    elif moe is not None:  # whole experts per rank; the shared experts are still split by columns (their width)
+        _split(moe.num_experts, world, "the routed experts")
+        _split(moe.expert_size * moe.shared_experts, world, "the shared experts' width")
     return dataclasses.replace(config, num_heads=heads, num_kv_heads=kv, moe=moe,
                                intermediate_size=_split(config.intermediate_size, world, "the MLP width"))
 
@@ -152,6 +161,8 @@ def shard(name: str, t: torch.Tensor, config: ModelConfig, world: World) -> torc
             return t.chunk(W)[r]
         gate, up = t.chunk(2)
         return torch.cat([gate.chunk(W)[r], up.chunk(W)[r]])
+    if name.endswith(("experts.gate_up_proj", "experts.down_proj")) and world.experts == "experts":
+        return t.chunk(W)[r]  # whole experts
     if name.endswith("experts.gate_up_proj"):  # (E, 2I, C)
         gate, up = t.chunk(2, dim=1)
         return torch.cat([gate.chunk(W, dim=1)[r], up.chunk(W, dim=1)[r]], dim=1)
@@ -191,6 +202,19 @@ def prepare(model: nn.Module, full: ModelConfig, world: World) -> nn.Module:
         if model.lm_head is not None:
             model.lm_head = nn.Linear(full.hidden_size, n, bias=False)
     for block in model.layers:
+        experts = getattr(block.mlp, "experts", None)
+        if experts is not None and world.experts == "experts":  # this rank's whole experts only
+            n = experts.num_experts // world.size
+            with torch.device("meta"):
+                experts.gate_up_proj = nn.Parameter(experts.gate_up_proj[:n].clone())
+                experts.down_proj = nn.Parameter(experts.down_proj[:n].clone())
+                shared = block.mlp.shared  # still split by columns: its width, not whole experts
+                if shared is not None:
+                    rows, width = shared.in_proj.weight.shape
+                    shared.in_proj = nn.Linear(width, rows // world.size, bias=shared.in_proj.bias is not None)
+                    shared.out_proj = nn.Linear(rows // world.size // (2 if shared.gated else 1), width,
+                                                bias=shared.out_proj.bias is not None)
+            experts.held = (world.rank * n, n)
         for part in (block.attn, block.mlp):
             part.register_forward_hook(lambda module, inputs, out: world.all_reduce(out))
     model.tp = world
