@@ -1,6 +1,8 @@
 """Tensor parallelism on CPU: the GLM-4.5-Air-shaped MoE model of benchmarks/moe.py (8 layers, hidden 1024, 64
 experts of width 384, top-8, one shared expert) in one process and split across 2 processes (torchrun, gloo), int8
-and bfloat16: decode and prefill tokens/s (rank 0, medians of --runs) and each rank's peak RSS, in one run.
+and bfloat16: decode and prefill tokens/s (rank 0, medians of --runs) and, per rank, the weights it holds, its
+private memory after the run and its peak RSS (which counts the checkpoint's memory-mapped file pages, shared and
+droppable), in one run.
 
 On this 2-core machine the point is memory per rank and that the split works, not speed: two ranks share the
 same two cores (one thread each, as torchrun sets it) and pay an all-reduce per sublayer over loopback. On a GPU
@@ -29,10 +31,20 @@ import atexit, json, os, sys
 from glmkit.benchmark import measure_llm, peak_rss_mb
 out, source, quantize, runs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 rank = int(os.environ.get("RANK", "0"))
+import torch
+model = []
 def report(extra={}):
+    anon = int(open("/proc/self/status").read().split("RssAnon:")[1].split()[0]) / 1024
+    weights = sum(t.numel() * t.element_size() for t in model[0].state_dict().values()) / 2**20 if model else 0
     with open(f"{out}.{rank}", "w") as f:
-        json.dump({"rank": rank, "peak_rss_mb": peak_rss_mb(), **extra}, f)
+        json.dump({"rank": rank, "peak_rss_mb": peak_rss_mb(), "private_mb": anon, "weights_mb": weights, **extra}, f)
 atexit.register(report)  # the ranks that follow rank 0 report when it stops them
+from glmkit import loaders
+_assemble = loaders.assemble
+def keep(*a, **k):  # note the model this rank holds
+    model.append(_assemble(*a, **k))
+    return model[-1]
+loaders.assemble = keep
 import glmkit
 llm = glmkit.load(source, quantize=None if quantize == "bfloat16" else quantize, dtype="bfloat16")
 atexit.unregister(report)
@@ -71,8 +83,9 @@ def main() -> None:
     args = ap.parse_args()
     hf_dir, _ = build(Path(args.workdir))
     print(f"GLM-4.5-Air-shaped MoE, experts split by {args.experts}, medians of {args.runs} runs\n")
-    print("| configuration | processes | decode tok/s | prefill tok/s | peak RSS per rank MB |")
-    print("|---|---:|---:|---:|---|")
+    print("| configuration | processes | decode tok/s | prefill tok/s | weights per rank MB | private memory per "
+          "rank MB (after the run) | peak RSS per rank MB (file pages of the checkpoint included) |")
+    print("|---|---:|---:|---:|---|---|---|")
     for quantize in ("int8", "bfloat16"):
         for ranks in (1, 2):
             rows = run(ranks, hf_dir, quantize, args.runs, args.experts)
@@ -80,8 +93,9 @@ def main() -> None:
                 print(f"| glmkit {quantize} | {ranks} | failed | | |")
                 continue
             lead = rows[0]
+            per_rank = [" / ".join(f"{r[key]:.0f}" for r in rows) for key in ("weights_mb", "private_mb", "peak_rss_mb")]
             print(f"| glmkit {quantize} | {ranks} | {lead['decode_tps']:.1f} | {lead['prefill_tps']:.0f} | "
-                  + " / ".join(f"{r['peak_rss_mb']:.0f}" for r in rows) + " |", flush=True)
+                  + " | ".join(per_rank) + " |", flush=True)
 
 
 if __name__ == "__main__":
