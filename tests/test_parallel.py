@@ -63,7 +63,11 @@ def models(root: Path) -> dict[str, Path]:
 
     out = {"glm4": write_glm45_checkpoint(root / "glm4"), "moe": root / "moe", "llama": root / "llama",
            "llama-mqa-tied": root / "llama-mqa-tied"}
-    make_moe(out["moe"], "groups", seed=5)
+    hf = make_moe(out["moe"], "groups", seed=5)
+    from test_moe import write_glm4moe_gguf
+
+    out["moe-gguf"] = root / "moe.gguf"  # Q8_0 experts: dequantized, cut and (as a float model here) kept float
+    write_glm4moe_gguf(hf, out["moe-gguf"], "Q8_0")
     make_hf_model("llama", LLAMA_CONFIGS["gqa-bias"], seed=6).save_pretrained(out["llama"])
     make_hf_model("llama", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=12, rope_theta=10000.0,
                                 tie_word_embeddings=True), seed=7).save_pretrained(out["llama-mqa-tied"])
@@ -75,7 +79,7 @@ def checkpoints(tmp_path_factory):
     return models(tmp_path_factory.mktemp("tp"))
 
 
-@pytest.mark.parametrize("kind", ["glm4", "moe", "moe-by-expert", "llama", "llama-mqa-tied"])
+@pytest.mark.parametrize("kind", ["glm4", "moe", "moe-by-expert", "moe-gguf", "llama", "llama-mqa-tied"])
 def test_two_ranks_give_the_single_process_logits(checkpoints, tmp_path, kind):
     """Logits within 1e-5; greedy decoding and a continuous batch of two prompts token for token (MoE experts
     split by columns, the default, and whole experts per rank)."""
