@@ -21,7 +21,21 @@ COMMANDS = {
     "infill": "fill every [MASK] of a text (GLM blank infilling)",
     "compile": "compile the one-token decode step ahead of time (cached on disk)",
     "train": "train: GLM blank-infilling pretraining, causal LM, chat SFT, LoRA, P-tuning v2",
+    "list": "the models and compiled decode steps in glmkit's cache, with sizes, formats and quantization",
+    "show": "what a model is: architecture, parameters, context, quantization, chat format, template, licence",
+    "rm": "remove a model or a compiled decode step from glmkit's cache",
+    "ps": "the glmkit servers running on this machine, with their addresses",
 }
+
+
+class Help(argparse.HelpFormatter):
+    """Every option's help says its default (unless it is off or none, or the text says it already)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" not in text and action.default not in (None, False, [], argparse.SUPPRESS) and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"glmkit.cli.{name}")
-        module.add_args(sub.add_parser(name, help=help_text, description=help_text))
+        module.add_args(sub.add_parser(name, help=help_text, description=help_text, formatter_class=Help))
     args = parser.parse_args(argv)
     if args.version:
         from glmkit import __version__

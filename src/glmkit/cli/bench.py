@@ -13,7 +13,7 @@ from glmkit.cli.common import add_model_args, load_model
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="measured runs (the median is shown)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -9,7 +9,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None,
                         help="checkpoint directory, .gguf file or alias (default: smollm2-135m-instruct)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="activation dtype (default: float32 on CPU, bfloat16 on CUDA and for quantized models)")
     parser.add_argument("--chat-format", default=None,
                         help="force a chat format: chatglm1, chatglm2, chatglm3, glm4, glm45 or jinja")
     parser.add_argument("--lora", default=None, metavar="ADAPTER_DIR",
@@ -36,7 +37,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, *, max_tokens: int | None
     parser.add_argument("--top-k", type=int, default=None, help="0 = off (default: the model's)")
     parser.add_argument("--min-p", type=float, default=None, help="default: the model's")
     parser.add_argument("--repetition-penalty", type=float, default=None, help="default: the model's (1 = off)")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable output (default: none)")
 
 
 def sampling(args: argparse.Namespace) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 import sys
+import time
 from pathlib import Path
 
 from glmkit.cli.common import add_model_args, add_sampling_args, load_model, sampling
@@ -19,7 +20,7 @@ from glmkit.cli.common import add_model_args, add_sampling_args, load_model, sam
 def add_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable)")
     parser.add_argument("--api-key-file", help="a file with one accepted API key per line")
     parser.add_argument("--cors-origin", action="append", default=[], help="allowed browser origin (repeatable)")
@@ -72,7 +73,13 @@ def main(args: argparse.Namespace) -> int:
     # ends the streams in flight at once (a second one exits immediately)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5,
                             http=HeaderTimeoutH11)
-    DrainingServer(config, app.state.worker).run()
+    from glmkit.loaders.cache import register_server
+
+    note = register_server({"url": url, "model": name, "started": time.time()})  # for glmkit ps
+    try:
+        DrainingServer(config, app.state.worker).run()
+    finally:
+        note.unlink(missing_ok=True)
     if app.state.worker.fatal is not None:
         print(f"glmkit serve: {app.state.worker.fatal}", file=sys.stderr, flush=True)
         return 1

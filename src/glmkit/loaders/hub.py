@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -108,9 +109,70 @@ def resolve(source: str | Path | None) -> str | Path:
             path = pull(source)
         return path
     text = str(source)
-    if not Path(text).expanduser().exists() and text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        return _hf_snapshot(text)
+    if not Path(text).expanduser().exists() and text.split(":")[0].count("/") == 1 and not text.startswith((".", "/", "~")):
+        pulled = pulled_path(text)  # `glmkit pull org/repo[:TAG]` put it in glmkit's cache
+        return pulled if pulled is not None else _hf_snapshot(text)
     return source
+
+
+def pulled_path(spec: str) -> Path | None:
+    """Where `glmkit pull` keeps org/repo (its checkpoint directory) or org/repo:TAG (that GGUF file), if there."""
+    repo, _, tag = spec.partition(":")
+    folder = home() / "models" / repo.replace("/", "--")
+    if not folder.is_dir():
+        return None
+    if tag:
+        return next((f for f in sorted(folder.glob("*.gguf")) if tagged(f.name, tag)), None)
+    if (folder / "config.json").is_file():
+        return folder
+    ggufs = sorted(folder.glob("*.gguf"))
+    return ggufs[0] if len(ggufs) == 1 else None
+
+
+def tagged(filename: str, tag: str) -> bool:
+    """A GGUF file name carries a quantization tag as a whole word: Q4_K matches x-Q4_K.gguf, not x-Q4_K_M.gguf."""
+    import re
+
+    return filename.endswith(".gguf") and re.search(rf"(?<![A-Za-z0-9_]){re.escape(tag)}(?![A-Za-z0-9_])", filename,
+                                                    re.IGNORECASE) is not None
+
+
+CHECKPOINT_FILES = (".json", ".safetensors", ".model", ".jinja", ".txt", ".tiktoken", ".bin", "README.md")
+
+
+def pull_hf(spec: str) -> Path:
+    """`glmkit pull org/repo` (a checkpoint directory) or `org/repo:TAG` (the GGUF file of that quantization) from
+    the Hugging Face hub into $GLMKIT_HOME/models/org--repo, with progress bars; an interrupted download resumes."""
+    repo, _, tag = spec.partition(":")
+    try:
+        from huggingface_hub import HfApi, hf_hub_download
+    except ImportError:
+        raise GlmkitError("pulling from the Hugging Face hub needs huggingface_hub (pip install huggingface_hub).") from None
+    try:
+        files = HfApi().list_repo_files(repo)
+    except Exception as e:  # network, auth, a missing repo
+        raise GlmkitError(f"could not list {repo!r} on the Hugging Face hub ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); check the name and the network.") from None
+    ggufs = [f for f in files if f.endswith(".gguf")]
+    tags = sorted({m.group(1) for f in ggufs if (m := re.search(r"[-_.]((?:I?Q|F|BF)\d[\w]*?)(?:-\d+-of-\d+)?\.gguf$", f,
+                                                                   re.IGNORECASE))})
+    if tag:
+        wanted = [f for f in ggufs if tagged(Path(f).name, tag)]
+        if not wanted:
+            raise GlmkitError(f"{repo} has no GGUF file tagged {tag!r}; its quantizations: {', '.join(tags) or 'none'}.")
+    elif "config.json" in files:
+        wanted = [f for f in files if f.endswith(CHECKPOINT_FILES) and "/" not in f]
+    else:
+        raise GlmkitError(f"{repo} holds GGUF files, one per quantization; pick one: "
+                          + ", ".join(f"glmkit pull {repo}:{t}" for t in tags[:6]) + ".")
+    target = home() / "models" / repo.replace("/", "--")
+    for name in wanted:
+        try:
+            hf_hub_download(repo, name, local_dir=target)
+        except Exception as e:  # noqa: BLE001 - what was fetched stays and resumes next time
+            raise GlmkitError(f"downloading {name} from {repo} failed ({type(e).__name__}); run the pull again to "
+                              "resume it.") from None
+    return target / wanted[0] if tag else target
 
 
 def _hf_snapshot(repo_id: str) -> Path:
