@@ -1,9 +1,12 @@
 """`glmkit chat [MODEL]`: interactive streaming chat in the terminal.
 
-Commands: /clear (forget the conversation), /system TEXT (set the system prompt), /image FILE (attach an image
-to the next message: vision models, GLM-4.1V / 4.5V / 4.6V), /exit. Ctrl-C stops the reply being written
-without leaving; Ctrl-D leaves. A message that fails (a bad image, a text-only model) is dropped with the reason. A dim status line shows tokens and tokens/s.
-Follow-up turns reuse the cached conversation (ChatGLM-6B re-reads it: its prefix is bidirectional).
+Input: a line is a message; a paste of several lines is one message (readline's bracketed paste); a line that
+starts with \"\"\" opens a block that runs to a line ending with \"\"\". Input history persists in $GLMKIT_HOME.
+Commands (chat_commands.py): /clear, /system TEXT, /image FILE, /regen, /save FILE, /load FILE, /set NAME VALUE
+(temperature, top_p, top_k, min_p, max_tokens, seed, repetition_penalty, think), /show, /help, /exit.
+Ctrl-C stops the reply being written without leaving; Ctrl-D leaves. A message that fails (a bad image, a
+text-only model) is dropped with the reason. A dim status line shows tokens and tokens/s. Follow-up turns
+reuse the cached conversation (ChatGLM-6B re-reads it: its prefix is bidirectional).
 """
 
 from __future__ import annotations
@@ -11,11 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
+from glmkit.cli.chat_commands import HELP, command, history
 from glmkit.cli.common import add_model_args, add_sampling_args, load_model, sampling, template_kwargs
-
-HELP = "commands: /clear  /system TEXT  /image FILE  /exit   (Ctrl-C stops a reply, Ctrl-D leaves)"
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -30,66 +31,65 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
+    history()  # line editing, bracketed paste and the saved input history (when readline is there)
     llm = load_model(args, build=True)
     if llm.chat_format is None:
         from glmkit.errors import GlmkitError
 
         raise GlmkitError(f"{args.model} has no chat format (no chat template, no GLM role tokens); "
                           "use `glmkit generate` for plain completion.")
-    state = {"system": args.system, "messages": [], "images": list(args.image)}
+    state = {"system": args.system, "messages": [], "images": list(args.image), "settings": sampling(args),
+             "template": template_kwargs(args), "model": args.model}
     out, err = sys.stdout, sys.stderr
     print(f"glmkit chat: {args.model} ({llm.chat_format.name} format). {HELP}", file=err)
     while True:
         try:
-            line = input("\n>>> ")
+            text = read_message()
         except EOFError:
             print(file=err)
             return 0
         except KeyboardInterrupt:
             print("\n(/exit or Ctrl-D to leave)", file=err)
             continue
-        text = line.strip()
-        if text in ("/exit", "/quit"):
+        if text.strip() in ("/exit", "/quit"):
             return 0
-        if text and not (text.startswith("/") and command(text, state, err)):
-            turn(llm, args, line, state, out, err)
+        if not text.strip():
+            continue
+        if text.startswith("/") and "\n" not in text:
+            again = command(text.strip(), state, llm, err)
+            if again is not None:  # /regen: the last message once more
+                turn(llm, again, state, out, err)
+            continue
+        turn(llm, text, state, out, err)
 
 
-def command(text: str, state: dict, err) -> bool:
-    """Run a /command -> True (False: not one, the line is a message)."""
-    if text == "/clear":
-        state["messages"], state["images"] = [], []
-        print("(conversation cleared)", file=err)
-    elif text.startswith("/system"):
-        state["system"], state["messages"] = text[len("/system"):].strip() or None, []
-        print(f"(system prompt {'set' if state['system'] else 'cleared'}; conversation cleared)", file=err)
-    elif text.startswith("/image"):
-        path = Path(text[len("/image"):].strip()).expanduser()
-        if path.is_file():
-            state["images"].append(str(path))
-            print(f"({path.name} goes with your next message)", file=err)
-        else:
-            print(f"(no image file at {str(path)!r}; /image FILE attaches one)", file=err)
-    else:
-        print(HELP, file=err)
-    return True
+def read_message() -> str:
+    """One message: a line (a multi-line paste arrives whole), or a \"\"\" block of lines."""
+    line = input("\n>>> ")
+    if not line.lstrip().startswith('"""'):
+        return line
+    lines = [line.lstrip()[3:]]
+    while not lines[-1].rstrip().endswith('"""') or (len(lines) == 1 and lines[0].strip() == ""):
+        lines.append(input("... "))
+    lines[-1] = lines[-1].rstrip()[:-3]
+    return "\n".join(lines).strip("\n")
 
 
-def turn(llm, args, line: str, state: dict, out, err) -> None:
-    """One user message (with the images attached to it) and the streamed reply; a failure drops the message."""
+def turn(llm, text: str | dict, state: dict, out, err) -> None:
+    """One user message (with the images attached to it; or a message to send again) and the streamed reply; a
+    failure drops the message."""
     from glmkit.errors import GlmkitError
 
-    images = [{"type": "image_url", "image_url": {"url": path}} for path in state["images"]]
-    message = {"role": "user", "content": [*images, {"type": "text", "text": line}] if images else line}
+    if isinstance(text, dict):
+        message = text
+    else:
+        images = [{"type": "image_url", "image_url": {"url": path}} for path in state["images"]]
+        message = {"role": "user", "content": [*images, {"type": "text", "text": text}] if images else text}
     system = [{"role": "system", "content": state["system"]}] if state["system"] else []
     start = time.perf_counter()
     try:
         stream = llm.chat(system + state["messages"] + [message], stream=True, truncate="drop_oldest",
-                          chat_template_kwargs=template_kwargs(args), **sampling(args))
+                          chat_template_kwargs=state["template"], **state["settings"])
         reply, final, n = show(stream, out, err)
     except GlmkitError as e:
         print(f"glmkit chat: {e} (message not sent)", file=err)
