@@ -27,7 +27,7 @@ MAY = {
     "moe": ["torch"],
     "positions": ["torch"],
     "kv_cache": ["torch"],
-    "loaders": ["torch", "safetensors", "gguf", "numpy", "huggingface_hub", "glmkit.quant", "glmkit.parallel"],
+    "loaders": ["torch", "safetensors", "gguf", "numpy", "huggingface_hub", "glmkit.quant", "glmkit.parallel", "tqdm"],
     "quant": ["torch"],
     "chat": ["jinja2", "glmkit.tokenizer"],
     "engine": ["torch", *MODEL, "glmkit.forward", "glmkit.parallel"],

@@ -25,12 +25,30 @@ def main(args: argparse.Namespace) -> int:
         return _manage(args.clear)
     args.eager = True  # compiled below, in the foreground
     llm = load_model(args)
-    decoder = llm.compile()
+    decoder = _with_ticker(llm.compile)
     if not decoder.ready:
         raise GlmkitError(f"compiling failed ({decoder.error}); eager decoding still works.")
     verb = "found the compiled decode step" if decoder.cached else "compiled the decode step"
     print(f"{verb} of {args.model} in {decoder.seconds:.1f} s: {decoder.path}")
     return 0
+
+
+def _with_ticker(work):
+    """work() in a thread while a line on a terminal counts the seconds (compiling takes a minute or more)."""
+    import sys
+    import threading
+
+    from tqdm import tqdm
+
+    box = []
+    thread = threading.Thread(target=lambda: box.append(work()), daemon=True)
+    thread.start()
+    with tqdm(desc="compiling the decode step", bar_format="{desc}: {elapsed}", disable=not sys.stderr.isatty(),
+              leave=False) as ticker:
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+            ticker.refresh()
+    return box[0]
 
 
 def _manage(clear: bool) -> int:

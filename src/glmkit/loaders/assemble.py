@@ -83,7 +83,7 @@ def _quantized_by_layer(checkpoint: Checkpoint, skeleton: Skeleton, dtype: torch
     float weights of one layer at most are ever in memory, beside the quantized model."""
     layers = checkpoint.layers(keep_int4=bits == 4, keep_int8=True, dtype=dtype)  # checks the names first
     model = skeleton(checkpoint.config)
-    for index, tensors, sources in layers:
+    for index, tensors, sources in progress(layers, checkpoint.config, f"loading as int{bits}"):
         fill(model, tensors, sources, torch.device("cpu"), dtype, layer=index)
         if index is not None:
             quantize_model(model.layers[index], bits, group_size)
@@ -110,7 +110,7 @@ def _share(checkpoint: Checkpoint, skeleton: Skeleton, dev: torch.device, dtype,
     full = checkpoint.config
     model = parallel.prepare(skeleton(parallel.local_config(full, world)), full, world)
     with lean_heap():
-        for index, tensors, sources in layers:
+        for index, tensors, sources in progress(layers, full, f"loading rank {world.rank}'s share"):
             part = {name: parallel.shard(name, t, full, world).contiguous() for name, t in tensors.items()}
             tensors.clear()
             fill(model, part, sources, torch.device("cpu"), dtype, layer=index)
@@ -121,6 +121,18 @@ def _share(checkpoint: Checkpoint, skeleton: Skeleton, dev: torch.device, dtype,
         raise CheckpointError(f"the checkpoint has no tensor for {unfilled!r}; the download is incomplete or "
                               "config.json does not match the weights.")
     return (model if bits is None else quantize_model(model, bits, group_size)).to(dev)
+
+
+def progress(layers, config: ModelConfig, what: str):
+    """A progress bar over the layers being read, on a terminal (stderr) only; GLMKIT_PROGRESS=0 turns it off."""
+    import os
+    import sys
+
+    from tqdm import tqdm
+
+    off = not sys.stderr.isatty() or os.environ.get("GLMKIT_PROGRESS") == "0"
+    return tqdm(layers, total=config.num_layers + config.mtp_layers + 1, desc=what, unit="layer", leave=False,
+                disable=off)
 
 
 _EVERY = object()  # fill()'s default: the whole model
