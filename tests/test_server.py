@@ -362,9 +362,10 @@ def test_web_page_in_headless_chromium(tmp_path):
                 "--no-first-run", "--disable-sync"])
             page = browser.new_page()
             page.goto(live.url + "/")
-            page.fill("#key", "page-key")
-            page.dispatch_event("#key", "change")
-            page.fill("#system", "你是一个助手")
+            page.click("#gear")  # the settings panel: the API key and the system prompt
+            page.fill("#s-key", "page-key")
+            page.dispatch_event("#s-key", "change")
+            page.fill("#s-system", "你是一个助手")
             page.fill("#input", "你好，请介绍一下你自己")
             page.press("#input", "Enter")
             assert "你好" in page.inner_text(".msg.user")

@@ -94,7 +94,7 @@ class Guard:
     """Plain ASGI middleware: the API key on every route but /health and the page, and the body size limit
     (by Content-Length, and counted for bodies sent without one)."""
 
-    OPEN = ("/health", "/", "/index.html")
+    OPEN = ("/health", "/", "/index.html", "/page.js")
 
     def __init__(self, app, keys: set[str], max_body_bytes: int):
         self.app, self.keys, self.limit = app, keys, max_body_bytes
@@ -103,7 +103,8 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.keys and scope["path"] not in self.OPEN and scope["method"] != "OPTIONS":
+        if self.keys and scope["path"] not in self.OPEN and not scope["path"].startswith("/vendor/") \
+                and scope["method"] != "OPTIONS":
             scheme, _, key = headers.get("authorization", "").partition(" ")
             # the scheme is case-insensitive (RFC 7235); keys are compared in constant time
             if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip().encode(), k.encode())

@@ -34,6 +34,23 @@ async def page():
     return FileResponse(STATIC / "index.html", media_type="text/html")
 
 
+@router.get("/page.js")
+async def page_script():
+    return FileResponse(STATIC / "page.js", media_type="text/javascript")
+
+
+VENDOR_TYPES = {".js": "text/javascript", ".css": "text/css", ".woff2": "font/woff2"}
+
+
+@router.get("/vendor/{name:path}")
+async def vendor(name: str):
+    """The page's vendored libraries (static/vendor: marked, DOMPurify, highlight.js, KaTeX and its fonts)."""
+    path = (STATIC / "vendor" / name).resolve()
+    if path.suffix not in VENDOR_TYPES or not path.is_file() or (STATIC / "vendor").resolve() not in path.parents:
+        raise ApiError(404, f"no page file {name!r}.")
+    return FileResponse(path, media_type=VENDOR_TYPES[path.suffix], headers={"Cache-Control": "max-age=86400"})
+
+
 @router.get("/metrics")
 async def get_metrics(request: Request):
     return PlainTextResponse(state_of(request).metrics.render(), media_type="text/plain; version=0.0.4")
