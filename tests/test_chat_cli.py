@@ -11,7 +11,6 @@ import select
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import glmkit
 
