@@ -73,7 +73,10 @@ def assemble(checkpoint: Checkpoint, skeleton: Skeleton, device: str | None = No
     with lean_heap():
         if quantize is not None:
             return _quantized_by_layer(checkpoint, skeleton, dtype, 4 if quantize == "int4" else 8, group_size).to(dev)
-        tensors, sources = checkpoint.tensors(dtype=dtype)
+        tensors, sources = {}, {}
+        for _, part, where in progress(checkpoint.layers(dtype=dtype), checkpoint.config, "loading"):
+            tensors.update(part)  # (read layer by layer for the progress bar; filled at once, strictly accounted)
+            sources.update(where)
         return fill(skeleton(checkpoint.config), tensors, sources, dev, dtype)
 
 
