@@ -77,29 +77,33 @@ class Experts(nn.Module):
     def _pairs(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Each token through its k experts: one kernel call per expert and projection, no weights copied, the
         activation and the weighted sum batched over the k. The loop's length is static; the expert ids are read
-        as scalars (torch.export traces them as bounded unknowns), so the compiled step covers it."""
-        wide = torch.float32 if x.dtype == torch.float16 else x.dtype
+        as scalars (torch.export traces them as bounded unknowns), so the compiled step covers it. Under expert
+        parallelism (a share of the experts held) only the chosen experts held here run."""
         lo, held = self.held
         rows = []
         for n in range(x.shape[0]):
-            ids, slots = [], []
+            ids = []
             for j in range(chosen.shape[1]):
                 e = chosen[n, j].item()
                 torch._check(e >= 0)
                 torch._check(e < self.num_experts)
-                if held == self.num_experts or lo <= e < lo + held:  # (expert parallelism: the ones held here)
-                    ids.append(e - lo)
-                    slots.append(j)
-            if not ids:
-                rows.append(x.new_zeros(1, x.shape[1], dtype=torch.float32))
+                ids.append(e)
+            if held == self.num_experts:
+                rows.append(self._token(x[n: n + 1], ids, weights[n: n + 1]))
                 continue
-            xn = x[n: n + 1]  # (1, C)
-            h = torch.cat([self.linear("gate_up_proj", e, xn) for e in ids])  # (k, 2I)
-            gate, up = h.float().chunk(2, dim=-1)  # (k, I) each
-            a = (F.silu(gate) * up).to(wide)  # (k, I)
-            y = torch.cat([self.linear("down_proj", e, a[j: j + 1]) for j, e in enumerate(ids)])  # (k, C)
-            rows.append(weights[n: n + 1, slots] @ y.float())  # (1, C)
+            slots = [j for j, e in enumerate(ids) if lo <= e < lo + held]
+            rows.append(self._token(x[n: n + 1], [ids[j] - lo for j in slots], weights[n: n + 1, slots]) if slots
+                        else x.new_zeros(1, x.shape[1], dtype=torch.float32))
         return torch.cat(rows).to(x.dtype)  # (N, C)
+
+    def _token(self, xn: torch.Tensor, ids: list, w: torch.Tensor) -> torch.Tensor:
+        """One token xn (1, C) through experts `ids`, weighted by w (1, len(ids)) -> (1, C) float32."""
+        wide = torch.float32 if xn.dtype == torch.float16 else xn.dtype
+        h = torch.cat([self.linear("gate_up_proj", e, xn) for e in ids])  # (k, 2I)
+        gate, up = h.float().chunk(2, dim=-1)  # (k, I) each
+        a = (F.silu(gate) * up).to(wide)  # (k, I)
+        y = torch.cat([self.linear("down_proj", e, a[j: j + 1]) for j, e in enumerate(ids)])  # (k, C)
+        return w @ y.float()  # (1, C)
 
     def _grouped(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         N, k = chosen.shape
