@@ -222,3 +222,26 @@ def test_a_rank_that_dies_ends_the_server_with_a_clear_error(checkpoints):
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
+
+
+VISION = r"""
+import sys, torch, glmkit
+sys.path.insert(0, sys.argv[3])  # the tests' helpers
+from test_vision import conversation, picture
+llm = glmkit.load(sys.argv[1], dtype="float32")
+ids = llm.apply_chat_template(conversation([picture(60, 90, seed=5), picture(90, 40, seed=6)])[0])
+torch.save(llm.generate(ids, max_tokens=8, temperature=0, ignore_eos=True).token_ids, sys.argv[2])
+"""
+
+
+def test_a_vision_model_split_across_ranks(tmp_path):
+    """GLM-4.1V with two images under 2 ranks: the text model split, the vision tower whole on each rank; the
+    greedy reply equals one process's."""
+    from test_vision import conversation, make_vlm, picture
+
+    make_vlm(tmp_path / "vlm", "glm4v", seed=3)
+    done = torchrun(str(_script(tmp_path, VISION)), str(tmp_path / "vlm"), str(tmp_path / "out.pt"), str(TESTS))
+    assert done.returncode == 0, done.stderr[-3000:]
+    llm = glmkit.load(tmp_path / "vlm", dtype="float32")
+    ids = llm.apply_chat_template(conversation([picture(60, 90, seed=5), picture(90, 40, seed=6)])[0])
+    assert torch.load(tmp_path / "out.pt") == llm.generate(ids, max_tokens=8, temperature=0, ignore_eos=True).token_ids

@@ -146,6 +146,8 @@ def vocab_rows(config: ModelConfig, world: World) -> tuple[int, int]:
 def shard(name: str, t: torch.Tensor, config: ModelConfig, world: World) -> torch.Tensor:
     """The slice of the full tensor `name` (our parameter name) that this rank keeps; `config` is the full one."""
     r, W = world.rank, world.size
+    if name.startswith("visual."):  # a vision tower runs whole on every rank
+        return t
     if name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
         H, K, D = config.num_heads, config.num_kv_heads, config.head_dim
         q, k, v = t.split([H * D, K * D, K * D])
