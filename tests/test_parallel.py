@@ -229,6 +229,11 @@ import sys, torch, glmkit
 sys.path.insert(0, sys.argv[3])  # the tests' helpers
 from test_vision import conversation, picture
 llm = glmkit.load(sys.argv[1], dtype="float32")
+try:  # a request that fails inside a step (image tokens without images) fails on every rank; the group goes on
+    llm.generate([llm.config.vision.image_token_id] * 3 + [5], max_tokens=2)
+    raise SystemExit("expected an error")
+except glmkit.GlmkitError as e:
+    assert "image placeholder" in str(e), e
 ids = llm.apply_chat_template(conversation([picture(60, 90, seed=5), picture(90, 40, seed=6)])[0])
 torch.save(llm.generate(ids, max_tokens=8, temperature=0, ignore_eos=True).token_ids, sys.argv[2])
 """

@@ -50,9 +50,19 @@ def follow(model, prefix_kv=None) -> None:
         if kind == "stop":
             return
         if kind == "forward":
-            getattr(forward, message[1]).__wrapped__(model, *message[2], **message[3])
+            try:
+                getattr(forward, message[1]).__wrapped__(model, *message[2], **message[3])
+            except RankLost:
+                raise
+            except Exception:  # noqa: BLE001 - as for steps
+                pass
             continue
         runner = runners.get(message[1])
         if runner is None:
             runner = runners[message[1]] = ModelRunner(model, prefix_kv)
-        getattr(runner, kind)(*message[2:])
+        try:
+            getattr(runner, kind)(*message[2:])
+        except RankLost:
+            raise
+        except Exception:  # noqa: BLE001 - a request's own failure (bad input): rank 0 meets it too and goes on
+            pass
