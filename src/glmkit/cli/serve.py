@@ -9,9 +9,9 @@ when it ends (--log-format text|json, --no-access-log).
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from glmkit.cli.common import add_model_args, add_sampling_args, load_model, sampling

@@ -7,6 +7,7 @@ which run the same call on their share of the model, so the collectives inside m
 from __future__ import annotations
 
 import atexit
+import functools
 import sys
 
 from glmkit import forward
@@ -50,18 +51,13 @@ def follow(model, prefix_kv=None) -> None:
         if kind == "stop":
             return
         if kind == "forward":
-            try:
-                getattr(forward, message[1]).__wrapped__(model, *message[2], **message[3])
-            except RankLost:
-                raise
-            except Exception:  # noqa: BLE001 - as for steps
-                pass
-            continue
-        runner = runners.get(message[1])
-        if runner is None:
-            runner = runners[message[1]] = ModelRunner(model, prefix_kv)
+            call = functools.partial(getattr(forward, message[1]).__wrapped__, model, *message[2], **message[3])
+        else:
+            if message[1] not in runners:
+                runners[message[1]] = ModelRunner(model, prefix_kv)
+            call = functools.partial(getattr(runners[message[1]], kind), *message[2:])
         try:
-            getattr(runner, kind)(*message[2:])
+            call()
         except RankLost:
             raise
         except Exception:  # noqa: BLE001 - a request's own failure (bad input): rank 0 meets it too and goes on

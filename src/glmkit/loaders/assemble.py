@@ -61,8 +61,9 @@ def assemble(checkpoint: Checkpoint, skeleton: Skeleton, device: str | None = No
     if quantize not in (None, "int8", "int4"):
         raise GlmkitError(f"quantize={quantize!r} is not supported; use None, 'int8' or 'int4'.")
     dev = pick_device(device)
-    if world is not None:
-        return _share(checkpoint, skeleton, dev, dtype, quantize, group_size, world)
+    if world is not None and checkpoint.quantization is not None and checkpoint.gguf is None:
+        raise GlmkitError(f"{checkpoint.source} is stored quantized; tensor parallelism splits float weights and "
+                          "quantizes each share: load the float checkpoint with quantize='int8' or 'int4'.")
     if checkpoint.layout.name == "glmkit_quantized":
         with lean_heap():
             model = _glmkit_quantized(checkpoint, skeleton, pick_dtype(dtype or "bfloat16", dev))
@@ -70,60 +71,47 @@ def assemble(checkpoint: Checkpoint, skeleton: Skeleton, device: str | None = No
     if quantize is None and dtype is None and dev.type == "cpu" and checkpoint.gguf is not None:
         quantize = checkpoint.quantization
     dtype = pick_dtype("bfloat16" if quantize is not None and dtype is None else dtype, dev)
+    bits = {"int8": 8, "int4": 4}.get(quantize)
     with lean_heap():
-        if quantize is not None:
-            return _quantized_by_layer(checkpoint, skeleton, dtype, 4 if quantize == "int4" else 8, group_size).to(dev)
-        tensors, sources = {}, {}
-        for _, part, where in progress(checkpoint.layers(dtype=dtype), checkpoint.config, "loading"):
-            tensors.update(part)  # (read layer by layer for the progress bar; filled at once, strictly accounted)
-            sources.update(where)
+        if world is not None:
+            return _share(checkpoint, skeleton, dtype, bits, group_size, world).to(dev)
+        if bits is not None:
+            layers = checkpoint.layers(keep_int4=bits == 4, keep_int8=True, dtype=dtype)  # checks the names first
+            return _by_layer(skeleton(checkpoint.config), layers, checkpoint.config, f"loading as int{bits}", dtype,
+                             bits, group_size).to(dev)
+        tensors, sources = checkpoint.tensors(dtype=dtype, wrap=lambda g: progress(g, checkpoint.config, "loading"))
         return fill(skeleton(checkpoint.config), tensors, sources, dev, dtype)
 
 
-def _quantized_by_layer(checkpoint: Checkpoint, skeleton: Skeleton, dtype: torch.dtype, bits: int,
-                        group_size: int) -> nn.Module:
-    """Each layer read, filled and quantized before the next is read (then the embedding, norm and head): the
-    float weights of one layer at most are ever in memory, beside the quantized model."""
-    layers = checkpoint.layers(keep_int4=bits == 4, keep_int8=True, dtype=dtype)  # checks the names first
-    model = skeleton(checkpoint.config)
-    for index, tensors, sources in progress(layers, checkpoint.config, f"loading as int{bits}"):
+def _share(checkpoint: Checkpoint, skeleton: Skeleton, dtype: torch.dtype, bits: int | None, group_size: int,
+           world) -> nn.Module:
+    """One rank's share of a tensor-parallel model: each layer read (memory-mapped) as float (a GGUF's blocks
+    dequantized) and cut to this rank's slices, then as _by_layer."""
+    from glmkit import parallel
+
+    layers = checkpoint.layers(dtype=dtype)  # checks the names first
+    full = checkpoint.config
+    model = parallel.prepare(skeleton(parallel.local_config(full, world)), full, world)
+    return _by_layer(model, layers, full, f"loading rank {world.rank}'s share", dtype, bits, group_size,
+                     cut=lambda name, t: parallel.shard(name, t, full, world).contiguous())
+
+
+def _by_layer(model: nn.Module, layers, config: ModelConfig, what: str, dtype: torch.dtype, bits: int | None,
+              group_size: int, cut=None) -> nn.Module:
+    """Each layer (from Checkpoint.layers) filled and, with bits, quantized before the next is read (then the
+    embedding, norm and head): the float weights of one layer at most are ever in memory, beside the model.
+    cut(name, tensor): the part of each tensor this model keeps (a tensor-parallel share)."""
+    for index, tensors, sources in progress(layers, config, what):
+        if cut is not None:
+            tensors = {name: cut(name, t) for name, t in tensors.items()}
         fill(model, tensors, sources, torch.device("cpu"), dtype, layer=index)
-        if index is not None:
+        if bits is not None and index is not None:
             quantize_model(model.layers[index], bits, group_size)
     unfilled = next((name for name, t in model.state_dict().items() if t.is_meta), None)
     if unfilled is not None:
         raise CheckpointError(f"the checkpoint has no tensor for {unfilled!r}; the download is incomplete or "
                               "config.json does not match the weights.")
-    return quantize_model(model, bits, group_size)  # the head (and a tied embedding); layers are done
-
-
-def _share(checkpoint: Checkpoint, skeleton: Skeleton, dev: torch.device, dtype, quantize: str | None,
-           group_size: int, world) -> nn.Module:
-    """One rank's share of a tensor-parallel model: each layer read (memory-mapped), cut to this rank's slices,
-    filled and, with quantize (or a quantized GGUF's own type), quantized before the next layer is read."""
-    from glmkit import parallel
-
-    if checkpoint.quantization is not None and checkpoint.gguf is None:
-        raise GlmkitError(f"{checkpoint.source} is stored quantized; tensor parallelism splits float weights and "
-                          "quantizes each share: load the float checkpoint with quantize='int8' or 'int4'.")
-    quantize = quantize or (checkpoint.quantization if dtype is None and dev.type == "cpu" else None)
-    dtype = pick_dtype("bfloat16" if quantize is not None and dtype is None else dtype, dev)
-    bits = {"int8": 8, "int4": 4}.get(quantize)
-    layers = checkpoint.layers(dtype=dtype)  # float (a GGUF's blocks dequantized); checks the names first
-    full = checkpoint.config
-    model = parallel.prepare(skeleton(parallel.local_config(full, world)), full, world)
-    with lean_heap():
-        for index, tensors, sources in progress(layers, full, f"loading rank {world.rank}'s share"):
-            part = {name: parallel.shard(name, t, full, world).contiguous() for name, t in tensors.items()}
-            tensors.clear()
-            fill(model, part, sources, torch.device("cpu"), dtype, layer=index)
-            if bits is not None and index is not None:
-                quantize_model(model.layers[index], bits, group_size)
-    unfilled = next((name for name, t in model.state_dict().items() if t.is_meta), None)
-    if unfilled is not None:
-        raise CheckpointError(f"the checkpoint has no tensor for {unfilled!r}; the download is incomplete or "
-                              "config.json does not match the weights.")
-    return (model if bits is None else quantize_model(model, bits, group_size)).to(dev)
+    return model if bits is None else quantize_model(model, bits, group_size)  # the head (and a tied embedding)
 
 
 def progress(layers, config: ModelConfig, what: str):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glmkit.errors import GlmkitError
-from glmkit.loaders.hub import home
+from glmkit.loaders.hub import home, models_dir
 
 
 @dataclass
@@ -23,10 +23,6 @@ class Model:
     bytes: int
     format: str  # "gguf", "safetensors" or "bin"
     quantization: str  # e.g. "Q4_1", "int4 (glmkit)", "bfloat16"
-
-
-def models_dir() -> Path:
-    return home() / "models"
 
 
 def cached_models() -> list[Model]:

@@ -45,13 +45,14 @@ class Checkpoint:
             return named_tensors(self.gguf, self.config, keep_int4, keep_int8, dtype)
         return hf.named_tensors(self.directory)
 
-    def tensors(self, keep_int4: bool = False, keep_int8: bool = False,
-                dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def tensors(self, keep_int4: bool = False, keep_int8: bool = False, dtype: torch.dtype = torch.float32,
+                wrap=iter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Our tensors (name -> tensor, or GGUF blocks kept packed) and where each came from, for errors.
         keep_int4 / keep_int8: GGUF quantized weights stay as the file's blocks (loaders.gguf.Int4Blocks /
-        Int8Rows); dtype: what GGUF's quantized types dequantize to (directories keep their stored dtypes)."""
+        Int8Rows); dtype: what GGUF's quantized types dequantize to (directories keep their stored dtypes);
+        wrap: around the layers as they are read (a progress bar)."""
         tensors, sources = {}, {}
-        for _, part, where in self.layers(keep_int4, keep_int8, dtype):
+        for _, part, where in wrap(self.layers(keep_int4, keep_int8, dtype)):
             tensors.update(part)
             sources.update(where)
         return tensors, sources

@@ -45,8 +45,17 @@ def home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "glmkit"
 
 
+def models_dir() -> Path:
+    """Where pulled models live: one folder each (a packaged alias, or org--repo for a Hugging Face repo)."""
+    return home() / "models"
+
+
+def repo_dir(repo: str) -> Path:
+    return models_dir() / repo.replace("/", "--")
+
+
 def model_path(name: str) -> Path:
-    return home() / "models" / name / Path(MODELS[name].member).name
+    return models_dir() / name / Path(MODELS[name].member).name
 
 
 def pull(name: str, *, quiet: bool = False) -> Path:
@@ -118,7 +127,7 @@ def resolve(source: str | Path | None) -> str | Path:
 def pulled_path(spec: str) -> Path | None:
     """Where `glmkit pull` keeps org/repo (its checkpoint directory) or org/repo:TAG (that GGUF file), if there."""
     repo, _, tag = spec.partition(":")
-    folder = home() / "models" / repo.replace("/", "--")
+    folder = repo_dir(repo)
     if not folder.is_dir():
         return None
     if tag:
@@ -131,8 +140,6 @@ def pulled_path(spec: str) -> Path | None:
 
 def tagged(filename: str, tag: str) -> bool:
     """A GGUF file name carries a quantization tag as a whole word: Q4_K matches x-Q4_K.gguf, not x-Q4_K_M.gguf."""
-    import re
-
     return filename.endswith(".gguf") and re.search(rf"(?<![A-Za-z0-9_]){re.escape(tag)}(?![A-Za-z0-9_])", filename,
                                                     re.IGNORECASE) is not None
 
@@ -165,7 +172,7 @@ def pull_hf(spec: str) -> Path:
     else:
         raise GlmkitError(f"{repo} holds GGUF files, one per quantization; pick one: "
                           + ", ".join(f"glmkit pull {repo}:{t}" for t in tags[:6]) + ".")
-    target = home() / "models" / repo.replace("/", "--")
+    target = repo_dir(repo)
     for name in wanted:
         try:
             hf_hub_download(repo, name, local_dir=target)
@@ -191,5 +198,5 @@ def _hf_snapshot(repo_id: str) -> Path:
 
 def remove_partial_pulls() -> None:
     """Drop temporary folders that an interrupted pull left behind."""
-    for leftover in (home() / "models").glob("*/.pull-*"):
+    for leftover in models_dir().glob("*/.pull-*"):
         shutil.rmtree(leftover, ignore_errors=True)
