@@ -4,6 +4,7 @@ prefix reuse, the official greedy continuations, sampling and stopping."""
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 import glmkit
 from conftest import GLM_CONFIGS, LLAMA_CONFIGS, make_hf_model
 from test_official_fixtures import CASES
-from glmkit.engine.sampling import SamplingParams, make_sampler, min_p_filter, top_k_filter, top_p_filter
+from glmkit.engine.sampling import NUCLEUS_HEAD, SamplingParams, candidates, make_sampler
 from glmkit.errors import GlmkitError
 from vocab import CHATML_SPECIALS, SMOLLM2_TEMPLATE, save_hf_tokenizer
 
@@ -126,13 +127,47 @@ def test_prompt_longer_than_context(tiny):
 
 
 # --------------------------------------------------------------------------------------- sampling
+def kept(logits, top_k=0, top_p=1.0, min_p=0.0) -> set[int]:
+    values, ids = candidates(logits, top_k, top_p, min_p)
+    assert torch.isfinite(values).all() or not torch.isfinite(logits).any()
+    return set(range(logits.numel())) if ids is None else set(ids.tolist())
+
+
 def test_filters_on_crafted_logits():
     logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
-    assert torch.isinf(top_k_filter(logits, 2)).tolist() == [False, False, True, True, True]
     probs = torch.softmax(logits, -1)  # 0.636, 0.234, 0.086, 0.032, 0.012
-    assert torch.isinf(top_p_filter(logits, 0.8)).tolist() == [False, False, True, True, True]
-    assert torch.isinf(top_p_filter(logits, 0.5)).tolist() == [False, True, True, True, True]
-    assert torch.isinf(min_p_filter(logits, 0.1)).tolist() == (probs < 0.0636).tolist()
+    assert kept(logits, top_k=2) == {0, 1}
+    assert kept(logits, top_p=0.8) == {0, 1} and kept(logits, top_p=0.5) == {0}
+    assert kept(logits, min_p=0.1) == {i for i in range(5) if probs[i] >= 0.0636}  # {0, 1, 2}
+    assert kept(logits, top_k=4, top_p=0.95, min_p=0.02) == {0, 1, 2}  # 0.032 after top-k is >= 0.02 * 0.636
+    assert kept(logits) == set(range(5))
+
+
+def reference_kept(logits, top_k, top_p, min_p) -> set[int]:
+    """The filters as masks over the whole vocabulary, one after the other, each on what the last left."""
+    x = logits.clone()
+    if 0 < top_k < x.numel():
+        x[x < torch.topk(x, top_k).values[-1]] = float("-inf")
+    if top_p < 1.0:
+        ordered, order = torch.sort(x, descending=True)
+        probs = torch.softmax(ordered, -1)
+        x[order[(probs.cumsum(-1) - probs) >= top_p]] = float("-inf")
+    if min_p > 0.0:
+        probs = torch.softmax(x, -1)
+        x[probs < min_p * probs.max()] = float("-inf")
+    return set(torch.isfinite(x).nonzero()[:, 0].tolist())
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 4.0])  # flat (the nucleus lies past the first NUCLEUS_HEAD) to peaked
+def test_candidates_equal_whole_vocabulary_filters(scale):
+    g, draw = torch.Generator().manual_seed(int(scale * 10)), random.Random(int(scale * 10))
+    for _ in range(20):
+        logits = torch.randn(3000, generator=g) * scale
+        top_k, top_p, min_p = draw.randrange(200), draw.uniform(0.5, 1.0), draw.uniform(0.0, 0.1)
+        for k, p, m in [(top_k, top_p, min_p), (0, top_p, 0.0), (top_k, 1.0, 0.0), (0, 1.0, min_p)]:
+            assert kept(logits, k, p, m) == reference_kept(logits, k, p, m), (k, p, m)
+    flat = torch.zeros(1000)
+    assert len(kept(flat, 0, 0.9, 0.0)) == 900 > NUCLEUS_HEAD  # the fallback to every token
 
 
 def test_penalties_on_crafted_logits():

@@ -42,6 +42,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from glmkit.engine.threads import on_own_thread, serial
     from glmkit.errors import GlmkitError
     from glmkit.server.app import create_app
     from glmkit.server.protocol import DrainingServer, HeaderTimeoutH11
@@ -55,7 +56,8 @@ def main(args: argparse.Namespace) -> int:
     if any(not k.strip() for k in keys):  # before loading: a server no one could use is refused at once
         raise GlmkitError("an API key is empty; give non-empty keys (or none, for an open server).")
     _check_port(args.host, args.port)  # before loading too: minutes of loading for a busy port helps no one
-    llm = load_model(args, build=True)
+    llm = on_own_thread(load_model, args, build=True)  # its OpenMP team ends with that thread (engine/threads.py)
+    serial()  # the event loop's thread leaves the cores' parallel work to the engine thread
     defaults = sampling(args)
     llm.sampling_params(**defaults)  # checked now, not at the first request
     llm.defaults.update(defaults)

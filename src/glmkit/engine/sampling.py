@@ -128,29 +128,32 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: list[int], output_ids: lis
     return logits
 
 
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    if k <= 0 or k >= logits.numel():
-        return logits
-    kth = torch.topk(logits, k).values[-1]
-    return logits.masked_fill(logits < kth, float("-inf"))
+NUCLEUS_HEAD = 64  # top-p alone: the nucleus is looked for among this many best tokens first
 
 
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches p (always at least one)."""
-    if p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, descending=True)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    drop = probs.cumsum(-1) - probs >= p  # mass before this token already reaches p
-    return logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-
-
-def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
-    """Drop tokens whose probability is below min_p times the top token's probability."""
-    if min_p <= 0.0:
-        return logits
-    probs = torch.softmax(logits, dim=-1)
-    return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+def candidates(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What top-k, top-p and min-p keep of logits (V,): (their logits (n,), their ids (n,)), or (logits, None)
+    when no filter is on. Only candidates are sorted: the k best, or for top-p alone the NUCLEUS_HEAD best when
+    they already hold p of the probability (else every token). Top-p keeps the smallest set of most likely
+    tokens whose probability reaches p (at least one); min-p drops tokens less likely than min_p times the
+    most likely one (ratios, so it does not matter that top-k/top-p came first)."""
+    V, ids = logits.numel(), None
+    k = top_k if 0 < top_k < V else V
+    total = None  # log of the probability mass top-p measures against (all tokens, or the top-k kept)
+    if k == V and top_p < 1.0 and V > NUCLEUS_HEAD:
+        total = torch.logsumexp(logits, -1)
+        if float(torch.exp(torch.topk(logits, NUCLEUS_HEAD).values - total).sum()) >= top_p:
+            k = NUCLEUS_HEAD
+    if k < V or top_p < 1.0:
+        logits, ids = torch.topk(logits, k) if k < V else torch.sort(logits, descending=True)  # (k,) each
+    if top_p < 1.0:
+        probs = torch.softmax(logits, dim=-1) if total is None else torch.exp(logits - total)  # (k,)
+        n = max(1, int(((probs.cumsum(-1) - probs) < top_p).sum()))  # mass before a token below p: it stays
+        logits, ids = logits[:n], ids[:n]
+    if min_p > 0.0:
+        keep = logits >= logits.max() + math.log(min_p)  # p_i >= min_p * p_max
+        logits, ids = logits[keep], (keep.nonzero()[:, 0] if ids is None else ids[keep])
+    return logits, ids
 
 
 def make_sampler(p: SamplingParams) -> Callable[..., int]:
@@ -174,9 +177,9 @@ def make_sampler(p: SamplingParams) -> Callable[..., int]:
         logits = apply_penalties(logits, prompt_ids, output_ids, p)
         if p.temperature == 0:
             return int(torch.argmax(logits))
-        logits = min_p_filter(top_p_filter(top_k_filter(logits / p.temperature, p.top_k), p.top_p), p.min_p)
-        probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=generator))
+        values, ids = candidates(logits / p.temperature, p.top_k, p.top_p, p.min_p)  # (n,) each
+        chosen = int(torch.multinomial(torch.softmax(values, dim=-1), 1, generator=generator))
+        return chosen if ids is None else int(ids[chosen])
 
     return sample
 

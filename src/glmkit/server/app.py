@@ -7,7 +7,9 @@ keeps serving.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
@@ -16,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from glmkit.engine.threads import serial
 from glmkit.errors import GlmkitError
 from glmkit.server import completions, routes
 from glmkit.server.access import AccessLog
@@ -36,6 +39,8 @@ def create_app(llm, *, model_name: str, api_keys: list[str] | None = None, cors_
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # helpers (tokenizing, chat templates, images, grammars) run torch single-threaded (engine/threads.py)
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(4, "glmkit-helper", initializer=serial))
         yield
         worker.stop()  # graceful shutdown: in-flight sequences are cancelled and their clients told
 
