@@ -1,7 +1,7 @@
-"""The compiled one-token decode step: greedy tokens equal the eager reference in float32, for two models
-of the same shape compiled in one process (frozen weights must not leak between them through the package
-cache); a second load finds the package on disk; a compiler failure or a corrupt package leaves eager
-decoding working."""
+"""The compiled decode steps: greedy tokens equal the eager reference in float32, for two models of the same
+shape compiled in one process (frozen weights must not leak between them through the package cache), and for
+the batched (rows) step with requests joining and leaving; a second load finds the package on disk; a
+compiler failure or a corrupt package leaves eager decoding working."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 import glmkit
 from conftest import GLM_CONFIGS, LLAMA_CONFIGS, make_hf_model
+from glmkit.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,7 @@ def test_compiled_greedy_equals_eager_in_float32(tmp_path, kind, config):
         prompt = [5, 9, 13, 2, 40, 7]
         expected = greedy(eager, prompt)
         llm = glmkit.load(d)
-        decoder = llm.compile()
+        decoder = llm.compile(batched=False)  # (the rows step: test_batched_compiled_decoding_equals_eager)
         assert decoder.ready and not decoder.cached, decoder.error
         got = greedy(llm, prompt)
         assert got == expected
@@ -42,11 +43,59 @@ def test_compiled_greedy_equals_eager_in_float32(tmp_path, kind, config):
         # a second conversation through the same compiled step, longer than the first (the position is dynamic)
         assert greedy(llm, prompt + [3, 3, 8], 40) == greedy(eager, prompt + [3, 3, 8], 40)
         again = glmkit.load(d)  # a later run: the package comes from disk
-        assert again.compile().cached and greedy(again, prompt) == expected
+        assert again.compile(batched=False).cached and greedy(again, prompt) == expected
     assert outputs[0] != outputs[1]
 
 
+def joining_and_leaving(llm, prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy outputs of requests that join a 4-row engine at different steps and leave after different lengths
+    (the fifth waits for a free row); every step decodes the rows in use together."""
+    engine = llm.make_engine(max_batch=4)
+    plan = {0: [(0, 14), (1, 5)], 2: [(2, 11)], 3: [(3, 9)], 5: [(4, 7)]}  # step -> (prompt, max_tokens) joining
+    seqs, step = [], 0
+    while step <= max(plan) or engine.has_work:
+        seqs += [engine.submit(prompts[i], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+                 for i, n in plan.get(step, [])]
+        engine.step()
+        step += 1
+    return [s.output for s in seqs]
+
+
+def chatglm6b():
+    from pathlib import Path
+
+    return Path(__file__).parent / "fixtures" / "chatglm-official-rich" / "v1"
+
+
+@pytest.mark.parametrize("kind", ["llama", "glm4", "chatglm6b"])
+def test_batched_compiled_decoding_equals_eager(tmp_path, kind):
+    """The compiled rows step (rows 0..n-1 at their own offsets, a dynamic batch) decodes exactly like the eager
+    batched step, greedy in float32, with requests joining and leaving mid-batch; both compiled steps were used."""
+    if kind == "chatglm6b":  # the official checkpoint: 2d positions, the bidirectional prefix
+        folder = chatglm6b()
+    else:
+        folder = tmp_path / "m"
+        config = LLAMA_CONFIGS["mqa-tied"] if kind == "llama" else GLM_CONFIGS["mqa-untied"]
+        make_hf_model(kind, config, seed=5).save_pretrained(folder)
+    eager, llm = glmkit.load(folder), glmkit.load(folder)
+    V = llm.config.vocab_size
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(5, V - 10, (n,), generator=g).tolist() for n in (7, 3, 12, 5, 9)]
+    if kind == "chatglm6b":  # its prompts end with [gMASK] <sop>
+        prompts = [p + [llm.config.gmask_token_id, llm.config.sop_token_id] for p in prompts]
+    decoder = llm.compile()
+    assert decoder.ready and decoder.rows_ready, (decoder.error, decoder.rows_error)
+    calls = {"one": 0, "rows": 0}  # steps each compiled step ran (counted where the runner asks for it)
+    usable, usable_rows = decoder.usable, decoder.usable_rows
+    decoder.usable = lambda start: usable(start) and not calls.__setitem__("one", calls["one"] + 1)
+    decoder.usable_rows = lambda n, s: usable_rows(n, s) and not calls.__setitem__("rows", calls["rows"] + 1)
+    expected = joining_and_leaving(eager, prompts)
+    assert joining_and_leaving(llm, prompts) == expected and all(len(out) > 2 for out in expected)
+    assert calls["rows"] > 10 and calls["one"] > 0, calls
+
+
 def test_compile_failure_or_corrupt_package_leaves_eager_decoding(tmp_path, monkeypatch):
+    from glmkit.engine import packages
     from glmkit.engine.compiled import inductor_options, package_key
     from glmkit.llm import compiled_dir as packages_dir
 
@@ -57,6 +106,7 @@ def test_compile_failure_or_corrupt_package_leaves_eager_decoding(tmp_path, monk
     corrupt = packages_dir() / f"decode-{package_key(llm.model, inductor_options(llm.model), llm.weight_files)}.pt2"
     corrupt.parent.mkdir(parents=True)
     corrupt.write_bytes(b"PK\x03\x04 truncated")
+    packages.companion(corrupt).write_bytes(b"PK\x03\x04 truncated too")  # the batched step's package
 
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
@@ -65,6 +115,7 @@ def test_compile_failure_or_corrupt_package_leaves_eager_decoding(tmp_path, monk
     with pytest.warns(UserWarning, match="stays eager"):
         decoder = llm.compile()
     assert not decoder.ready and "no C++ compiler" in decoder.error
+    assert not decoder.rows_ready and "no C++ compiler" in decoder.rows_error
     assert not corrupt.exists() and not list(corrupt.parent.iterdir())  # no corrupt or partial package is left
     assert greedy(llm, [4, 5, 6]) == expected
 
@@ -109,7 +160,7 @@ def test_compiled_step_with_chatglm6b_2d_positions():
     prompt = load_file(folder / "expected.safetensors")["input_ids"][0].tolist()
     expected = greedy(glmkit.load(folder), prompt, 12)
     llm = glmkit.load(folder)
-    assert llm.compile().ready
+    assert llm.compile(batched=False).ready
     assert greedy(llm, prompt, 12) == expected
 
 
@@ -143,7 +194,7 @@ def test_a_package_on_disk_is_used_without_compiling(tmp_path):
         none = glmkit.load(tmp_path / "m").compile(build=False)
     assert not none.ready and "glmkit compile" in none.error
     assert not packages_dir().exists() or not list(packages_dir().iterdir())
-    assert glmkit.load(tmp_path / "m").compile().ready  # glmkit compile
+    assert glmkit.load(tmp_path / "m").compile(batched=False).ready  # glmkit compile
     make_hf_model("llama", LLAMA_CONFIGS["gqa-bias"], seed=4).save_pretrained(tmp_path / "other")
     other = glmkit.load(tmp_path / "other").compile(build=False)  # a package on disk, but another model's
     assert not other.ready and "for this model" in other.error and len(list(packages_dir().glob("*.pt2"))) == 1

@@ -393,6 +393,9 @@ def test_a_lone_stream_in_any_row_takes_the_one_row_step(tiny, random_ids):
         def usable(self, start):
             return True
 
+        def usable_rows(self, n, attended):
+            return False  # batched steps run the model
+
         def __call__(self, tokens, positions, cache, start):
             seen.append(cache.k[0].data_ptr())
             return llm.model(tokens, positions, cache, start)[:, -1]

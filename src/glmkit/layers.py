@@ -88,14 +88,17 @@ def attention_mask(T: int, S: int, start: int | torch.Tensor, prefix_len: torch.
     return allowed[:, None]  # (1 or B, 1, T, S)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """One new token per row attending every cached key: q (B, K, G, D) holds the G query heads of each kv
-    head, k and v (B, K, S, D) -> (B, K, G, D). Compiled code gets the maths spelled out, which inductor fuses
-    into a few loops (at decode sizes the CPU flash-attention kernel's setup costs ~30 us a layer, far more
-    than the work); eager code calls SDPA."""
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One new token per row attending the cached keys (all, or where mask (B, 1, 1, S) is True): q (B, K, G, D)
+    holds the G query heads of each kv head, k and v (B, K, S, D) -> (B, K, G, D). Compiled code gets the maths
+    spelled out, which inductor fuses into a few loops (at decode sizes the CPU flash-attention kernel's setup
+    costs ~30 us a layer, far more than the work); eager code calls SDPA."""
     if not torch.compiler.is_compiling():
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = (q.float()[:, :, :, None] * k.float()[:, :, None]).sum(-1) * q.shape[-1] ** -0.5  # (B, K, G, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)  # (B, K, G, S)
     return (weights[..., None] * v.float()[:, :, None]).sum(-2).to(q.dtype)  # (B, K, G, D)
 

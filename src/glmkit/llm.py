@@ -92,13 +92,13 @@ class LLM:
             self._engine = self.make_engine()
         return self._engine
 
-    def compile(self, background: bool = False, build: bool = True, on_ready=None):
-        """Compile the one-token decode step (cached under $GLMKIT_HOME/compiled), used once ready (eager until then or
-        on failure); build=False only takes a package on disk; on_ready(decoder) runs once usable. -> CompiledDecoder."""
+    def compile(self, background: bool = False, build: bool = True, on_ready=None, batched: bool = True):
+        """Compile the decode steps (one row; batched: also 2..16) under $GLMKIT_HOME/compiled, used once ready (eager till
+        then or on failure); build=False takes packages on disk only; on_ready(decoder): one row usable. -> CompiledDecoder."""
         from glmkit.engine.compiled import CompiledDecoder
 
         self.compiled = self.engine.runner.compiled = CompiledDecoder(self.model, compiled_dir(), self.source,
-                                                                      self.weight_files, on_ready)
+                                                                      self.weight_files, on_ready, batched)
         return self.compiled.compile_in_background(build) if background else self.compiled.compile(build)
 
     def sampling_params(self, **sampling: Unpack[Sampling]) -> SamplingParams:

@@ -53,8 +53,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, step.cos, step.sin, c), apply_rope(k, step.cos, step.sin, c)
         if step.cache is not None:
             k, v = step.cache.update(self.index, k, v, step.start, step.S)  # (B, K, S, D)
-        if T == 1 and step.mask is None:  # decode: the H/K query heads of a kv head become its query rows
-            y = decode_attention(q.view(B, K, H // K, D), k, v).view(B, H, 1, D)  # (B, H, 1, D)
+        if T == 1:  # decode: the H/K query heads of a kv head become its query rows
+            y = decode_attention(q.view(B, K, H // K, D), k, v, step.mask).view(B, H, 1, D)  # (B, H, 1, D)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.mask is None and T > 1,
                                                enable_gqa=H != K)  # (B, H, T, D)
@@ -171,10 +171,13 @@ class Transformer(nn.Module):
         return self.norm.weight.device
 
     def step(self, T: int, positions: torch.Tensor, cache: KVCache | None, start: int | torch.Tensor,
-             prefix_len: torch.Tensor | None) -> Step:
+             prefix_len: torch.Tensor | None, attended: int | None = None) -> Step:
         """The Step of T new tokens per row at `start` (see hidden_states)."""
         cos, sin = rope_cos_sin(positions, self.config)
-        S = T if cache is None else (int(start.max()) if isinstance(start, torch.Tensor) else start) + T
+        if attended is not None:
+            S = attended
+        else:
+            S = T if cache is None else (int(start.max()) if isinstance(start, torch.Tensor) else start) + T
         if cache is None:
             start = 0
         one_step = T == 1 and not isinstance(start, torch.Tensor) and prefix_len is None  # sees every cached key
@@ -185,15 +188,16 @@ class Transformer(nn.Module):
 
     def hidden_states(self, tokens: torch.Tensor | None, positions: torch.Tensor, cache: KVCache | None = None,
                       start: int | torch.Tensor = 0, prefix_len: torch.Tensor | None = None,
-                      embeds: torch.Tensor | None = None) -> torch.Tensor:
+                      embeds: torch.Tensor | None = None, attended: int | None = None) -> torch.Tensor:
         """tokens (B, T) (or embeds (B, T, C) instead, e.g. with image features at image-token positions),
         positions (B, T) or (B, 2, T) -> final-normed hidden states (B, T, C).
 
         With a cache, row b's new keys land at [start_b, start_b + T) and attention spans [0, start_b + T);
-        start is an int, or a (B,) tensor for one-token steps of rows at different offsets.
+        start is an int, or a (B,) tensor for one-token steps of rows at different offsets (then `attended`
+        may give max(start) + 1 as a size, for a compiled step that cannot read it from the tensor).
         prefix_len (B,) makes keys before it visible to every query (ChatGLM-6B's prefix mask)."""
         x = self.embed(tokens) if embeds is None else embeds  # (B, T, C)
-        step = self.step(x.shape[1], positions, cache, start, prefix_len)
+        step = self.step(x.shape[1], positions, cache, start, prefix_len, attended)
         for layer in self.layers[: self.config.num_layers]:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, step, use_reentrant=False)

@@ -1,15 +1,16 @@
-"""A compiled one-token decode step for the single-sequence case (chat, generate, bench, serve).
+"""Compiled decode steps: one for a single sequence (chat, generate, bench, serve with one stream) and one
+for 2..MAX_ROWS cache rows at their own offsets (continuous batching's decode step).
 
-The step is exported (torch.export) and compiled ahead of time by AOTInductor into a package: a shared
+Each step is exported (torch.export) and compiled ahead of time by AOTInductor into a package: a shared
 library with the weights inside, called from C++ with no Python-side guards or wrapper per token. Inductor's
 freezing turns weight-only int8 matmuls into generated C++ micro-kernels; max-autotune picks among C++ GEMM
-templates. One package serves every position and cache length (both are dynamic sizes: the position
-comes in as the length of a marker tensor). Packages live in $GLMKIT_HOME/compiled, named by a hash of
-the weights, the configuration, the traced code, torch, the CPU and the thread count, so compiling is paid
-once per model and machine (1.3-1.8 min for the default model here) and a later run loads it in about
-two seconds, weight hashing included. Compiling
-can run in a background thread while the engine keeps decoding eagerly; any failure leaves eager
-decoding in place. The step computes exactly what the model's forward computes; no sampling here.
+templates. One package serves every position and cache length, and the rows step every batch size up to
+MAX_ROWS (all dynamic sizes: the attended length comes in as the length of a marker tensor). Packages live in
+$GLMKIT_HOME/compiled, named by a hash of the weights' files, the configuration, the traced code, torch, the CPU
+and the thread count, so compiling is paid once per model and machine (1.3-1.8 min per step for the default
+model here) and a later run loads them in about two seconds. Compiling can run in a background thread while the
+engine keeps decoding eagerly (the one-row step first, then the rows step); any failure leaves eager decoding
+in place. The steps compute exactly what the model's forward computes; no sampling here.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from glmkit.model import Transformer
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 PACKAGE_FORMAT = 1  # bump when DecodeStep's inputs or outputs change: old packages are then never picked up
+MAX_ROWS = 16  # the rows step's largest batch (the server's default is 8); bigger batches decode eagerly
 
 
 class DecodeStep(torch.nn.Module):
@@ -50,6 +52,28 @@ class DecodeStep(torch.nn.Module):
         cache.k, cache.v = list(kv[:layers]), list(kv[layers:])  # (1, K, max_len, D) each
         h = self.model.hidden_states(tokens, positions, cache, attended.shape[0] - 1)  # (1, 1, C)
         return self.model.head(h)[:, -1]  # (1, V)
+
+
+class RowsStep(torch.nn.Module):
+    """The decode step of rows 0..n-1 (2 <= n <= MAX_ROWS), one new token each at its own offset `starts` (n,);
+    `attended`'s length is max(starts) + 1, the keys any row attends."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, attended: torch.Tensor,
+                *kv: torch.Tensor) -> torch.Tensor:
+        layers = len(kv) // 2
+        cache = KVCache.__new__(KVCache)
+        cache.k, cache.v = list(kv[:layers]), list(kv[layers:])  # (n, K, max_len, D) each
+        h = self.model.hidden_states(tokens, positions, cache, starts, attended=attended.shape[0])  # (n, 1, C)
+        return self.model.head(h)[:, -1]  # (n, V)
+
+
+def rows_supported(model: Transformer) -> str | None:
+    """Why a model has no rows step (None: it has one). A MoE layer's decode path loops over its tokens."""
+    return "a Mixture-of-Experts model's batched steps decode eagerly" if model.config.moe is not None else None
 
 
 def inductor_options(model: Transformer) -> dict:
@@ -111,26 +135,30 @@ def traced_sources(model: Transformer) -> list[Path]:
 
 
 class CompiledDecoder:
-    """step(tokens (1, 1), positions, cache rows, start) -> logits (1, V), once `ready`. Packages live in
-    `directory` ($GLMKIT_HOME/compiled as glmkit.load sets it up)."""
+    """step(tokens (1, 1), positions, cache rows, start) -> logits (1, V), once `ready`; rows(tokens (n, 1),
+    positions, starts (n,), cache rows 0..n-1) -> logits (n, V), once `rows_ready`. Packages live in
+    `directory` ($GLMKIT_HOME/compiled as glmkit.load sets it up): decode-<key>.pt2 and its companion
+    rows-<key>.pt2."""
 
     def __init__(self, model: Transformer, directory: Path, label: str | None = None, weight_files: list | None = None,
-                 on_ready=None):
+                 on_ready=None, batched: bool = True):
         """label: which model this is (its source), recorded beside a package built for it; weight_files: the
-        files the weights came from (package_key); on_ready(self): called once the step is usable."""
+        files the weights came from (package_key); on_ready(self): called once the one-row step is usable;
+        batched: also the rows step."""
         self.model, self.directory, self.label = model, Path(directory), label
         self.weight_files, self.on_ready = weight_files, on_ready
-        self.ready = False
-        self.cached = False  # True when the package came from disk
+        self.ready = self.rows_ready = False
+        self.cached = False  # True when the one-row package came from disk
         self.error: str | None = None
+        self.rows_error: str | None = rows_supported(model) if batched else "not asked for (batched=False)"
         self.seconds: float | None = None
         self.path: Path | None = None
-        self._run = None
+        self._run = self._run_rows = None
         self._attended = torch.empty(0, dtype=torch.uint8)
         self._thread: threading.Thread | None = None
 
     def compile(self, build: bool = True) -> "CompiledDecoder":
-        """Load the package from disk, or export and compile it now (blocking); on failure stay eager.
+        """Load the packages from disk, or export and compile them now (blocking); on failure stay eager.
         build=False only looks on disk: without a package, decoding stays eager and nothing is said."""
         if getattr(self.model, "tp", None) is not None:
             self.error = "a tensor-parallel model decodes eagerly (the compiled step holds no collectives)"
@@ -142,62 +170,91 @@ class CompiledDecoder:
         if not build and not any(self.directory.glob("decode-*.pt2")):  # nothing could match: skip hashing the weights
             self.error = "no compiled package on disk (glmkit compile builds one)"
             return self
+        options = inductor_options(self.model)
         try:
             t0 = time.perf_counter()
-            options = inductor_options(self.model)
             self.path = self.directory / f"decode-{package_key(self.model, options, self.weight_files)}.pt2"
-            runner = self._load() if self.path.exists() else None
-            self.cached = runner is not None
-            if runner is None and not build:
+            self.cached = self.path.exists()
+            run = self._package(self.path, DecodeStep, options, build)
+            if run is None:
                 self.error = "no compiled package on disk for this model (glmkit compile builds one)"
                 return self
-            if runner is None:
-                self._build(options)
-                runner = self._load(strict=True)
+            self._run, self.ready, self.seconds = run, True, time.perf_counter() - t0
+            if not self.cached:
                 packages.record(self.path, self.label)
-                packages.collect_garbage(self.directory)  # stale packages of this model (and others) go
-            else:
-                packages.touch(self.path)
-            # the loader's own entry point: the Python wrapper around it re-flattens the inputs on every call
-            self._run, self.ready, self.seconds = runner.loader.boxed_run, True, time.perf_counter() - t0
             if self.on_ready is not None:
                 self.on_ready(self)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: keep decoding eagerly
             self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             warnings.warn(f"the compiled decode step is unavailable ({self.error}); decoding stays eager.",
                           stacklevel=2)
+        if self.path is not None:
+            self._compile_rows(options, build)
+            packages.collect_garbage(self.directory)  # stale packages of this model (and others) go
         return self
 
-    def _load(self, strict: bool = False):
-        """The package's runner; a package that does not load (truncated, from another build) is removed
-        and rebuilt, unless it was just built (strict)."""
+    def _compile_rows(self, options: dict, build: bool) -> None:
+        if self.rows_error is not None:
+            return
         try:
-            return torch._inductor.aoti_load_package(str(self.path))
+            self._run_rows = self._package(packages.companion(self.path), RowsStep, options, build)
+            self.rows_ready = self._run_rows is not None
+            self.rows_error = None if self.rows_ready else "no rows package on disk (glmkit compile builds one)"
+        except Exception as e:  # noqa: BLE001 - batched steps stay eager; the one-row step is unaffected
+            self.rows_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            warnings.warn(f"the compiled batched decode step is unavailable ({self.rows_error}); batched decoding "
+                          "stays eager.", stacklevel=2)
+
+    def _package(self, path: Path, step: type, options: dict, build: bool):
+        """The package's entry point, loaded from `path` or (build) exported and compiled there first; None when
+        it is not on disk and build is False. A package that does not load (truncated, from another build) is
+        removed and rebuilt."""
+        runner = self._load(path) if path.exists() else None
+        if runner is None and not build:
+            return None
+        if runner is None:
+            self._build(path, step, options)
+            runner = self._load(path, strict=True)
+        else:
+            packages.touch(path)
+        return runner.loader.boxed_run  # the loader's own entry point: its Python wrapper re-flattens the inputs
+
+    @staticmethod
+    def _load(path: Path, strict: bool = False):
+        try:
+            return torch._inductor.aoti_load_package(str(path))
         except Exception:
             if strict:
                 raise
-            self.path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
             return None
 
-    def _build(self, options: dict) -> None:
+    def _build(self, path: Path, step: type, options: dict) -> None:
         from torch.export import Dim
 
         c, m = self.model.config, self.model
-        cache = KVCache(c, 1, 16, dtype=m.dtype, device=m.device)
+        n = 1 if step is DecodeStep else 2
+        cache = KVCache(c, n, 16, dtype=m.dtype, device=m.device)
         kv = tuple(cache.k + cache.v)
-        shape = {"2d": (1, 2, 1), "mrope": (1, 3, 1)}.get(c.positions, (1, 1))
-        example = (torch.zeros(1, 1, dtype=torch.long, device=m.device),
-                   torch.full(shape, 5, dtype=torch.long, device=m.device), torch.empty(6, dtype=torch.uint8))
+        shape = {"2d": (n, 2, 1), "mrope": (n, 3, 1)}.get(c.positions, (n, 1))
+        tokens = torch.zeros(n, 1, dtype=torch.long, device=m.device)
+        positions = torch.full(shape, 5, dtype=torch.long, device=m.device)
         attended, max_len = Dim("attended", min=2, max=1 << 20), Dim("max_len", min=2, max=1 << 20)
-        dynamic = ({}, {}, {0: attended}, tuple({2: max_len} for _ in kv))
+        marker = torch.empty(6, dtype=torch.uint8)
+        if step is DecodeStep:
+            example = (tokens, positions, marker)
+            dynamic = ({}, {}, {0: attended}, tuple({2: max_len} for _ in kv))
+        else:
+            rows = Dim("rows", min=2, max=MAX_ROWS)
+            example = (tokens, positions, torch.tensor([5, 3], device=m.device), marker)
+            dynamic = ({0: rows}, {0: rows}, {0: rows}, {0: attended}, tuple({0: rows, 2: max_len} for _ in kv))
         with torch.no_grad():
-            program = torch.export.export(DecodeStep(self.model).eval(), example + kv, dynamic_shapes=dynamic,
-                                          strict=False)
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # private: packages are native code
-        partial = self.path.with_name(f".partial-{os.getpid()}-{self.path.name}")  # must end in .pt2
+            program = torch.export.export(step(m).eval(), example + kv, dynamic_shapes=dynamic, strict=False)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # private: packages are native code
+        partial = path.with_name(f".partial-{os.getpid()}-{path.name}")  # must end in .pt2
         try:
             torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=options)
-            os.replace(partial, self.path)  # complete packages only: an interrupted compile leaves nothing behind
+            os.replace(partial, path)  # complete packages only: an interrupted compile leaves nothing behind
         finally:
             partial.unlink(missing_ok=True)
 
@@ -219,6 +276,7 @@ class CompiledDecoder:
         return self
 
     def wait(self, timeout: float | None = None) -> bool:
+        """Until compiling (both steps) ends; -> whether the one-row step is ready."""
         if self._thread is not None:
             self._thread.join(timeout)
         return self.ready
@@ -227,8 +285,20 @@ class CompiledDecoder:
         """The package was exported for steps with at least one cached position."""
         return self.ready and start >= 1
 
+    def usable_rows(self, n: int, attended: int) -> bool:
+        return self.rows_ready and 2 <= n <= MAX_ROWS and attended >= 2
+
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
-        if self._attended.numel() <= start:
-            self._attended = torch.empty(2 * (start + 1), dtype=torch.uint8)
         # the package assumes contiguous inputs (an expanded view would be read as if it were not)
-        return self._run([tokens.contiguous(), positions.contiguous(), self._attended[: start + 1], *cache.k, *cache.v])[0]
+        return self._run([tokens.contiguous(), positions.contiguous(), self._marker(start + 1), *cache.k, *cache.v])[0]
+
+    def rows(self, tokens: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, cache: KVCache,
+             attended: int) -> torch.Tensor:
+        """Rows 0..n-1 of the cache (`cache` is that view, its rows contiguous), `attended` = max(starts) + 1."""
+        return self._run_rows([tokens.contiguous(), positions.contiguous(), starts.contiguous(),
+                               self._marker(attended), *cache.k, *cache.v])[0]
+
+    def _marker(self, length: int) -> torch.Tensor:
+        if self._attended.numel() < length:
+            self._attended = torch.empty(2 * length, dtype=torch.uint8)
+        return self._attended[:length]

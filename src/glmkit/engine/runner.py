@@ -2,9 +2,9 @@
 
 It owns the KV cache (grown in rows and length with use, the P-tuning prefix written into every row on
 creation and growth), computes positions through positions.py for prompts and decode steps alike, and
-runs the model, or the compiled one-token step when one is ready and the step has one row. It knows
-nothing of requests, sampling or text: the scheduler says which ids go to which cache row. This is the
-seam a tensor-parallel rank, a vision input or a draft model plugs into.
+runs the model, or a compiled decode step when one is ready (engine/compiled.py: one row, or rows
+0..n-1). It knows nothing of requests, sampling or text: the scheduler says which ids go to which cache
+row. This is the seam a tensor-parallel rank, a vision input or a draft model plugs into.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class ModelRunner:
         self.P = 0 if prefix_kv is None else prefix_kv[0].shape[2]
         self.cache: KVCache | None = None
         self.anchors: dict[int, tuple[int, int] | None] = {}  # cache row -> what its decode positions hang on
-        self.compiled = None  # a CompiledDecoder (engine/compiled.py) for one-row decode steps
+        self.compiled = None  # a CompiledDecoder (engine/compiled.py) for decode steps
         self.world, self.id = getattr(model, "tp", None), next(_RUNNER_IDS)  # rank 0's calls go to the others too
 
     def _mirror(self, *call) -> None:
@@ -127,4 +127,7 @@ class ModelRunner:
                 return self.compiled(tokens, positions, cache, start)  # (1, V)
             return self.model(tokens, positions, cache, start)[:, -1]  # (1, V)
         start = torch.tensor(inputs.starts, device=self.device) + self.P  # (n,): rows 0..n-1
+        attended = self.P + max(inputs.starts) + 1
+        if self.compiled is not None and self.compiled.usable_rows(n, attended):  # the compiled rows step
+            return self.compiled.rows(tokens, positions, start, self.cache.rows(0, n), attended)  # (n, V)
         return self.model(tokens, positions, self.cache.rows(0, n), start)[:, -1]  # (n, V)

@@ -131,7 +131,8 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: list[int], output_ids: lis
 NUCLEUS_HEAD = 64  # top-p alone: the nucleus is looked for among this many best tokens first
 
 
-def candidates(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+def candidates(logits: torch.Tensor, top_k: int, top_p: float,
+               min_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What top-k, top-p and min-p keep of logits (V,): (their logits (n,), their ids (n,)), or (logits, None)
     when no filter is on. Only candidates are sorted: the k best, or for top-p alone the NUCLEUS_HEAD best when
     they already hold p of the probability (else every token). Top-p keeps the smallest set of most likely
