@@ -808,3 +808,34 @@ def test_chat_template_kwargs_reach_the_template(server):
     done = server.client().chat.completions.create(model="tiny", messages=messages, max_tokens=2,
                                                    extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     assert done.usage.prompt_tokens == len(plain)  # SmolLM2's template reads no such variable: same prompt
+
+
+def engine_steps(url: str) -> dict[str, float]:
+    """The engine's steps by path, as /metrics reports them."""
+    lines = httpx.get(url + "/metrics").text.splitlines()
+    return {line.split('"')[1]: float(line.split()[-1]) for line in lines if line.startswith("glmkit_engine_steps{")}
+
+
+@pytest.mark.slow
+def test_the_server_decodes_compiled_once_the_step_is_ready(chatml_dir, tmp_path, monkeypatch):
+    """A server decodes eagerly while its compiled step builds in the background, then through the compiled step
+    (/metrics counts the engine's steps by path); greedy replies are the same before and after (float32)."""
+    monkeypatch.setenv("GLMKIT_HOME", str(tmp_path / "home"))
+    llm = glmkit.load(chatml_dir)
+    decoder = llm.compile(background=True, batched=False)  # as glmkit serve starts it (batched: test_compiled)
+    live = LiveServer(llm, max_batch=4)
+    try:
+        client = live.client()
+
+        def ask() -> str:
+            return client.completions.create(model="tiny", prompt="The lighthouse", max_tokens=12, temperature=0,
+                                             extra_body={"ignore_eos": True}).choices[0].text
+
+        before = ask()
+        assert not decoder.ready and engine_steps(live.url)["eager"] >= 11
+        assert decoder.wait(600), decoder.error
+        assert ask() == before
+        steps = engine_steps(live.url)
+        assert steps["compiled"] >= 11 and steps["compiled_rows"] == 0, steps
+    finally:
+        live.close()

@@ -19,7 +19,7 @@ COMMANDS = {
     "bench": "prefill / decode tokens per second, time to first token and peak memory",
     "quantize": "write a weight-only int8 / int4 checkpoint",
     "infill": "fill every [MASK] of a text (GLM blank infilling)",
-    "compile": "compile the one-token decode step ahead of time (cached on disk)",
+    "compile": "compile the decode steps ahead of time (cached on disk)",
     "train": "train: GLM blank-infilling pretraining, causal LM, chat SFT, LoRA, P-tuning v2",
     "list": "the models and compiled decode steps in glmkit's cache, with sizes, formats and quantization",
     "show": "what a model is: architecture, parameters, context, quantization, chat format, template, licence",

@@ -21,7 +21,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="weight-only quantization after loading (a quantized GGUF stays int4/int8 by itself)")
     speed = parser.add_mutually_exclusive_group()
     speed.add_argument("--compile", action="store_true",
-                       help="build the compiled one-token decode step in the background if none is on disk (what "
+                       help="build the compiled decode steps in the background if none is on disk (what "
                             "chat and serve do by default; glmkit compile builds one ahead of time); a package "
                             "already on disk is always used")
     speed.add_argument("--eager", action="store_true", help="never use a compiled decode step")

@@ -1,5 +1,5 @@
-"""`glmkit compile [MODEL]`: compile the one-token decode step ahead of time, so that later runs find the
-package in $GLMKIT_HOME/compiled and start decoding compiled in a second or two. `--list` shows the packages
+"""`glmkit compile [MODEL]`: compile the decode steps (one row, and 2-16 rows) ahead of time, so that later runs
+find the packages in $GLMKIT_HOME/compiled and start decoding compiled in a second or two. `--list` shows the packages
 there (model, size, last use), `--clear` removes them all; after each build only the 3 most recently used
 packages of each model are kept.
 """
@@ -19,6 +19,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from glmkit.engine import packages
+    from glmkit.engine.compiled import MAX_ROWS
     from glmkit.errors import GlmkitError
 
     if args.list or args.clear:
@@ -30,6 +32,10 @@ def main(args: argparse.Namespace) -> int:
         raise GlmkitError(f"compiling failed ({decoder.error}); eager decoding still works.")
     verb = "found the compiled decode step" if decoder.cached else "compiled the decode step"
     print(f"{verb} of {args.model} in {decoder.seconds:.1f} s: {decoder.path}")
+    if decoder.rows_ready:
+        print(f"batched steps (2-{MAX_ROWS} rows) compiled too: {packages.companion(decoder.path)}")
+    else:
+        print(f"batched steps decode eagerly: {decoder.rows_error}")
     return 0
 
 

@@ -53,6 +53,7 @@ class ModelRunner:
         self.cache: KVCache | None = None
         self.anchors: dict[int, tuple[int, int] | None] = {}  # cache row -> what its decode positions hang on
         self.compiled = None  # a CompiledDecoder (engine/compiled.py) for decode steps
+        self.steps = dict.fromkeys(("prefill", "eager", "compiled", "compiled_rows"), 0)  # steps run, by path
         self.world, self.id = getattr(model, "tp", None), next(_RUNNER_IDS)  # rank 0's calls go to the others too
 
     def _mirror(self, *call) -> None:
@@ -90,7 +91,10 @@ class ModelRunner:
     def step(self, inputs: StepInputs) -> torch.Tensor:
         """-> the logits after each row's last id, (rows, V)."""
         self._mirror("step", inputs)
-        return self._prefill(inputs) if inputs.is_prefill else self._decode(inputs)
+        if inputs.is_prefill:
+            self.steps["prefill"] += 1
+            return self._prefill(inputs)
+        return self._decode(inputs)
 
     def _prefill(self, inputs: StepInputs) -> torch.Tensor:
         row, common = inputs.rows[0], inputs.starts[0]
@@ -124,10 +128,14 @@ class ModelRunner:
             row, start = inputs.rows[0], self.P + inputs.starts[0]
             cache = self.cache.rows(row, row + 1)
             if self.compiled is not None and self.compiled.usable(start):  # the compiled one-token step
+                self.steps["compiled"] += 1
                 return self.compiled(tokens, positions, cache, start)  # (1, V)
+            self.steps["eager"] += 1
             return self.model(tokens, positions, cache, start)[:, -1]  # (1, V)
         start = torch.tensor(inputs.starts, device=self.device) + self.P  # (n,): rows 0..n-1
         attended = self.P + max(inputs.starts) + 1
         if self.compiled is not None and self.compiled.usable_rows(n, attended):  # the compiled rows step
+            self.steps["compiled_rows"] += 1
             return self.compiled.rows(tokens, positions, start, self.cache.rows(0, n), attended)  # (n, V)
+        self.steps["eager"] += 1
         return self.model(tokens, positions, self.cache.rows(0, n), start)[:, -1]  # (n, V)

@@ -41,7 +41,7 @@ class ServerState:
 
     def __post_init__(self):
         engine = self.worker.engine
-        self.metrics = Metrics(lambda: engine.running, lambda: len(engine.waiting))
+        self.metrics = Metrics(lambda: engine.running, lambda: len(engine.waiting), engine.runner.steps)
 
     @property
     def ctx(self) -> int:
