@@ -6,7 +6,8 @@ tokens / wall time of the round. Prints the median of --runs rounds per setting 
 the latency under load: 7 streams of 128 tokens, and a ~2k-token prompt arriving a second into the round (8
 sequences: both servers' slots); p50 / p99 of the gaps between the streams' tokens, and that prompt's time
 to first token. glmkit's compiled
-step is built (glmkit compile) before its server starts, so the measurement sees what a warmed-up server runs.
+steps are built (glmkit compile) before its server starts, and the rounds begin once /health says the server
+decodes through them, so the measurement sees what a warmed-up server runs.
 
     .venv/bin/python benchmarks/serve_concurrency.py [--model smollm2-135m-instruct] [--runs 3]
 """
@@ -36,14 +37,16 @@ def free_port() -> int:
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Until the server answers /health, and (glmkit) decodes through its compiled steps, loaded from disk."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             sys.exit(f"the server exited early (code {proc.returncode})")
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
+            r = httpx.get(url + "/health", timeout=1)
+            if r.status_code == 200 and "eager" not in r.json().get("decode", []):
                 return
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError):
             pass
         time.sleep(0.5)
     sys.exit(f"{url} did not become ready in {timeout:.0f} s")

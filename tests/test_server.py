@@ -833,7 +833,9 @@ def test_the_server_decodes_compiled_once_the_step_is_ready(chatml_dir, tmp_path
 
         before = ask()
         assert not decoder.ready and engine_steps(live.url)["eager"] >= 11
+        assert httpx.get(live.url + "/health").json() == {"status": "ok", "decode": ["eager"]}
         assert decoder.wait(600), decoder.error
+        assert httpx.get(live.url + "/health").json() == {"status": "ok", "decode": ["compiled"]}
         assert ask() == before
         steps = engine_steps(live.url)
         assert steps["compiled"] >= 11 and steps["compiled_rows"] == 0, steps

@@ -25,8 +25,13 @@ router = APIRouter()
 
 
 @router.get("/health")
-async def health():
-    return {"status": "ok"}
+async def health(request: Request):
+    """ok, and how decode steps run now: "compiled" (and "compiled_rows" for batches) or "eager" (still loading or
+    building the compiled steps, or without them)."""
+    compiled = state_of(request).worker.engine.runner.compiled
+    paths = [name for name, ready in (("compiled", compiled is not None and compiled.ready),
+                                      ("compiled_rows", compiled is not None and compiled.rows_ready)) if ready]
+    return {"status": "ok", "decode": paths or ["eager"]}
 
 
 @router.get("/")
