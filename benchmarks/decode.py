@@ -33,7 +33,7 @@ if kind.startswith("glmkit"):
     load = time.perf_counter() - t
     extra = {{}}
     if kind.endswith("compiled"):  # the on-disk cache decides between a cold and a warm compile
-        decoder = llm.compile()
+        decoder = llm.compile(batched=False)  # one stream: the one-row step
         if not decoder.ready:
             raise SystemExit(decoder.error)
         extra["compile_s"] = decoder.seconds

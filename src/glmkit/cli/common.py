@@ -52,11 +52,11 @@ def template_kwargs(args: argparse.Namespace) -> dict:
     return {"enable_thinking": False} if getattr(args, "no_think", False) else {}
 
 
-def load_model(args: argparse.Namespace, build: bool = False):
+def load_model(args: argparse.Namespace, build: bool = False, batched: bool = False):
     """The model the arguments name. Decoding starts eagerly; a compiled step on disk is loaded in the background
     and used once ready; build=True (chat, serve), or --compile, also builds one there when none is on disk
     (at low priority; a line on stderr says when decoding switches to it). --eager, or GLMKIT_BUILD=0 in the
-    environment (the tests set it), builds none."""
+    environment (the tests set it), builds none. batched (serve): the batched step too."""
     import os
 
     import glmkit
@@ -68,7 +68,8 @@ def load_model(args: argparse.Namespace, build: bool = False):
                        quantize=args.quantize, lora=args.lora, ptuning=args.ptuning)
     if not getattr(args, "eager", False):  # decoding stays eager until the package is loaded (or built)
         build = args.compile or (build and os.environ.get("GLMKIT_BUILD", "1") != "0")
-        args.compiled = llm.compile(background=True, build=build, on_ready=_switched if build else None)
+        args.compiled = llm.compile(background=True, build=build, on_ready=_switched if build else None,
+                                    batched=batched)
     return llm
 
 

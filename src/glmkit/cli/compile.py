@@ -27,7 +27,7 @@ def main(args: argparse.Namespace) -> int:
         return _manage(args.clear)
     args.eager = True  # compiled below, in the foreground
     llm = load_model(args)
-    decoder = _with_ticker(llm.compile)
+    decoder = _with_ticker(llm.compile)  # both steps: the one-row step and the batched one (serve's)
     if not decoder.ready:
         raise GlmkitError(f"compiling failed ({decoder.error}); eager decoding still works.")
     verb = "found the compiled decode step" if decoder.cached else "compiled the decode step"

@@ -56,7 +56,8 @@ def main(args: argparse.Namespace) -> int:
     if any(not k.strip() for k in keys):  # before loading: a server no one could use is refused at once
         raise GlmkitError("an API key is empty; give non-empty keys (or none, for an open server).")
     _check_port(args.host, args.port)  # before loading too: minutes of loading for a busy port helps no one
-    llm = on_own_thread(load_model, args, build=True)  # its OpenMP team ends with that thread (engine/threads.py)
+    # loaded on a thread that ends, so its OpenMP team ends too (engine/threads.py)
+    llm = on_own_thread(load_model, args, build=True, batched=True)
     serial()  # the event loop's thread leaves the cores' parallel work to the engine thread
     defaults = sampling(args)
     llm.sampling_params(**defaults)  # checked now, not at the first request
