@@ -151,7 +151,8 @@ def reference_kept(logits, top_k, top_p, min_p) -> set[int]:
     if top_p < 1.0:
         ordered, order = torch.sort(x, descending=True)
         probs = torch.softmax(ordered, -1)
-        x[order[(probs.cumsum(-1) - probs) >= top_p]] = float("-inf")
+        last = ordered[(probs.cumsum(-1) - probs) < top_p].min()  # the least likely token the nucleus needs
+        x[x < last] = float("-inf")  # (its ties stay)
     if min_p > 0.0:
         probs = torch.softmax(x, -1)
         x[probs < min_p * probs.max()] = float("-inf")
@@ -166,8 +167,14 @@ def test_candidates_equal_whole_vocabulary_filters(scale):
         top_k, top_p, min_p = draw.randrange(200), draw.uniform(0.5, 1.0), draw.uniform(0.0, 0.1)
         for k, p, m in [(top_k, top_p, min_p), (0, top_p, 0.0), (top_k, 1.0, 0.0), (0, 1.0, min_p)]:
             assert kept(logits, k, p, m) == reference_kept(logits, k, p, m), (k, p, m)
-    flat = torch.zeros(1000)
-    assert len(kept(flat, 0, 0.9, 0.0)) == 900 > NUCLEUS_HEAD  # the fallback to every token
+    flat = -torch.arange(1000.0) * 1e-4  # the nucleus lies far past NUCLEUS_HEAD: the fallback to every token
+    assert kept(flat, 0, 0.9, 0.0) == reference_kept(flat, 0, 0.9, 0.0) and len(kept(flat, 0, 0.9, 0.0)) > 800
+    tied = torch.zeros(300)
+    tied[[3, 250]] = float("-inf")  # (as a grammar's mask leaves them)
+    everything_allowed = set(range(300)) - {3, 250}
+    assert kept(tied, 40) == reference_kept(tied, 40, 1.0, 0.0) == everything_allowed  # ties with the k-th stay
+    assert kept(tied, 40, 0.9) == kept(tied, 0, 0.5) == everything_allowed  # and ties with top-p's last token
+    assert kept(torch.tensor([2.0, 1.0, 1.0, 0.0]), 0, 0.6) == {0, 1, 2}  # p(0) = 0.53: one of the 1.0s, so both
 
 
 def test_penalties_on_crafted_logits():

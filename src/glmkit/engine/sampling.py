@@ -133,11 +133,13 @@ NUCLEUS_HEAD = 64  # top-p alone: the nucleus is looked for among this many best
 
 def candidates(logits: torch.Tensor, top_k: int, top_p: float,
                min_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What top-k, top-p and min-p keep of logits (V,): (their logits (n,), their ids (n,)), or (logits, None)
-    when no filter is on. Only candidates are sorted: the k best, or for top-p alone the NUCLEUS_HEAD best when
-    they already hold p of the probability (else every token). Top-p keeps the smallest set of most likely
-    tokens whose probability reaches p (at least one); min-p drops tokens less likely than min_p times the
-    most likely one (ratios, so it does not matter that top-k/top-p came first)."""
+    """What top-k, top-p and min-p keep of logits (V,): (their logits (n,), their ids (n,)), most likely first,
+    or (logits, None) when no filter is on. Top-k keeps the k best; top-p the smallest set of most likely
+    tokens whose probability reaches p (at least one); both also keep every token tied with the last one they
+    keep (no arbitrary choice among equals, which a grammar's forced tokens often are); min-p drops tokens less
+    likely than min_p times the most likely one (a ratio, so it does not matter that top-k/top-p came first).
+    Only candidates are sorted: the k best, or for top-p alone the NUCLEUS_HEAD best when they already hold p
+    of the probability (else every token)."""
     V, ids = logits.numel(), None
     k = top_k if 0 < top_k < V else V
     total = None  # log of the probability mass top-p measures against (all tokens, or the top-k kept)
@@ -146,10 +148,16 @@ def candidates(logits: torch.Tensor, top_k: int, top_p: float,
         if float(torch.exp(torch.topk(logits, NUCLEUS_HEAD).values - total).sum()) >= top_p:
             k = NUCLEUS_HEAD
     if k < V or top_p < 1.0:
+        full = logits
         logits, ids = torch.topk(logits, k) if k < V else torch.sort(logits, descending=True)  # (k,) each
+        if k < V and torch.isfinite(logits[-1]) and int((full >= logits[-1]).sum()) > k:  # ties with the k-th
+            ids = (full >= logits[-1]).nonzero()[:, 0]
+            logits, order = full[ids].sort(descending=True)
+            ids = ids[order]
     if top_p < 1.0:
         probs = torch.softmax(logits, dim=-1) if total is None else torch.exp(logits - total)  # (k,)
         n = max(1, int(((probs.cumsum(-1) - probs) < top_p).sum()))  # mass before a token below p: it stays
+        n = int((logits >= logits[n - 1]).sum())  # and the tokens tied with the last one kept
         logits, ids = logits[:n], ids[:n]
     if min_p > 0.0:
         keep = logits >= logits.max() + math.log(min_p)  # p_i >= min_p * p_max
