@@ -242,3 +242,25 @@ def test_package_listing_garbage_collection_and_clearing(tmp_path, capsys):
     assert "6 compiled package(s)" in listed and listed.splitlines()[0].startswith("decode-a0.pt2")
     compile_cli.main(argparse.Namespace(list=False, clear=True))
     assert "removed 6" in capsys.readouterr().out and not list(directory.iterdir())
+
+
+def test_export_never_touches_the_live_model(tmp_path, monkeypatch):
+    """Building runs beside eager decoding (a background build): torch.export puts fake tensors in place of
+    the parameters of the module it traces, so it traces a twin of the model that shares its weights; the live
+    model's parameters stay real throughout the trace (a forward hook checks them mid-trace)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    make_hf_model("llama", LLAMA_CONFIGS["mqa-tied"]).save_pretrained(tmp_path / "m")
+    llm = glmkit.load(tmp_path / "m")
+    live = llm.model.layers[0].attn.qkv
+    seen = []
+    llm.model.layers[0].register_forward_hook(lambda *_: seen.append(isinstance(live.weight, FakeTensor)))
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("stop after the export")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiler)
+    with pytest.warns(UserWarning, match="stays eager"):
+        llm.compile(batched=False)
+    assert seen and not any(seen)  # traced (the hook ran), and the live weights were never fake
+    assert not isinstance(live.weight, FakeTensor) and greedy(llm, [4, 5, 6])

@@ -15,6 +15,7 @@ in place. The steps compute exactly what the model's forward computes; no sampli
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -113,6 +114,17 @@ def package_key(model: Transformer, options: dict, weight_files: list | None = N
         if not weight_files:
             h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()[:24]
+
+
+def _twin(model: Transformer) -> Transformer:
+    """The model's module tree again, sharing every tensor (no weight is copied). torch.export swaps a module's
+    parameters for fake tensors while it traces; on the live model, an eager step running meanwhile on another
+    thread (a background build) would meet them."""
+    memo = {}
+    for module in model.modules():
+        tensors = [*module._parameters.values(), *module._buffers.values(), *vars(module).values()]
+        memo.update({id(t): t for t in tensors if isinstance(t, torch.Tensor)})
+    return copy.deepcopy(model, memo)
 
 
 def _private(directory: Path) -> bool:
@@ -248,8 +260,8 @@ class CompiledDecoder:
             rows = Dim("rows", min=2, max=MAX_ROWS)
             example = (tokens, positions, torch.tensor([5, 3], device=m.device), marker)
             dynamic = ({0: rows}, {0: rows}, {0: rows}, {0: attended}, tuple({0: rows, 2: max_len} for _ in kv))
-        with torch.no_grad():
-            program = torch.export.export(step(m).eval(), example + kv, dynamic_shapes=dynamic, strict=False)
+        with torch.no_grad():  # a twin of the model: export must not touch the one another thread decodes with
+            program = torch.export.export(step(_twin(m)).eval(), example + kv, dynamic_shapes=dynamic, strict=False)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # private: packages are native code
         partial = path.with_name(f".partial-{os.getpid()}-{path.name}")  # must end in .pt2
         try:

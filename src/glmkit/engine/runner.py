@@ -54,6 +54,7 @@ class ModelRunner:
         self.anchors: dict[int, tuple[int, int] | None] = {}  # cache row -> what its decode positions hang on
         self.compiled = None  # a CompiledDecoder (engine/compiled.py) for decode steps
         self.steps = dict.fromkeys(("prefill", "eager", "compiled", "compiled_rows"), 0)  # steps run, by path
+        self._views: tuple = (None, {})  # (the cache buffer they view, {(lo, hi): row views})
         self.world, self.id = getattr(model, "tp", None), next(_RUNNER_IDS)  # rank 0's calls go to the others too
 
     def _mirror(self, *call) -> None:
@@ -126,7 +127,7 @@ class ModelRunner:
         positions = decode_positions(inputs.starts, anchors, self.config, self.device)  # (n, 1) or (n, 2, 1)
         if n == 1:  # one row, whichever it is: a plain offset (no per-row scatter, no mask), the compiled step
             row, start = inputs.rows[0], self.P + inputs.starts[0]
-            cache = self.cache.rows(row, row + 1)
+            cache = self._rows(row, row + 1)
             if self.compiled is not None and self.compiled.usable(start):  # the compiled one-token step
                 self.steps["compiled"] += 1
                 return self.compiled(tokens, positions, cache, start)  # (1, V)
@@ -136,6 +137,16 @@ class ModelRunner:
         attended = self.P + max(inputs.starts) + 1
         if self.compiled is not None and self.compiled.usable_rows(n, attended):  # the compiled rows step
             self.steps["compiled_rows"] += 1
-            return self.compiled.rows(tokens, positions, start, self.cache.rows(0, n), attended)  # (n, V)
+            return self.compiled.rows(tokens, positions, start, self._rows(0, n), attended)  # (n, V)
         self.steps["eager"] += 1
-        return self.model(tokens, positions, self.cache.rows(0, n), start)[:, -1]  # (n, V)
+        return self.model(tokens, positions, self._rows(0, n), start)[:, -1]  # (n, V)
+
+    def _rows(self, lo: int, hi: int) -> KVCache:
+        """cache.rows(lo, hi), kept while the cache's buffers stay the same (a decode step would otherwise slice
+        every layer's buffers again: two views a layer, each token)."""
+        if self._views[0] is not self.cache.k[0]:
+            self._views = (self.cache.k[0], {})
+        views = self._views[1]
+        if (lo, hi) not in views:
+            views[(lo, hi)] = self.cache.rows(lo, hi)
+        return views[(lo, hi)]

@@ -164,13 +164,13 @@ class Scheduler:
         for i, row in enumerate(inputs.rows):
             seq = self.slots[row]
             if row in running:
-                seq.fed = len(seq.ids)
+                seq.fed = seq.length
                 self._emit(seq, seq.take(logits[i]), out)
 
     def _one_row(self, row: int) -> StepInputs:
         """One stream, in whichever row: a one-row step (the compiled step's case), no idle rows beside it."""
         seq = self.slots[row]
-        return StepInputs([row], [[seq.ids[-1]]], [len(seq.ids) - 1])  # the last sampled id goes here
+        return StepInputs([row], [[seq.last_id]], [seq.length - 1])  # the last sampled id goes here
 
     def _all_rows(self, n: int) -> StepInputs:
         """Rows 0..n-1: the running ones with their last sampled id, the others written where nothing is kept."""
@@ -183,7 +183,7 @@ class Scheduler:
                 starts[row] = min(len(self.cached[row]), self.runner.max_len - 1)
                 self.cached[row] = self.cached[row][: starts[row]]
             else:
-                tokens[row], starts[row] = [seq.ids[-1]], len(seq.ids) - 1  # the last sampled id goes here
+                tokens[row], starts[row] = [seq.last_id], seq.length - 1  # the last sampled id goes here
         return StepInputs(list(range(n)), tokens, starts)
 
 

@@ -89,6 +89,15 @@ class Sequence:
         return self.prompt + self.output
 
     @property
+    def length(self) -> int:
+        """len(ids), without building them."""
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def last_id(self) -> int:
+        return self.output[-1] if self.output else self.prompt[-1]
+
+    @property
     def keys(self) -> list:
         """ids as prefix reuse compares them: an image's tokens stand for that image's content."""
         return self.key + self.output
