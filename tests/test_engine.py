@@ -143,6 +143,22 @@ def test_filters_on_crafted_logits():
     assert kept(logits) == set(range(5))
 
 
+def test_draw_follows_softmax_and_its_generator():
+    """draw() picks index i with probability softmax(values)_i (never a zero-probability one), reproducibly
+    from a seeded generator."""
+    import numpy as np
+
+    from glmkit.engine.sampling import draw
+
+    values = np.array([0.0, 1.0, 2.0, -np.inf, 0.5])
+    g = torch.Generator().manual_seed(0)
+    counts = np.bincount([draw(values, g) for _ in range(20000)], minlength=5) / 20000
+    np.testing.assert_allclose(counts, torch.softmax(torch.tensor(values), 0).numpy(), atol=0.015)
+    assert counts[3] == 0
+    again = [draw(values, torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert again[0] == again[1]
+
+
 def reference_kept(logits, top_k, top_p, min_p) -> set[int]:
     """The filters as masks over the whole vocabulary, one after the other, each on what the last left."""
     x = logits.clone()
