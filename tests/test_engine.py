@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import glmkit
 from conftest import GLM_CONFIGS, LLAMA_CONFIGS, make_hf_model
 from test_official_fixtures import CASES
-from glmkit.engine.sampling import NUCLEUS_HEAD, SamplingParams, candidates, make_sampler
+from glmkit.engine.sampling import SamplingParams, candidates, make_sampler
 from glmkit.errors import GlmkitError
 from vocab import CHATML_SPECIALS, SMOLLM2_TEMPLATE, save_hf_tokenizer
 
