@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypedDict
 
-import numpy as np
 import torch
 
 from glmkit.errors import GlmkitError
@@ -133,56 +132,48 @@ NUCLEUS_HEAD = 64  # top-p alone: the nucleus is looked for among this many best
 
 
 def candidates(logits: torch.Tensor, top_k: int, top_p: float,
-               min_p: float) -> tuple[np.ndarray, np.ndarray | None]:
-    """What top-k, top-p and min-p keep of logits (V,): (their logits, their ids) as float64 / int64 numpy arrays
-    (most likely first when top-k or top-p is on), or (all logits, None) when no filter is on. Top-k keeps the k
-    best; top-p the smallest set of most likely tokens whose probability reaches p (at least one); both also
-    keep every token tied with the last one they keep (no arbitrary choice among equals, which a grammar's
-    forced tokens often are); min-p drops tokens less likely than min_p times the most likely one (a ratio, so
-    it does not matter that top-k/top-p came first). Only candidates are sorted: the k best, or for top-p alone
-    the NUCLEUS_HEAD best when they already hold p of the probability (else every token); what is left is
-    filtered in numpy, whose calls on small arrays cost a microsecond where torch's cost several."""
+               min_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What top-k, top-p and min-p keep of logits (V,): (their logits (n,), their ids (n,)), most likely first
+    when top-k or top-p is on, or (logits, None) when no filter is on. Top-k keeps the k best; top-p the
+    smallest set of most likely tokens whose probability reaches p (at least one); both also keep every token
+    tied with the last one they keep (no arbitrary choice among equals, which a grammar's forced tokens often
+    are); min-p drops tokens less likely than min_p times the most likely one (a ratio, so it does not matter
+    that top-k/top-p came first). Only candidates are sorted: the k best, or for top-p alone the NUCLEUS_HEAD
+    best when they already hold p of the probability (else every token)."""
     V, ids = logits.numel(), None
     k = top_k if 0 < top_k < V else V
     total = None  # log of the probability mass top-p measures against (all tokens, or the top-k kept)
     if k == V and top_p < 1.0 and V > NUCLEUS_HEAD:
-        total = float(torch.logsumexp(logits, -1))
+        total = torch.logsumexp(logits, -1)
         if float(torch.exp(torch.topk(logits, NUCLEUS_HEAD).values - total).sum()) >= top_p:
             k = NUCLEUS_HEAD
     if k < V or top_p < 1.0:
-        values, ids = torch.topk(logits, k + 1) if k < V else torch.sort(logits, descending=True)
-        if k < V and values[k - 1] == values[k] and torch.isfinite(values[k - 1]):  # ties with the k-th all stay
-            ids = (logits >= values[k - 1]).nonzero()[:, 0]
-            values, order = logits[ids].sort(descending=True)
+        full = logits
+        logits, ids = torch.topk(logits, k + 1) if k < V else torch.sort(logits, descending=True)  # (k + 1,)
+        if k < V and logits[k - 1] == logits[k] and torch.isfinite(logits[k - 1]):  # ties with the k-th all stay
+            ids = (full >= logits[k - 1]).nonzero()[:, 0]
+            logits, order = full[ids].sort(descending=True)
             ids = ids[order]
         elif k < V:
-            values, ids = values[:k], ids[:k]
-        values, ids = values.double().cpu().numpy(), ids.cpu().numpy()
-    else:
-        values = logits.double().cpu().numpy()
+            logits, ids = logits[:k], ids[:k]
     if top_p < 1.0:
-        probs = np.exp(values - (_logsumexp(values) if total is None else total))
-        n = max(1, int(np.count_nonzero(np.cumsum(probs) - probs < top_p)))  # mass before a token below p: it stays
-        n = int(np.count_nonzero(values >= values[n - 1]))  # and the tokens tied with the last one kept
-        values, ids = values[:n], ids[:n]
+        probs = torch.softmax(logits, dim=-1) if total is None else torch.exp(logits - total)  # (k,)
+        n = max(1, int(((probs.cumsum(-1) - probs) < top_p).sum()))  # mass before a token below p: it stays
+        n = int((logits >= logits[n - 1]).sum())  # and the tokens tied with the last one kept
+        logits, ids = logits[:n], ids[:n]
     if min_p > 0.0:
-        keep = values >= values.max() + math.log(min_p)  # p_i >= min_p * p_max
-        values, ids = values[keep], (np.flatnonzero(keep) if ids is None else ids[keep])
-    return values, ids
+        keep = logits >= logits.max() + math.log(min_p)  # p_i >= min_p * p_max
+        logits, ids = logits[keep], (keep.nonzero()[:, 0] if ids is None else ids[keep])
+    return logits, ids
 
 
-def _logsumexp(values: np.ndarray) -> float:
-    top = values.max()
-    return float(top + np.log(np.exp(values - top).sum()))
-
-
-def draw(values: np.ndarray, generator: torch.Generator | None) -> int:
+def draw(values: torch.Tensor, generator: torch.Generator | None) -> int:
     """An index into values (logits) drawn with probability softmax(values), from the generator's stream (torch's
-    global one without). One uniform number and a search in the cumulative weights: torch.multinomial over a
-    whole vocabulary costs ~0.8 ms here."""
-    weights = np.cumsum(np.exp(values - values.max()))
-    u = float(torch.rand((), generator=generator, device=generator.device if generator is not None else "cpu"))
-    return min(int(np.searchsorted(weights, u * weights[-1], side="right")), len(weights) - 1)
+    global one without): one uniform number and a search in the cumulative weights. (torch.multinomial over a
+    whole vocabulary costs ~0.8 ms here.)"""
+    weights = torch.exp(values - values.max()).cumsum(0)  # (n,)
+    u = torch.rand((), generator=generator, device=values.device)
+    return min(int(torch.searchsorted(weights, u * weights[-1], right=True)), len(weights) - 1)
 
 
 def make_sampler(p: SamplingParams) -> Callable[..., int]:
