@@ -244,6 +244,11 @@ class CompiledDecoder:
     def _build(self, path: Path, step: type, options: dict) -> None:
         from torch.export import Dim
 
+        if threading.current_thread() is self._thread:  # a background build yields the CPU to decoding: the
+            try:  # lowest priority for this thread and the compilers it starts (loading a package stays quick)
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            except (AttributeError, OSError):
+                pass
         c, m = self.model.config, self.model
         n = 1 if step is DecodeStep else 2
         cache = KVCache(c, n, 16, dtype=m.dtype, device=m.device)
@@ -272,15 +277,9 @@ class CompiledDecoder:
 
     def compile_in_background(self, build: bool = True) -> "CompiledDecoder":
         def run() -> None:
-            # yield the CPU to decoding: the lowest priority for this thread and the compilers it starts, and
-            # one compile worker, so eager decoding's threads are not starved while the step compiles
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-            except (AttributeError, OSError):
-                pass
             import torch._inductor.config as inductor
 
-            inductor.compile_threads = 1
+            inductor.compile_threads = 1  # one compile worker: eager decoding keeps its cores
             self.compile(build)
 
         self._thread = threading.Thread(target=run, name="glmkit-compile", daemon=True)
