@@ -48,28 +48,26 @@ class DecodeStep(torch.nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attended: torch.Tensor,
                 *kv: torch.Tensor) -> torch.Tensor:
-        layers = len(kv) // 2
-        cache = KVCache.__new__(KVCache)
-        cache.k, cache.v = list(kv[:layers]), list(kv[layers:])  # (1, K, max_len, D) each
-        h = self.model.hidden_states(tokens, positions, cache, attended.shape[0] - 1)  # (1, 1, C)
+        h = self.model.hidden_states(tokens, positions, _cache(kv), attended.shape[0] - 1)  # (1, 1, C)
         return self.model.head(h)[:, -1]  # (1, V)
 
 
-class RowsStep(torch.nn.Module):
+class RowsStep(DecodeStep):
     """The decode step of rows 0..n-1 (2 <= n <= MAX_ROWS), one new token each at its own offset `starts` (n,);
     `attended`'s length is max(starts) + 1, the keys any row attends."""
 
-    def __init__(self, model: Transformer):
-        super().__init__()
-        self.model = model
-
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, attended: torch.Tensor,
                 *kv: torch.Tensor) -> torch.Tensor:
-        layers = len(kv) // 2
-        cache = KVCache.__new__(KVCache)
-        cache.k, cache.v = list(kv[:layers]), list(kv[layers:])  # (n, K, max_len, D) each
-        h = self.model.hidden_states(tokens, positions, cache, starts, attended=attended.shape[0])  # (n, 1, C)
+        h = self.model.hidden_states(tokens, positions, _cache(kv), starts, attended=attended.shape[0])  # (n, 1, C)
         return self.model.head(h)[:, -1]  # (n, V)
+
+
+def _cache(kv: tuple[torch.Tensor, ...]) -> KVCache:
+    """A KVCache over the flat per-layer tensors a step gets: keys of every layer, then values, (B, K, S, D)."""
+    layers = len(kv) // 2
+    cache = KVCache.__new__(KVCache)
+    cache.k, cache.v = list(kv[:layers]), list(kv[layers:])
+    return cache
 
 
 def rows_supported(model: Transformer) -> str | None:
@@ -125,6 +123,11 @@ def _twin(model: Transformer) -> Transformer:
         tensors = [*module._parameters.values(), *module._buffers.values(), *vars(module).values()]
         memo.update({id(t): t for t in tensors if isinstance(t, torch.Tensor)})
     return copy.deepcopy(model, memo)
+
+
+def _reason(e: Exception) -> str:
+    """A compiler failure in one line: its type and the first line of its message."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def _private(directory: Path) -> bool:
@@ -197,7 +200,7 @@ class CompiledDecoder:
             if self.on_ready is not None:
                 self.on_ready(self)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: keep decoding eagerly
-            self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self.error = _reason(e)
             warnings.warn(f"the compiled decode step is unavailable ({self.error}); decoding stays eager.",
                           stacklevel=2)
         if self.path is not None:
@@ -213,7 +216,7 @@ class CompiledDecoder:
             self.rows_ready = self._run_rows is not None
             self.rows_error = None if self.rows_ready else "no rows package on disk (glmkit compile builds one)"
         except Exception as e:  # noqa: BLE001 - batched steps stay eager; the one-row step is unaffected
-            self.rows_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self.rows_error = _reason(e)
             warnings.warn(f"the compiled batched decode step is unavailable ({self.rows_error}); batched decoding "
                           "stays eager.", stacklevel=2)
 
