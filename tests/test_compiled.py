@@ -5,6 +5,8 @@ compiler failure or a corrupt package leaves eager decoding working."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -264,3 +266,33 @@ def test_export_never_touches_the_live_model(tmp_path, monkeypatch):
         llm.compile(batched=False)
     assert seen and not any(seen)  # traced (the hook ran), and the live weights were never fake
     assert not isinstance(live.weight, FakeTensor) and greedy(llm, [4, 5, 6])
+
+
+def _huge_kb(t: torch.Tensor) -> int:
+    """kB of t's memory on transparent huge pages: AnonHugePages of the mappings it overlaps (/proc/self/smaps;
+    advising part of a mapping splits it)."""
+    start, end, overlaps, kb = t.data_ptr(), t.data_ptr() + t.nbytes, False, 0
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            overlaps = lo < end and start < hi
+        elif overlaps and fields[0] == "AnonHugePages:":
+            kb += int(fields[1])
+    return kb
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
+def test_a_loaded_package_moves_its_weights_onto_huge_pages(monkeypatch):
+    from pathlib import Path
+
+    from glmkit.engine.hugepages import on_huge_pages
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("this kernel gives no transparent huge pages")
+    load = lambda: torch.ones(64 << 20, dtype=torch.uint8)  # noqa: E731 - a new 64 MiB mapping, like a package's weights
+    assert _huge_kb(on_huge_pages(load)) >= 32 << 10  # at least half of it on 2 MiB pages
+    if "[madvise]" in thp.read_text():  # (with "always" the kernel gives huge pages unasked)
+        monkeypatch.setenv("GLMKIT_HUGE_PAGES", "0")
+        assert _huge_kb(on_huge_pages(load)) == 0  # turned off: left as malloc gave it

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from glmkit.engine import packages
+from glmkit.engine.hugepages import on_huge_pages
 from glmkit.kv_cache import KVCache
 from glmkit.model import Transformer
 
@@ -237,7 +238,7 @@ class CompiledDecoder:
     @staticmethod
     def _load(path: Path, strict: bool = False):
         try:
-            return torch._inductor.aoti_load_package(str(path))
+            return on_huge_pages(lambda: torch._inductor.aoti_load_package(str(path)))  # weights on 2 MiB pages
         except Exception:
             if strict:
                 raise
