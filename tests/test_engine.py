@@ -130,7 +130,7 @@ def test_prompt_longer_than_context(tiny):
 def kept(logits, top_k=0, top_p=1.0, min_p=0.0) -> set[int]:
     values, ids = candidates(logits, top_k, top_p, min_p)
     assert len(values) == (logits.numel() if ids is None else len(ids))
-    return set(range(logits.numel())) if ids is None else set(ids.tolist())
+    return set(range(logits.numel())) if ids is None else set(ids)
 
 
 def test_filters_on_crafted_logits():
@@ -143,17 +143,19 @@ def test_filters_on_crafted_logits():
     assert kept(logits) == set(range(5))
 
 
-def test_draw_follows_softmax_and_its_generator():
+@pytest.mark.parametrize("as_list", [False, True])  # a tensor (no filter, min-p alone) or a list of candidates
+def test_draw_follows_softmax_and_its_generator(as_list):
     """draw() picks index i with probability softmax(values)_i (never a zero-probability one), reproducibly
     from a seeded generator."""
     from glmkit.engine.sampling import draw
 
     values = torch.tensor([0.0, 1.0, 2.0, float("-inf"), 0.5])
+    given = values.tolist() if as_list else values
     g = torch.Generator().manual_seed(0)
-    counts = torch.bincount(torch.tensor([draw(values, g) for _ in range(20000)]), minlength=5) / 20000
+    counts = torch.bincount(torch.tensor([draw(given, g) for _ in range(20000)]), minlength=5) / 20000
     torch.testing.assert_close(counts, torch.softmax(values, 0), atol=0.015, rtol=0)
     assert counts[3] == 0
-    again = [draw(values, torch.Generator().manual_seed(5)) for _ in range(2)]
+    again = [draw(given, torch.Generator().manual_seed(5)) for _ in range(2)]
     assert again[0] == again[1]
 
 
@@ -164,7 +166,7 @@ def reference_kept(logits, top_k, top_p, min_p) -> set[int]:
         x[x < torch.topk(x, top_k).values[-1]] = float("-inf")
     if top_p < 1.0:
         ordered, order = torch.sort(x, descending=True)
-        probs = torch.softmax(ordered, -1)
+        probs = torch.softmax(ordered.double(), -1)  # (a float32 sum of thousands drifts at the nucleus's edge)
         last = ordered[(probs.cumsum(-1) - probs) < top_p].min()  # the least likely token the nucleus needs
         x[x < last] = float("-inf")  # (its ties stay)
     if min_p > 0.0:
@@ -173,15 +175,16 @@ def reference_kept(logits, top_k, top_p, min_p) -> set[int]:
     return set(torch.isfinite(x).nonzero()[:, 0].tolist())
 
 
-@pytest.mark.parametrize("scale", [0.1, 1.0, 4.0])  # flat (the nucleus lies past the first NUCLEUS_HEAD) to peaked
-def test_candidates_equal_whole_vocabulary_filters(scale):
+@pytest.mark.parametrize("vocab", [3000, 16384])  # the second is searched in two halves (SPLIT_FROM)
+@pytest.mark.parametrize("scale", [0.1, 1.0, 4.0])  # flat (the nucleus lies past NUCLEUS_HEADS) to peaked
+def test_candidates_equal_whole_vocabulary_filters(scale, vocab):
     g, draw = torch.Generator().manual_seed(int(scale * 10)), random.Random(int(scale * 10))
     for _ in range(20):
-        logits = torch.randn(3000, generator=g) * scale
+        logits = torch.randn(vocab, generator=g) * scale
         top_k, top_p, min_p = draw.randrange(200), draw.uniform(0.5, 1.0), draw.uniform(0.0, 0.1)
-        for k, p, m in [(top_k, top_p, min_p), (0, top_p, 0.0), (top_k, 1.0, 0.0), (0, 1.0, min_p)]:
+        for k, p, m in [(top_k, top_p, min_p), (0, top_p, 0.0), (0, top_p, min_p), (top_k, 1.0, 0.0), (0, 1.0, min_p)]:
             assert kept(logits, k, p, m) == reference_kept(logits, k, p, m), (k, p, m)
-    flat = -torch.arange(1000.0) * 1e-4  # the nucleus lies far past NUCLEUS_HEAD: the fallback to every token
+    flat = -torch.arange(1000.0) * 1e-4  # a nucleus past NUCLEUS_HEADS: wide_nucleus
     assert kept(flat, 0, 0.9, 0.0) == reference_kept(flat, 0, 0.9, 0.0) and len(kept(flat, 0, 0.9, 0.0)) > 800
     tied = torch.zeros(300)
     tied[[3, 250]] = float("-inf")  # (as a grammar's mask leaves them)
@@ -189,6 +192,9 @@ def test_candidates_equal_whole_vocabulary_filters(scale):
     assert kept(tied, 40) == reference_kept(tied, 40, 1.0, 0.0) == everything_allowed  # ties with the k-th stay
     assert kept(tied, 40, 0.9) == kept(tied, 0, 0.5) == everything_allowed  # and ties with top-p's last token
     assert kept(torch.tensor([2.0, 1.0, 1.0, 0.0]), 0, 0.6) == {0, 1, 2}  # p(0) = 0.53: one of the 1.0s, so both
+    halves = torch.zeros(16384)
+    halves[[5, 9000, 16000]] = 1.0  # the best in both halves, then 16381 tied
+    assert kept(halves, 2) == {5, 9000, 16000} and kept(halves, 5) == set(range(16384))
 
 
 def test_penalties_on_crafted_logits():

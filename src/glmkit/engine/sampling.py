@@ -9,6 +9,8 @@ Knows nothing about models or text.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypedDict
@@ -128,52 +130,107 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: list[int], output_ids: lis
     return logits
 
 
-NUCLEUS_HEAD = 64  # top-p alone: the nucleus is looked for among this many best tokens first
+NUCLEUS_HEADS = (64, 1024, 8192, 1 << 62)  # top-p alone: the nucleus is looked for among this many best first
+SPLIT_FROM = 8192  # top-k of a vocabulary at least this big runs on its two halves at once
+
+
+def best(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n largest logits of (V,) and their ids, largest first. A big vocabulary's halves are searched at
+    once (one search each: ~1.8x faster than one over the whole; torch sorts 49k floats in ~3.5 ms here)."""
+    V = logits.numel()
+    if n >= V:
+        return torch.sort(logits, descending=True)
+    if V >= SPLIT_FROM and V % 2 == 0:
+        values, ids = torch.topk(logits.view(2, V // 2), n)  # (2, n): each half's best
+        ids = ids + torch.tensor([[0], [V // 2]], device=ids.device)  # (2, n) ids in the whole vocabulary
+        values, pick = torch.topk(values.reshape(-1), n)  # (n,): the best of both
+        return values, ids.reshape(-1)[pick]
+    return torch.topk(logits, n)
+
+
+def _logsumexp(values: list[float]) -> float:
+    top = max(values)
+    return top if not math.isfinite(top) else top + math.log(sum(math.exp(v - top) for v in values))
 
 
 def candidates(logits: torch.Tensor, top_k: int, top_p: float,
-               min_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What top-k, top-p and min-p keep of logits (V,): (their logits (n,), their ids (n,)), most likely first
-    when top-k or top-p is on, or (logits, None) when no filter is on. Top-k keeps the k best; top-p the
-    smallest set of most likely tokens whose probability reaches p (at least one); both also keep every token
-    tied with the last one they keep (no arbitrary choice among equals, which a grammar's forced tokens often
-    are); min-p drops tokens less likely than min_p times the most likely one (a ratio, so it does not matter
-    that top-k/top-p came first). Only candidates are sorted: the k best, or for top-p alone the NUCLEUS_HEAD
-    best when they already hold p of the probability (else every token)."""
-    V, ids = logits.numel(), None
+               min_p: float) -> tuple[torch.Tensor | list[float], list[int] | None]:
+    """What top-k, top-p and min-p keep of logits (V,): (their logits, their ids). With top-k or top-p on, both
+    are lists, most likely first (they hold few tokens: list arithmetic beats a dozen tiny tensor ops), but for
+    a nucleus of thousands of tokens or min-p alone the logits stay a tensor; with no filter, (logits, None).
+    Top-k keeps the k best; top-p the smallest set of most likely tokens whose probability reaches p (at least
+    one); both also keep every token tied with the last one they keep (no arbitrary choice among equals, which
+    a grammar's forced tokens often are); min-p drops tokens less likely than min_p times the most likely one
+    (a ratio, so it does not matter that top-k/top-p came first). Only candidates are sorted: the k best, or
+    for top-p alone the fewest of NUCLEUS_HEADS best that hold p of the probability."""
+    V = logits.numel()
     k = top_k if 0 < top_k < V else V
+    if k == V and top_p >= 1.0:  # min-p alone, or nothing: over the whole vocabulary
+        if min_p <= 0.0:
+            return logits, None
+        keep = logits >= logits.max() + math.log(min_p)  # (V,): p_i >= min_p * p_max
+        return logits[keep], keep.nonzero()[:, 0].tolist()
     total = None  # log of the probability mass top-p measures against (all tokens, or the top-k kept)
-    if k == V and top_p < 1.0 and V > NUCLEUS_HEAD:
-        total = torch.logsumexp(logits, -1)
-        if float(torch.exp(torch.topk(logits, NUCLEUS_HEAD).values - total).sum()) >= top_p:
-            k = NUCLEUS_HEAD
-    if k < V or top_p < 1.0:
-        full = logits
-        logits, ids = torch.topk(logits, k + 1) if k < V else torch.sort(logits, descending=True)  # (k + 1,)
-        if k < V and logits[k - 1] == logits[k] and torch.isfinite(logits[k - 1]):  # ties with the k-th all stay
-            ids = (full >= logits[k - 1]).nonzero()[:, 0]
-            logits, order = full[ids].sort(descending=True)
-            ids = ids[order]
-        elif k < V:
-            logits, ids = logits[:k], ids[:k]
+    if k == V:  # top-p alone: the best few may already hold p of the whole vocabulary's mass
+        total = float(torch.logsumexp(logits.double(), -1))  # in double, as the sums below
+        for head in NUCLEUS_HEADS:
+            values, ids = best(logits, min(head, V))
+            if head >= V or float(torch.exp(values.double() - total).sum()) >= top_p:
+                break
+        if head > NUCLEUS_HEADS[1]:  # a nucleus of thousands of tokens: cut as tensors
+            return wide_nucleus(values, ids, total, top_p, min_p)
+        values, ids = values.tolist(), ids.tolist()
+    else:
+        values, ids = (t.tolist() for t in best(logits, k + 1))
+        if values[k - 1] == values[k] and math.isfinite(values[k - 1]):  # ties with the k-th all stay
+            tied = (logits >= values[k - 1]).nonzero()[:, 0]
+            ordered, order = logits[tied].sort(descending=True)
+            values, ids = ordered.tolist(), tied[order].tolist()
+        else:
+            values, ids = values[:k], ids[:k]
     if top_p < 1.0:
-        probs = torch.softmax(logits, dim=-1) if total is None else torch.exp(logits - total)  # (k,)
-        n = max(1, int(((probs.cumsum(-1) - probs) < top_p).sum()))  # mass before a token below p: it stays
-        n = int((logits >= logits[n - 1]).sum())  # and the tokens tied with the last one kept
-        logits, ids = logits[:n], ids[:n]
+        total = _logsumexp(values) if total is None else total
+        n, mass = len(values), 0.0
+        for i, v in enumerate(values):
+            if mass >= top_p:  # the mass before token i already reaches p: it is not needed
+                n = i
+                break
+            mass += math.exp(v - total)
+        n = max(1, n)
+        while n < len(values) and values[n] >= values[n - 1]:  # and the tokens tied with the last one kept
+            n += 1
+        values, ids = values[:n], ids[:n]
     if min_p > 0.0:
-        keep = logits >= logits.max() + math.log(min_p)  # p_i >= min_p * p_max
-        logits, ids = logits[keep], (keep.nonzero()[:, 0] if ids is None else ids[keep])
-    return logits, ids
+        floor = values[0] + math.log(min_p)  # p_i >= min_p * p_max (values[0] is the largest)
+        kept = [i for i, v in enumerate(values) if v >= floor]
+        values, ids = [values[i] for i in kept], [ids[i] for i in kept]
+    return values, ids
 
 
-def draw(values: torch.Tensor, generator: torch.Generator | None) -> int:
+def wide_nucleus(ordered: torch.Tensor, order: torch.Tensor, total: float, top_p: float,
+                 min_p: float) -> tuple[torch.Tensor, list[int]]:
+    """candidates() for top-p alone when the nucleus holds thousands of tokens (of `ordered`, the best logits
+    largest first, ids `order`): the same cut, ties and min-p as tensor operations, where lists would cost
+    milliseconds."""
+    probs = torch.exp(ordered.double() - total)  # (n,)
+    n = max(1, int(((probs.cumsum(0) - probs) < top_p).sum()))  # the mass before a token below p: it stays
+    n = int((ordered >= ordered[n - 1]).sum())  # and the tokens tied with the last one kept
+    if min_p > 0.0:
+        n = min(n, int((ordered >= ordered[0] + math.log(min_p)).sum()))  # p_i >= min_p * p_max
+    return ordered[:n], order[:n].tolist()
+
+
+def draw(values: torch.Tensor | list[float], generator: torch.Generator | None) -> int:
     """An index into values (logits) drawn with probability softmax(values), from the generator's stream (torch's
     global one without): one uniform number and a search in the cumulative weights. (torch.multinomial over a
     whole vocabulary costs ~0.8 ms here.)"""
-    weights = torch.exp(values - values.max()).cumsum(0)  # (n,)
-    u = torch.rand((), generator=generator, device=values.device)
-    return min(int(torch.searchsorted(weights, u * weights[-1], right=True)), len(weights) - 1)
+    u = torch.rand((), generator=generator, device=values.device if torch.is_tensor(values) else "cpu")
+    if torch.is_tensor(values):
+        weights = torch.exp(values - values.max()).cumsum(0)  # (n,)
+        return min(int(torch.searchsorted(weights, u * weights[-1], right=True)), len(weights) - 1)
+    top = max(values)
+    weights = list(itertools.accumulate(math.exp(v - top) for v in values))
+    return min(bisect.bisect_right(weights, float(u) * weights[-1]), len(weights) - 1)
 
 
 def make_sampler(p: SamplingParams) -> Callable[..., int]:
@@ -199,7 +256,7 @@ def make_sampler(p: SamplingParams) -> Callable[..., int]:
             return int(torch.argmax(logits))
         values, ids = candidates(logits / p.temperature, p.top_k, p.top_p, p.min_p)  # (n,) each
         chosen = draw(values, generator)
-        return chosen if ids is None else int(ids[chosen])
+        return chosen if ids is None else ids[chosen]
 
     return sample
 
