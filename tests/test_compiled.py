@@ -42,6 +42,11 @@ def test_compiled_greedy_equals_eager_in_float32(tmp_path, kind, config):
         got = greedy(llm, prompt)
         assert got == expected
         outputs.append(got)
+        # the same prompt again: all but its last id are cached, and that id runs through the compiled step
+        run, seen = decoder._run, []
+        decoder._run = lambda args: seen.append(args[0].clone()) or run(args)
+        assert greedy(llm, prompt) == expected and seen[0].tolist() == [[prompt[-1]]] and len(seen) == 24
+        decoder._run = run
         # a second conversation through the same compiled step, longer than the first (the position is dynamic)
         assert greedy(llm, prompt + [3, 3, 8], 40) == greedy(eager, prompt + [3, 3, 8], 40)
         again = glmkit.load(d)  # a later run: the package comes from disk

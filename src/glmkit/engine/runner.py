@@ -106,9 +106,13 @@ class ModelRunner:
         self.anchors[row] = anchor(positions, prefix_len, self.config)
         if prefix_len is not None:
             prefix_len = prefix_len + self.P
+        start = self.P + common
+        if end - common == 1 and not inputs.images and prefix_len is None and self.compiled is not None \
+                and self.compiled.usable(start):  # all but the last id cached (a repeated prompt): a decode step
+            return self.compiled(ids[:, common:end], positions[..., common:end], self._rows(row, row + 1), start)
         embeds = self.image_embeddings(ids, inputs.images)[:, common:end] if inputs.images else None  # (1, t, C)
         h = self.model.hidden_states(ids[:, common:end], positions[..., common:end], self.cache.rows(row, row + 1),
-                                     self.P + common, prefix_len, embeds)  # (1, t, C)
+                                     start, prefix_len, embeds)  # (1, t, C)
         return self.model.head(h[:, -1:])[:, -1]  # only the last position's logits are needed: (1, V)
 
     def image_embeddings(self, ids: torch.Tensor, images) -> torch.Tensor:

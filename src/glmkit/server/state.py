@@ -126,16 +126,22 @@ class ServerState:
         """A sequence's chunks; cancels it if the consumer stops early or the client goes away."""
         first, last, deadline = True, started, started + self.request_timeout
         stats = stats_of(request.scope.setdefault("state", {})) if request is not None else RequestStats()
+        checked = 0.0  # when the client was last seen connected (a check per token would cost ~0.1 ms each)
         try:
             while True:
-                if request is not None and await request.is_disconnected():
-                    return  # the client left: the finally below frees its slot (or its place in the queue) now
-                try:  # wake up now and then while queued or slow, to notice a client that left
-                    item = await asyncio.wait_for(handle.chunks.get(), timeout=min(POLL_S, deadline - time.time()))
-                except asyncio.TimeoutError:
-                    if time.time() >= deadline:
-                        raise ApiError(504, f"the request took longer than {self.request_timeout:.0f} s.") from None
-                    continue
+                if request is not None and time.monotonic() - checked >= POLL_S:
+                    if await request.is_disconnected():
+                        return  # the client left: the finally below frees its slot (or its place in the queue) now
+                    checked = time.monotonic()
+                try:
+                    item = handle.chunks.get_nowait()  # decoding keeps up: no timer, no task
+                except asyncio.QueueEmpty:
+                    try:  # wake up now and then while queued or slow, to notice a client that left
+                        item = await asyncio.wait_for(handle.chunks.get(), timeout=min(POLL_S, deadline - time.time()))
+                    except asyncio.TimeoutError:
+                        if time.time() >= deadline:
+                            raise ApiError(504, f"the request took longer than {self.request_timeout:.0f} s.") from None
+                        continue
                 if isinstance(item, Exception):
                     raise ApiError(400 if isinstance(item, GlmkitError) else 500, str(item))
                 now = time.time()
@@ -160,6 +166,14 @@ async def merged(state: ServerState, handles: list[Handle], started: float,
                  request: Request | None = None) -> AsyncIterator[tuple[int, Chunk]]:
     """(index, chunk) from several sequences as they come (n > 1 streamed); the first error raises, and
     leaving early cancels every sequence still running."""
+    if len(handles) == 1:  # one sequence: its chunks as they come, with no task or queue in between
+        chunks = state.chunks(handles[0], started, request)
+        try:
+            async for chunk in chunks:
+                yield 0, chunk
+        finally:
+            await chunks.aclose()  # leaving early cancels the sequence now
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, handle: Handle) -> None:
