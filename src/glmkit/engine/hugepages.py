@@ -1,7 +1,7 @@
 """Weights on 2 MiB pages: a decode step streams every weight once per token, and with 4 KiB pages the CPU's
 prefetchers stop at each page boundary and its TLB misses every few kilobytes. On this project's 2-core
 machine a plain read of 256 MiB ran at 26.5 GB/s on 4 KiB pages and 33.3 GB/s on huge pages, and the int8
-compiled decode step (memory-bound) took 5.4 -> 4.7 ms.
+compiled decode step (memory-bound) took 5.7-6.4 ms on 4 KiB pages, 4.9-5.8 ms on huge ones (alternating runs).
 
 Linux gives a process huge pages only where it asks (transparent huge pages in "madvise" mode, the common
 default), and glibc's malloc does not ask. `on_huge_pages(load)` runs a load (a compiled package, whose
