@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from glmkit.engine import packages
-from glmkit.engine.hugepages import on_huge_pages
+from glmkit.engine import hugepages
 from glmkit.kv_cache import KVCache
 from glmkit.model import Transformer
 
@@ -172,6 +172,7 @@ class CompiledDecoder:
         self._run = self._run_rows = None
         self._attended = torch.empty(0, dtype=torch.uint8)
         self._thread: threading.Thread | None = None
+        self._unpaged: set[tuple[int, int]] = set()  # (start, end) of loaded weights not yet on huge pages
 
     def compile(self, build: bool = True) -> "CompiledDecoder":
         """Load the packages from disk, or export and compile them now (blocking); on failure stay eager.
@@ -200,6 +201,8 @@ class CompiledDecoder:
                 packages.record(self.path, self.label)
             if self.on_ready is not None:
                 self.on_ready(self)
+            hugepages.collapse(self._unpaged)  # its weights onto 2 MiB pages, once decoding has switched to it
+            self._unpaged.clear()
         except Exception as e:  # noqa: BLE001 - any compiler failure means: keep decoding eagerly
             self.error = _reason(e)
             warnings.warn(f"the compiled decode step is unavailable ({self.error}); decoding stays eager.",
@@ -215,6 +218,8 @@ class CompiledDecoder:
         try:
             self._run_rows = self._package(packages.companion(self.path), RowsStep, options, build)
             self.rows_ready = self._run_rows is not None
+            hugepages.collapse(self._unpaged)
+            self._unpaged.clear()
             self.rows_error = None if self.rows_ready else "no rows package on disk (glmkit compile builds one)"
         except Exception as e:  # noqa: BLE001 - batched steps stay eager; the one-row step is unaffected
             self.rows_error = _reason(e)
@@ -235,10 +240,13 @@ class CompiledDecoder:
             packages.touch(path)
         return runner.loader.boxed_run  # the loader's own entry point: its Python wrapper re-flattens the inputs
 
-    @staticmethod
-    def _load(path: Path, strict: bool = False):
+    def _load(self, path: Path, strict: bool = False):
+        """The loaded package (None: it does not load); the memory its weights were copied into is kept in
+        `_unpaged`, to be moved onto 2 MiB pages (engine/hugepages.py) once the step is in use."""
         try:
-            return on_huge_pages(lambda: torch._inductor.aoti_load_package(str(path)))  # weights on 2 MiB pages
+            runner, spans = hugepages.loaded(lambda: torch._inductor.aoti_load_package(str(path)))
+            self._unpaged |= spans
+            return runner
         except Exception:
             if strict:
                 raise
