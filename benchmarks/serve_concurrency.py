@@ -2,7 +2,8 @@
 `llama-server -np 8` on the same GGUF when a llama-server binary is on PATH (or given with --llama-server).
 
 Each stream asks for --tokens tokens (ignore_eos) after a short prompt, through one official openai client
-per server (its connections kept); aggregate tokens/s = all generated tokens / wall time of the round. Prints the median of --runs rounds per setting as a markdown table. Then
+per server (its connections kept); aggregate tokens/s = all generated tokens / wall time of the round. The
+servers run side by side and their rounds alternate (the machine's drift falls on all alike). Prints the median of --runs rounds per setting as a markdown table. Then
 the latency under load: 7 streams of 128 tokens, and a ~2k-token prompt arriving a second into the round (8
 sequences: both servers' slots); p50 / p99 of the gaps between the streams' tokens, and that prompt's time
 to first token. glmkit's compiled
@@ -96,29 +97,51 @@ def round_throughput(client: openai.OpenAI, model: str, streams: int, tokens: in
     return sum(counts) / (time.perf_counter() - start)
 
 
-def measure(url: str, model: str, levels: list[int], tokens: int, runs: int) -> dict:
-    """One official openai client for the whole measurement (its connection pool kept, as an application
-    would: a client per request would add its own ~20 ms setup to every stream)."""
-    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
-    round_throughput(client, model, 1, 8)  # warm up
-    out: dict = {n: statistics.median(round_throughput(client, model, n, tokens) for _ in range(runs))
-                 for n in levels}
-    rounds = [latency_round(client, model) for _ in range(runs)]
-    out["latency"] = {k: statistics.median(r[k] for r in rounds) for k in ("p50", "p99", "max", "ttft")}
-    client.close()
+def client_of(url: str) -> openai.OpenAI:
+    """One official openai client per server for the whole measurement (its connection pool kept, as an
+    application would: a client per request would add its own setup to every stream)."""
+    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+
+
+def measure(clients: dict[str, openai.OpenAI], levels: list[int], tokens: int, runs: int) -> dict[str, dict]:
+    """Every server's figures, their rounds interleaved (server A, server B, A, B, ...) so that the machine's
+    drift over the minutes a measurement takes falls on all of them alike."""
+    out: dict[str, dict] = {name: {} for name in clients}
+    for client in clients.values():
+        round_throughput(client, "m", 1, 8)  # warm up
+    for n in levels:
+        figures: dict[str, list] = {name: [] for name in clients}
+        for _ in range(runs):
+            for name, client in clients.items():
+                figures[name].append(round_throughput(client, "m", n, tokens))
+        for name in clients:
+            out[name][n] = statistics.median(figures[name])
+    rounds: dict[str, list] = {name: [] for name in clients}
+    for _ in range(runs):
+        for name, client in clients.items():
+            rounds[name].append(latency_round(client, "m"))
+    for name in clients:
+        out[name]["latency"] = {k: statistics.median(r[k] for r in rounds[name]) for k in ("p50", "p99", "max", "ttft")}
     return out
 
 
-def serve_and_measure(command, levels: list[int], args) -> dict:
-    """Start a server (command(port) -> argv), measure it, stop it."""
-    port = free_port()
-    proc = subprocess.Popen(command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def serve_all_and_measure(commands: dict, levels: list[int], args) -> dict[str, dict]:
+    """Start every server (name -> command(port) -> argv) side by side, measure them interleaved, stop them.
+    A server between its rounds is idle (no CPU)."""
+    procs, clients = [], {}
     try:
-        wait_ready(f"http://127.0.0.1:{port}", proc)
-        return measure(f"http://127.0.0.1:{port}", "m", levels, args.tokens, args.runs)
+        for name, command in commands.items():
+            port = free_port()
+            procs.append(proc := subprocess.Popen(command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            wait_ready(f"http://127.0.0.1:{port}", proc)
+            clients[name] = client_of(f"http://127.0.0.1:{port}")
+        return measure(clients, levels, args.tokens, args.runs)
     finally:
-        proc.terminate()
-        proc.wait()
+        for client in clients.values():
+            client.close()
+        for proc in procs:
+            proc.terminate()
+            proc.wait()
 
 
 def main() -> None:
@@ -135,13 +158,13 @@ def main() -> None:
 
     gguf = Path(resolve(args.model))
     subprocess.run([sys.executable, "-m", "glmkit", "compile", str(gguf)], check=True)  # once; then from disk
-    rows = {f"glmkit serve --prefill-chunk {c}": serve_and_measure(
+    commands = {f"glmkit serve --prefill-chunk {c}": (
         lambda port, c=c: [sys.executable, "-m", "glmkit", "serve", str(gguf), "--port", str(port), "--max-batch",
-                           "8", "--model-name", "m", "--prefill-chunk", str(c)], levels, args) for c in args.chunks}
+                           "8", "--model-name", "m", "--prefill-chunk", str(c)]) for c in args.chunks}
     if args.llama_server and gguf.suffix == ".gguf":
-        rows["llama-server -np 8"] = serve_and_measure(
-            lambda port: [args.llama_server, "-m", str(gguf), "--port", str(port), "-np", "8", "-c", "32768", "-t", "2"],
-            levels, args)
+        commands["llama-server -np 8"] = (
+            lambda port: [args.llama_server, "-m", str(gguf), "--port", str(port), "-np", "8", "-c", "32768", "-t", "2"])
+    rows = serve_all_and_measure(commands, levels, args)
     print(f"\naggregate decode tokens/s, {args.tokens} tokens per stream, median of {args.runs} runs "
           f"({gguf.name})\n")
     print("| server | " + " | ".join(f"{n} stream{'s' if n > 1 else ''}" for n in levels) + " | 8 vs 1 |")
