@@ -291,13 +291,18 @@ def _huge_kb(t: torch.Tensor) -> int:
 def test_a_loaded_package_moves_its_weights_onto_huge_pages(monkeypatch):
     from pathlib import Path
 
-    from glmkit.engine.hugepages import on_huge_pages
+    from glmkit.engine import hugepages
 
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if not thp.exists() or "[never]" in thp.read_text():
         pytest.skip("this kernel gives no transparent huge pages")
-    load = lambda: torch.ones(64 << 20, dtype=torch.uint8)  # noqa: E731 - a new 64 MiB mapping, like a package's weights
-    assert _huge_kb(on_huge_pages(load)) >= 32 << 10  # at least half of it on 2 MiB pages
+
+    def load_and_collapse() -> torch.Tensor:  # as CompiledDecoder loads a package, then collapses its mappings
+        weights, spans = hugepages.loaded(lambda: torch.ones(64 << 20, dtype=torch.uint8))  # a new 64 MiB mapping
+        hugepages.collapse(spans)
+        return weights
+
+    assert _huge_kb(load_and_collapse()) >= 32 << 10  # at least half of it on 2 MiB pages
     if "[madvise]" in thp.read_text():  # (with "always" the kernel gives huge pages unasked)
         monkeypatch.setenv("GLMKIT_HUGE_PAGES", "0")
-        assert _huge_kb(on_huge_pages(load)) == 0  # turned off: left as malloc gave it
+        assert _huge_kb(load_and_collapse()) == 0  # turned off: left as malloc gave it

@@ -27,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-from glmkit.engine import packages
-from glmkit.engine import hugepages
+from glmkit.engine import hugepages, packages
 from glmkit.kv_cache import KVCache
 from glmkit.model import Transformer
 
@@ -201,8 +200,7 @@ class CompiledDecoder:
                 packages.record(self.path, self.label)
             if self.on_ready is not None:
                 self.on_ready(self)
-            hugepages.collapse(self._unpaged)  # its weights onto 2 MiB pages, once decoding has switched to it
-            self._unpaged.clear()
+            self._to_huge_pages()  # once decoding has switched to the step
         except Exception as e:  # noqa: BLE001 - any compiler failure means: keep decoding eagerly
             self.error = _reason(e)
             warnings.warn(f"the compiled decode step is unavailable ({self.error}); decoding stays eager.",
@@ -218,8 +216,7 @@ class CompiledDecoder:
         try:
             self._run_rows = self._package(packages.companion(self.path), RowsStep, options, build)
             self.rows_ready = self._run_rows is not None
-            hugepages.collapse(self._unpaged)
-            self._unpaged.clear()
+            self._to_huge_pages()
             self.rows_error = None if self.rows_ready else "no rows package on disk (glmkit compile builds one)"
         except Exception as e:  # noqa: BLE001 - batched steps stay eager; the one-row step is unaffected
             self.rows_error = _reason(e)
@@ -239,6 +236,11 @@ class CompiledDecoder:
         else:
             packages.touch(path)
         return runner.loader.boxed_run  # the loader's own entry point: its Python wrapper re-flattens the inputs
+
+    def _to_huge_pages(self) -> None:
+        """The weights of the packages loaded so far onto 2 MiB pages (engine/hugepages.py)."""
+        hugepages.collapse(self._unpaged)
+        self._unpaged.clear()
 
     def _load(self, path: Path, strict: bool = False):
         """The loaded package (None: it does not load); the memory its weights were copied into is kept in

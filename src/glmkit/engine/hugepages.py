@@ -72,9 +72,3 @@ def loaded(load: Callable[[], Any]) -> tuple[Any, set[tuple[int, int]]]:
     result = load()
     return result, _anonymous_mappings() - before
 
-
-def on_huge_pages(load: Callable[[], Any]) -> Any:
-    """load() -> its result, with the large anonymous mappings it created moved onto huge pages."""
-    result, spans = loaded(load)
-    collapse(spans)
-    return result
