@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import glmkit
 from conftest import GLM_CONFIGS, LLAMA_CONFIGS, make_hf_model
 from test_official_fixtures import CASES
-from glmkit.engine.sampling import SamplingParams, candidates, make_sampler
+from glmkit.engine.sampling import SamplingParams, argmax, candidates, make_sampler
 from glmkit.errors import GlmkitError
 from vocab import CHATML_SPECIALS, SMOLLM2_TEMPLATE, save_hf_tokenizer
 
@@ -195,6 +195,41 @@ def test_candidates_equal_whole_vocabulary_filters(scale, vocab):
     halves = torch.zeros(16384)
     halves[[5, 9000, 16000]] = 1.0  # the best in both halves, then 16381 tied
     assert kept(halves, 2) == {5, 9000, 16000} and kept(halves, 5) == set(range(16384))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_top_k_of_the_raw_logits_equals_filtering_the_scaled_ones(dtype):
+    """With top-k on, candidates() searches the logits as the model gave them (bfloat16 too) and scales only
+    the few it keeps: the same tokens as scaling the whole vocabulary in float32 first, whatever the temperature."""
+    g, draw = torch.Generator().manual_seed(3), random.Random(3)
+    for vocab in (3000, 49152):  # one search, and the halves merged as lists (best_few)
+        for _ in range(15):
+            logits = (torch.randn(vocab, generator=g) * draw.choice([0.5, 3.0])).to(dtype)
+            k, p, m, t = draw.randrange(1, 200), draw.uniform(0.5, 1.0), draw.uniform(0.0, 0.1), draw.uniform(0.3, 2)
+            values, ids = candidates(logits, k, p, m, temperature=t)
+            assert set(ids) == reference_kept(logits.float() / t, k, p, m), (k, p, m, t)
+            torch.testing.assert_close(torch.tensor(values, dtype=torch.float64), logits[ids].double() / t)
+    tied = torch.zeros(49152, dtype=dtype)
+    tied[[7, 30000]] = 2.0
+    assert set(candidates(tied, 1, 1.0, 0.0, 0.7)[1]) == {7, 30000}  # the tie with the k-th stays
+
+
+def test_argmax_equals_torch_and_greedy_sampling_reports_nan():
+    g = torch.Generator().manual_seed(0)
+    for vocab in (49152, 65024, 3000, 1000):  # blocks searched first; a vocabulary that does not divide: torch's
+        for dtype in (torch.bfloat16, torch.float32):
+            for case in range(40):
+                x = torch.randn(vocab, generator=g).to(dtype)
+                if case % 3 == 0:  # equal maxima: the first one, as torch.argmax
+                    x[torch.randint(vocab, (3,), generator=g)] = x.max() + 1
+                if case % 5 == 0:
+                    x[torch.randint(vocab, (1,), generator=g)] = float("nan")
+                assert argmax(x) == int(torch.argmax(x)), (vocab, dtype, case)
+    bad = torch.zeros(49152, dtype=torch.bfloat16)
+    bad[40000] = float("nan")
+    for params in (SamplingParams(temperature=0), SamplingParams(top_k=40)):  # the paths that read only the best
+        with pytest.raises(GlmkitError, match="NaN or infinite logits"):
+            make_sampler(params)(bad, [], [], None)
 
 
 def test_penalties_on_crafted_logits():
