@@ -158,18 +158,21 @@ class CodeOnUnpickle:
 
 
 class LiveServer:
-    """uvicorn serving a glmkit app on a free loopback port, in a background thread."""
+    """uvicorn serving a glmkit app on a free loopback port, in a background thread, on the HTTP protocol glmkit
+    serve runs."""
 
     def __init__(self, llm, **kw):
         import uvicorn
 
         from glmkit.server.app import create_app
+        from glmkit.server.protocol import http_protocol
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.app = create_app(llm, model_name="tiny", **kw)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error",
+                                                    http=http_protocol()))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 20

@@ -529,15 +529,20 @@ def test_longest_echo_logprobs_prompt_is_bounded(tmp_path):
         live.close()
 
 
-def test_half_sent_request_is_closed_by_the_server(chatml_dir):
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_half_sent_request_is_closed_by_the_server(chatml_dir, parser):
     """A client that sends half a request line and stalls is disconnected after the header deadline; whole
-    requests on the same server are unaffected."""
+    requests on the same server are unaffected. On both HTTP parsers: glmkit serve's (httptools, installed
+    with glmkit) and the fallback (h11)."""
     import uvicorn
 
     from glmkit.server.app import create_app
-    from glmkit.server.protocol import HeaderTimeoutH11
+    from glmkit.server.protocol import HeaderTimeoutH11, http_protocol
 
-    class Quick(HeaderTimeoutH11):
+    protocol = http_protocol() if parser == "httptools" else HeaderTimeoutH11
+    assert (parser in protocol.__mro__[2].__module__) and protocol.header_timeout == 10.0
+
+    class Quick(protocol):
         header_timeout = 0.5
 
     app = create_app(glmkit.load(chatml_dir), model_name="tiny")

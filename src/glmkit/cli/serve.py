@@ -45,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
     from glmkit.engine.threads import on_own_thread, serial
     from glmkit.errors import GlmkitError
     from glmkit.server.app import create_app
-    from glmkit.server.protocol import DrainingServer, HeaderTimeoutH11
+    from glmkit.server.protocol import DrainingServer, http_protocol
 
     keys = list(args.api_key)
     if args.api_key_file:
@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
     # idle keep-alive connections close after 5 s, a request head must arrive within 10 s, and Ctrl-C / SIGTERM
     # ends the streams in flight at once (a second one exits immediately)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5,
-                            http=HeaderTimeoutH11)
+                            http=http_protocol())
     from glmkit.loaders.cache import register_server
 
     note = register_server({"url": url, "model": name, "started": time.time()})  # for glmkit ps
