@@ -184,9 +184,9 @@ def _logsumexp(values: list[float]) -> float:
 
 def candidates(logits: torch.Tensor, top_k: int, top_p: float, min_p: float,
                temperature: float = 1.0) -> tuple[torch.Tensor | list[float], list[int] | None]:
-    """What top-k, top-p and min-p keep of logits (V,) / temperature: (their scaled float32 logits, their ids).
-    With top-k on, only the k + 1 best logits are read and scaled (any dtype: no pass over the whole vocabulary
-    beyond the search). With top-k or top-p on, both
+    """What top-k, top-p and min-p keep of logits (V,) / temperature: (their scaled logits, their ids). With
+    top-k on, only the k + TIE_ROOM best logits are read, in any dtype, and only those kept are scaled (no pass
+    over the whole vocabulary beyond the search). With top-k or top-p on, both
     are lists, most likely first (they hold few tokens: list arithmetic beats a dozen tiny tensor ops), but for
     a nucleus of thousands of tokens or min-p alone the logits stay a tensor; with no filter, (logits, None).
     Top-k keeps the k best; top-p the smallest set of most likely tokens whose probability reaches p (at least

@@ -8,6 +8,7 @@ h11's otherwise; and a server whose first Ctrl-C / SIGTERM ends every stream in 
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -55,6 +56,7 @@ class HeaderTimeoutH11(HeaderDeadline, H11Protocol):
             self._disarm()  # a request head arrived: its handling is timed by the app
 
 
+@functools.cache
 def http_protocol() -> type:
     """The protocol `glmkit serve` runs: httptools' when installed, else h11's, each with the head deadline."""
     try:
