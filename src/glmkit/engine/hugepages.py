@@ -71,4 +71,3 @@ def loaded(load: Callable[[], Any]) -> tuple[Any, set[tuple[int, int]]]:
         return load(), set()
     result = load()
     return result, _anonymous_mappings() - before
-
