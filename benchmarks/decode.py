@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -96,12 +98,31 @@ def run_child(kind: str, source: str, runs: int, threads: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def llama_bench(binary: str, gguf: str, runs: int, threads: int) -> dict:
-    out = subprocess.run([binary, "-m", gguf, "-p", "512", "-n", "128", "-t", str(threads), "-r", str(runs),
-                          "-o", "json"], capture_output=True, text=True, check=True)
-    rows = json.loads(out.stdout)
-    pick = lambda key: next(r["avg_ts"] for r in rows if r[key] > 0 and r["n_gen" if key == "n_prompt" else "n_prompt"] == 0)  # noqa: E731
-    return {"prefill_tps": pick("n_prompt"), "decode_tps": pick("n_gen")}
+def llama_bench(binary: str, gguf: str, runs: int, threads: int, extra: list[str] | None = None) -> dict:
+    """llama-bench's decode (tg128) and prefill (pp512), each its own run: a build that dies on one (see
+    peer_died) still gives the other. extra: more llama-bench arguments (--llama-args)."""
+    out = {}
+    for key, shape in (("decode_tps", ["-p", "0", "-n", "128"]), ("prefill_tps", ["-p", "512", "-n", "0"])):
+        done = subprocess.run([binary, "-m", gguf, *shape, "-t", str(threads), "-r", str(runs), "-o", "json",
+                               *(extra or [])], capture_output=True, text=True)
+        if done.returncode < 0:
+            print(peer_died("llama-bench", -done.returncode, "prefill" if key == "prefill_tps" else "decode"),
+                  file=sys.stderr)
+            continue
+        if done.returncode != 0:
+            sys.exit(f"llama-bench failed (exit code {done.returncode}):\n{done.stderr[-2000:]}")
+        out[key] = json.loads(done.stdout)[0]["avg_ts"]
+    return out
+
+
+def peer_died(name: str, signal_number: int, what: str) -> str:
+    """One sentence for a llama.cpp binary killed by a signal. SIGILL: a -DGGML_NATIVE build's AMX kernels on
+    a virtual machine that advertises AMX but faults on llama.cpp's tile instructions (this project's second
+    machine: llama-bench decodes, but any prompt of more than one token, and so llama-server's warm-up, dies)."""
+    flag = "--no-repack" if "server" in name else "--repack 0"
+    return (f"{name} died with {signal.Signals(signal_number).name} during {what}, so it is left out. If that "
+            f"was SIGILL on an AMX CPU, rerun with --llama-args '{flag}' (llama.cpp's plain CPU kernels) or build "
+            "llama.cpp with -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON.")
 
 
 def main() -> None:
@@ -110,6 +131,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-bench", default=shutil.which("llama-bench"))
+    ap.add_argument("--llama-args", default="", help="more llama-bench arguments, e.g. '--repack 0'")
     ap.add_argument("--only", nargs="*", default=None, help="a subset of the configurations")
     args = ap.parse_args()
 
@@ -124,7 +146,8 @@ def main() -> None:
         rows[kind] = run_child(kind, source, args.runs, args.threads)
         print(f"  {kind}: {rows[kind]} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
     if args.llama_bench and source.endswith(".gguf"):
-        rows["llama.cpp (llama-bench)"] = llama_bench(args.llama_bench, source, args.runs, args.threads)
+        rows["llama.cpp (llama-bench)"] = llama_bench(args.llama_bench, source, args.runs, args.threads,
+                                                        shlex.split(args.llama_args))
     base = rows.get("transformers bfloat16", {}).get("decode_tps")
     ref = rows.get("llama.cpp (llama-bench)", {})
     print(f"\n{source.rsplit('/', 1)[-1]}, {args.threads} threads, medians of {args.runs} runs\n")
@@ -133,9 +156,9 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for kind, r in rows.items():
         cell = lambda k, f: f.format(r[k]) if k in r else "–"  # noqa: E731
-        vs_ref = f"{r['decode_tps'] / ref['decode_tps']:.2f}x" if ref else "–"
-        vs_hf = f"{r['decode_tps'] / base:.2f}x" if base else "–"
-        print(f"| {kind} | {r['decode_tps']:.1f} | {r['prefill_tps']:.0f} | "
+        vs_ref = f"{r['decode_tps'] / ref['decode_tps']:.2f}x" if "decode_tps" in r and "decode_tps" in ref else "–"
+        vs_hf = f"{r['decode_tps'] / base:.2f}x" if base and "decode_tps" in r else "–"
+        print(f"| {kind} | {cell('decode_tps', '{:.1f}')} | {cell('prefill_tps', '{:.0f}')} | "
               f"{cell('ttft_s', '{:.0f}') if 'ttft_s' not in r else round(r['ttft_s'] * 1000)} | "
               f"{cell('load_s', '{:.1f}')} | {cell('compile_s', '{:.0f}')} | {cell('peak_rss_mb', '{:.0f}')} | "
               f"{vs_ref} | {vs_hf} |")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -108,6 +109,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-bench", default=shutil.which("llama-bench"))
+    ap.add_argument("--llama-args", default="", help="more llama-bench arguments, e.g. '--repack 0'")
     ap.add_argument("--workdir", default="/tmp/glmkit-moe-bench")
     ap.add_argument("--only", nargs="*", default=None, help="a subset of the configurations")
     args = ap.parse_args()
@@ -124,7 +126,8 @@ def main() -> None:
         print(f"  {kind}: {rows[kind]} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
     if args.llama_bench:
         for qtype, path in ggufs.items():
-            rows[f"llama.cpp {qtype}"] = llama_bench(args.llama_bench, str(path), args.runs, args.threads)
+            rows[f"llama.cpp {qtype}"] = llama_bench(args.llama_bench, str(path), args.runs, args.threads,
+                                                     shlex.split(args.llama_args))
     hf_best = max((r["decode_tps"] for k, r in rows.items() if k.startswith("transformers")), default=None)
     print(f"\nGLM-4.5-Air-shaped MoE (8 layers, hidden 1024, 64 experts top-8), {args.threads} threads, "
           f"medians of {args.runs} runs\n")
@@ -136,12 +139,11 @@ def main() -> None:
             print(f"| {kind} | failed | | | | | |")
             continue
         same = rows.get(f"llama.cpp {'Q4_0' if 'int4' in kind else 'Q8_0'}") if kind.startswith("glmkit") else None
-        print(f"| {kind} | {r['decode_tps']:.1f} | {r['prefill_tps']:.0f} | "
-              f"{r['peak_rss_mb']:.0f} | " if "peak_rss_mb" in r else f"| {kind} | {r['decode_tps']:.1f} | "
-              f"{r['prefill_tps']:.0f} | – | ", end="")
-        print(f"{r['compile_s']:.0f} | " if "compile_s" in r else "– | ", end="")
-        print(f"{r['decode_tps'] / hf_best:.2f}x | " if hf_best else "– | ", end="")
-        print(f"{r['decode_tps'] / same['decode_tps']:.2f}x |" if same else "– |")
+        cell = lambda k, f, r=r: f.format(r[k]) if k in r else "–"  # noqa: E731
+        print(f"| {kind} | {cell('decode_tps', '{:.1f}')} | {cell('prefill_tps', '{:.0f}')} | "
+              f"{cell('peak_rss_mb', '{:.0f}')} | {cell('compile_s', '{:.0f}')} | ", end="")
+        print(f"{r['decode_tps'] / hf_best:.2f}x | " if hf_best and "decode_tps" in r else "– | ", end="")
+        print(f"{r['decode_tps'] / same['decode_tps']:.2f}x |" if same and "decode_tps" in same else "– |")
 
 
 if __name__ == "__main__":

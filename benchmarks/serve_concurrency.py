@@ -16,6 +16,7 @@ decodes through them, so the measurement sees what a warmed-up server runs.
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import socket
 import statistics
@@ -27,6 +28,9 @@ from pathlib import Path
 
 import httpx
 import openai
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode import peer_died  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -42,6 +46,8 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
+            if proc.returncode < 0:
+                sys.exit(peer_died(" ".join(proc.args[:1]), -proc.returncode, "its start (its warm-up)"))
             sys.exit(f"the server exited early (code {proc.returncode})")
         try:
             r = httpx.get(url + "/health", timeout=1)
@@ -150,6 +156,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--llama-server", default=shutil.which("llama-server"))
+    ap.add_argument("--llama-args", default="", help="more llama-server arguments, e.g. '--no-repack'")
     ap.add_argument("--chunks", type=int, nargs="+", default=[256], help="glmkit serve --prefill-chunk values")
     args = ap.parse_args()
     levels = [1, 4, 8]
@@ -163,7 +170,8 @@ def main() -> None:
                            "8", "--model-name", "m", "--prefill-chunk", str(c)]) for c in args.chunks}
     if args.llama_server and gguf.suffix == ".gguf":
         commands["llama-server -np 8"] = (
-            lambda port: [args.llama_server, "-m", str(gguf), "--port", str(port), "-np", "8", "-c", "32768", "-t", "2"])
+            lambda port: [args.llama_server, "-m", str(gguf), "--port", str(port), "-np", "8", "-c", "32768", "-t", "2",
+                          *shlex.split(args.llama_args)])
     rows = serve_all_and_measure(commands, levels, args)
     print(f"\naggregate decode tokens/s, {args.tokens} tokens per stream, median of {args.runs} runs "
           f"({gguf.name})\n")
