@@ -121,7 +121,7 @@ def peer_died(name: str, signal_number: int, what: str) -> str:
     machine: llama-bench decodes, but any prompt of more than one token, and so llama-server's warm-up, dies)."""
     flag = "--no-repack" if "server" in name else "--repack 0"
     return (f"{name} died with {signal.Signals(signal_number).name} during {what}, so it is left out. If that "
-            f"was SIGILL on an AMX CPU, rerun with --llama-args '{flag}' (llama.cpp's plain CPU kernels) or build "
+            f"was SIGILL on an AMX CPU, rerun with --llama-args='{flag}' (llama.cpp's plain CPU kernels) or build "
             "llama.cpp with -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON.")
 
 
@@ -131,7 +131,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-bench", default=shutil.which("llama-bench"))
-    ap.add_argument("--llama-args", default="", help="more llama-bench arguments, e.g. '--repack 0'")
+    ap.add_argument("--llama-args", default="", help="more llama-bench arguments, written --llama-args='--repack 0'")
     ap.add_argument("--only", nargs="*", default=None, help="a subset of the configurations")
     args = ap.parse_args()
 

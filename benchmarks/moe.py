@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-bench", default=shutil.which("llama-bench"))
-    ap.add_argument("--llama-args", default="", help="more llama-bench arguments, e.g. '--repack 0'")
+    ap.add_argument("--llama-args", default="", help="more llama-bench arguments, written --llama-args='--repack 0'")
     ap.add_argument("--workdir", default="/tmp/glmkit-moe-bench")
     ap.add_argument("--only", nargs="*", default=None, help="a subset of the configurations")
     args = ap.parse_args()

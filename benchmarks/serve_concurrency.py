@@ -156,7 +156,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--llama-server", default=shutil.which("llama-server"))
-    ap.add_argument("--llama-args", default="", help="more llama-server arguments, e.g. '--no-repack'")
+    ap.add_argument("--llama-args", default="", help="more llama-server arguments, written --llama-args='--no-repack'")
     ap.add_argument("--chunks", type=int, nargs="+", default=[256], help="glmkit serve --prefill-chunk values")
     args = ap.parse_args()
     levels = [1, 4, 8]
