@@ -202,7 +202,9 @@ def test_a_rank_that_dies_ends_the_server_with_a_clear_error(checkpoints):
         import httpx
 
         while True:
-            assert time.time() < deadline and procs[0].poll() is None, "rank 0 did not come up"
+            if procs[0].poll() is not None or time.time() > deadline:
+                procs[0].kill()
+                pytest.fail(f"rank 0 did not come up (exit code {procs[0].wait()}): {procs[0].stderr.read()[-3000:]}")
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                     break

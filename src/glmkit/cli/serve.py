@@ -9,6 +9,7 @@ when it ends (--log-format text|json, --no-access-log).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import replace
@@ -55,7 +56,10 @@ def main(args: argparse.Namespace) -> int:
             raise GlmkitError(f"cannot read the API key file {args.api_key_file} ({e.strerror}).") from None
     if any(not k.strip() for k in keys):  # before loading: a server no one could use is refused at once
         raise GlmkitError("an API key is empty; give non-empty keys (or none, for an open server).")
-    _check_port(args.host, args.port)  # before loading too: minutes of loading for a busy port helps no one
+    # bound before loading: minutes of loading for a busy port help no one, and the port cannot be taken while the
+    # model loads (by another program, or by torch.distributed's own connections); it listens once serving starts
+    serves = int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0  # not a follower
+    listener = _bind(args.host, args.port) if serves else None
     # loaded on a thread that ends, so its OpenMP team ends too (engine/threads.py)
     llm = on_own_thread(load_model, args, build=True, batched=True)
     serial()  # the event loop's thread leaves the cores' parallel work to the engine thread
@@ -80,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
 
     note = register_server({"url": url, "model": name, "started": time.time()})  # for glmkit ps
     try:
-        DrainingServer(config, app.state.worker).run()
+        DrainingServer(config, app.state.worker).run(sockets=[listener] if listener else None)
     finally:
         note.unlink(missing_ok=True)
     if app.state.worker.fatal is not None:
@@ -101,14 +105,16 @@ def _log_to_stderr() -> None:
     logger.propagate = False
 
 
-def _check_port(host: str, port: int) -> None:
+def _bind(host: str, port: int):
     import socket
 
     from glmkit.errors import GlmkitError
 
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        return listener
     except OSError as e:
+        listener.close()
         raise GlmkitError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host.") from None
