@@ -33,10 +33,7 @@ CHILD = r"""
 import json, statistics, time
 import torch
 torch.set_num_threads({threads})
-def peak_rss_mb():  # this process's high-water mark (ru_maxrss would carry over the parent's, across exec)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+from glmkit.benchmark import peak_rss_mb
 kind, source, context, steps, runs = {kind!r}, {source!r}, {context}, {steps}, {runs}
 g = torch.Generator().manual_seed(0)
 rates = []

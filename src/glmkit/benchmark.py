@@ -15,6 +15,15 @@ import torch
 
 
 def peak_rss_mb() -> float:
+    """This process's high-water RSS; ru_maxrss would carry a parent's over a fork + exec (a benchmark's child
+    would report the size of the parent that built its model)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass  # not Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
