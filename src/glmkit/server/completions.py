@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from glmkit.server.schema import CompletionRequest, error_body
-from glmkit.server.state import ApiError, ServerState, check_text, merged, sse, state_of
+from glmkit.server.state import ApiError, ServerState, check_text, json_reply, merged, sse, state_of
 
 router = APIRouter()
 
@@ -44,8 +44,8 @@ async def completions(body: CompletionRequest, request: Request):
     choices = await asyncio.gather(*(_complete(s, index, p, handle, body, started, request)
                                      for (index, p), handle in zip(jobs, handles)))
     n_prompt, n_gen = sum(len(p) for p in prompts), sum(c.pop("_n") for c in choices)
-    return {**head, "choices": choices,
-            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}}
+    return await json_reply({**head, "choices": choices, "usage": {
+        "prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}})
 
 
 async def _infill(s: ServerState, body: CompletionRequest, request: Request) -> dict:
@@ -90,7 +90,7 @@ async def _complete(s: ServerState, index: int, prompt: list[int], handle, body:
     if want is not None:
         entries = await s.worker.call(lambda: s.llm.prompt_logprobs(prompt, want)) if body.echo else []
         entries += [(t, lp, top) for t, (lp, top) in zip(out, seq.logprobs if seq else [])]
-        logprobs = _logprob_block(entries, tok)
+        logprobs = await asyncio.to_thread(_logprob_block, entries, tok)  # a token's text each: off the event loop
     if body.echo:
         text = tok.decode(prompt, skip_special=False) + text
     return {"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs, "_n": len(out)}

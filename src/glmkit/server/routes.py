@@ -18,7 +18,7 @@ from glmkit.chat import ChatTurn
 from glmkit.chat.jinja import RESERVED
 from glmkit.server.completions import prompt_ids
 from glmkit.server.schema import ChatRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest, error_body
-from glmkit.server.state import ApiError, ServerState, check_text, merged, render_error, sse, state_of
+from glmkit.server.state import ApiError, ServerState, check_text, json_reply, merged, render_error, sse, state_of
 
 STATIC = Path(__file__).parent / "static"
 router = APIRouter()
@@ -107,8 +107,8 @@ async def chat(body: ChatRequest, request: Request):
     choices = await asyncio.gather(*(_choice(s, i, h, t, started, request, body.logprobs)
                                      for i, (h, t) in enumerate(zip(handles, turns))))
     n_out = sum(t.tokens for t in turns)
-    return {**base, "object": "chat.completion", "choices": list(choices),
-            "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}}
+    return await json_reply({**base, "object": "chat.completion", "choices": list(choices), "usage": {
+        "prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}})
 
 
 async def _choice(s: ServerState, index: int, handle, turn: ChatTurn, started: float, request: Request,
@@ -116,7 +116,7 @@ async def _choice(s: ServerState, index: int, handle, turn: ChatTurn, started: f
     async for c in s.chunks(handle, started, request):
         turn.feed(c.text, len(c.token_ids), c.finish_reason)
     message, reason, _ = turn.finish()
-    logprobs = _logprobs(s, handle.seq, 0, len(handle.seq.output)) if want_logprobs else None
+    logprobs = await asyncio.to_thread(_logprobs, s, handle.seq, 0, len(handle.seq.output)) if want_logprobs else None
     return {"index": index, "message": message, "finish_reason": reason, "logprobs": logprobs}
 
 
@@ -180,7 +180,8 @@ async def embeddings(body: EmbeddingRequest, request: Request):
     data = [{"object": "embedding", "index": i, "embedding": _encoded(v, body.encoding_format)}
             for i, v in enumerate(vectors)]
     n = sum(map(len, ids))
-    return {"object": "list", "data": data, "model": s.model_name, "usage": {"prompt_tokens": n, "total_tokens": n}}
+    return await json_reply({"object": "list", "data": data, "model": s.model_name,
+                             "usage": {"prompt_tokens": n, "total_tokens": n}})
 
 
 def _encoded(vector, encoding: str):
