@@ -42,7 +42,13 @@ def main(args: argparse.Namespace) -> int:
         if missing:
             raise GlmkitError(f"give --{' and --'.join(missing)} (or a --config file).")
         cfg = TrainConfig(**given)
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    finally:  # under torchrun: end the group before exit (a gloo thread still running at exit aborted a rank)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     if "final" in result:
         summary = {k: v for k, v in result.items() if k != "losses"}
         summary["last_loss"] = result["losses"][-1] if result["losses"] else None
