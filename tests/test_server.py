@@ -510,23 +510,20 @@ def test_longest_echo_logprobs_prompt_is_bounded(tmp_path):
     live = LiveServer(glmkit.load(tmp_path))
     try:
         prompt = [5 + (i % 7) for i in range(8000)]
-        before, slowest, answered, start = _rss_mb(), 0.0, 0, time.time()
+        before, slowest = _rss_mb(), 0.0
         with ThreadPoolExecutor(1) as pool:
             job = pool.submit(httpx.post, live.url + "/v1/completions", timeout=300,
                               json={"prompt": prompt, "echo": True, "logprobs": 20, "max_tokens": 0})
             while not job.done():
                 t = time.time()
-                assert httpx.get(live.url + "/health", timeout=30).status_code == 200
-                slowest, answered = max(slowest, time.time() - t), answered + 1
+                assert httpx.get(live.url + "/health", timeout=5).status_code == 200
+                slowest = max(slowest, time.time() - t)
                 time.sleep(0.05)
             r = job.result()
-        took = time.time() - start
         assert r.status_code == 200, r.text
         lp = r.json()["choices"][0]["logprobs"]
         assert len(lp["token_logprobs"]) == 8000 and 1 <= len(lp["top_logprobs"][-1]) <= 20  # keyed by text
-        # relative to the request's own time, so a loaded machine slows both alike: with the response encoded on
-        # the event loop, one /health waited ~2/3 of the request (1.16 of 1.71 s); off it, 0.1-0.2 of 0.7-1.0 s
-        assert slowest < took / 3, (answered, slowest, took)
+        assert slowest < 1.0, slowest
         assert _rss_mb() - before < 400
     finally:
         live.close()
