@@ -99,6 +99,39 @@ def test_batched_compiled_decoding_equals_eager(tmp_path, kind):
     assert steps["compiled_rows"] > 10 and steps["compiled"] > 0 and steps["eager"] == 0, steps
 
 
+def test_an_int8_package_holds_only_the_packed_weights(tmp_path):
+    """Inductor's C++ GEMM templates repack every int8 weight; the package keeps the packed copies and drops the
+    originals (torch alone kept both for dotted module names: 275 MB instead of ~170 for the default model's
+    int8 step). The tied head's int8 table stays: the embedding reads its rows. The package still computes the
+    eager model's logits (bfloat16, so within rounding)."""
+    import re
+    import zipfile
+
+    from glmkit.kv_cache import KVCache
+
+    config = dict(LLAMA_CONFIGS["mqa-tied"], hidden_size=96, intermediate_size=128, head_dim=32)
+    make_hf_model("llama", config).save_pretrained(tmp_path / "m")
+    llm = glmkit.load(tmp_path / "m", quantize="int8")
+    decoder = llm.compile(batched=False)
+    assert decoder.ready, decoder.error
+    with zipfile.ZipFile(decoder.path) as z:
+        wrapper = next(z.read(n).decode() for n in z.namelist() if n.endswith(".wrapper.cpp"))
+    names = re.findall(r'constants_info_\[\d+\]\.name = "([^"]+)"', wrapper)
+    assert "model_lm_head_q" in names and sum(n.startswith("constant") for n in names) == 9  # 2 layers x 4 + head
+    assert not [n for n in names if n.endswith("_q") and n != "model_lm_head_q"], names
+
+    c, prompt = llm.model.config, torch.tensor([[5, 9, 13, 2, 40, 7]])
+    caches = [KVCache(c, 1, 32, dtype=llm.model.dtype) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            llm.model(prompt, torch.arange(6)[None], cache, 0)
+        token, position = torch.tensor([[11]]), torch.tensor([[6]])
+        eager = llm.model(token, position, caches[0], 6)[:, -1].float()  # (1, V)
+        compiled = decoder(token, position, caches[1], 6).float()  # (1, V)
+    assert (compiled - eager).abs().max() < 0.05 * eager.abs().max()
+    assert compiled.argmax() == eager.argmax()
+
+
 def test_compile_failure_or_corrupt_package_leaves_eager_decoding(tmp_path, monkeypatch):
     from glmkit.engine import packages
     from glmkit.engine.compiled import inductor_options, package_key

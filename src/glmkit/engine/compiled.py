@@ -15,7 +15,9 @@ in place. The steps compute exactly what the model's forward computes; no sampli
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -123,6 +125,61 @@ def _twin(model: Transformer) -> Transformer:
         tensors = [*module._parameters.values(), *module._buffers.values(), *vars(module).values()]
         memo.update({id(t): t for t in tensors if isinstance(t, torch.Tensor)})
     return copy.deepcopy(model, memo)
+
+
+@contextlib.contextmanager
+def _packed_weights_replace_originals():
+    """While compiling: a weight that inductor's C++ GEMM template has repacked leaves the package. torch 2.13
+    drops it only when its name has no dots, so an exported model's weights (model.layers.0.mlp.in_proj.q) all
+    stayed beside their packed copies (the default model's int8 step: 275 MB instead of 169). The same rule, on
+    the tensors themselves: a weight goes when one graph attribute holds it, that attribute feeds only this
+    GEMM, and the template does not read it."""
+    try:
+        import torch._inductor.compile_fx  # noqa: F401 - first: the template module alone hits an import cycle
+        from torch._inductor import ir
+        from torch._inductor.codegen import cpp_gemm_template as gemm
+        from torch._inductor.virtualized import V
+        torch_prune = gemm.prune_tensors
+    except (ImportError, AttributeError):  # another torch: its own rule alone
+        yield
+        return
+
+    def held(module, target: str):
+        try:
+            return functools.reduce(getattr, target.split("."), module)
+        except AttributeError:
+            return None
+
+    def same(a, b) -> bool:
+        return isinstance(b, torch.Tensor) and not a.is_mkldnn and not b.is_mkldnn and \
+            a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+    def prune(input_nodes, new_input_nodes):
+        torch_prune(input_nodes, new_input_nodes)
+        constants = V.graph.constants
+        kept = [constants[n.get_name()] for n in new_input_nodes
+                if isinstance(n, (ir.TensorBox, ir.StorageBox)) and n.get_name() in constants]
+        attrs = [(n, held(V.graph.module, n.target)) for n in V.graph.graph.nodes if n.op == "get_attr"]
+        for node in input_nodes:
+            if node in new_input_nodes or not isinstance(node, (ir.TensorBox, ir.StorageBox)):
+                continue
+            tensor = constants.get(node.get_name())
+            if tensor is None or any(same(tensor, k) for k in kept):
+                continue
+            holders = [n for n, t in attrs if same(tensor, t)]
+            if len(holders) == 1 and len(holders[0].users) == 1:
+                del constants[node.get_name()]
+                *path, leaf = holders[0].target.split(".")
+                for module in {id(m): m for m in (V.graph.module, V.graph.graph.owning_module)}.values():
+                    owner = held(module, ".".join(path)) if path else module
+                    if owner is not None and hasattr(owner, leaf):
+                        delattr(owner, leaf)
+
+    gemm.prune_tensors = prune
+    try:
+        yield
+    finally:
+        gemm.prune_tensors = torch_prune
 
 
 def _reason(e: Exception) -> str:
@@ -284,7 +341,8 @@ class CompiledDecoder:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # private: packages are native code
         partial = path.with_name(f".partial-{os.getpid()}-{path.name}")  # must end in .pt2
         try:
-            torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=options)
+            with _packed_weights_replace_originals():
+                torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=options)
             os.replace(partial, path)  # complete packages only: an interrupted compile leaves nothing behind
         finally:
             partial.unlink(missing_ok=True)
