@@ -170,7 +170,7 @@ def _packed_weights_replace_originals():
             if len(holders) == 1 and len(holders[0].users) == 1:
                 del constants[node.get_name()]
                 *path, leaf = holders[0].target.split(".")
-                for module in {id(m): m for m in (V.graph.module, V.graph.graph.owning_module)}.values():
+                for module in (V.graph.module, V.graph.graph.owning_module):  # (often one module: hasattr skips)
                     owner = held(module, ".".join(path)) if path else module
                     if owner is not None and hasattr(owner, leaf):
                         delattr(owner, leaf)
