@@ -5,7 +5,8 @@ Router (float32): s = sigmoid(x W^T) (softmax where a GGUF file says so); the ch
 best biased scores sum highest; the weights are the unbiased s of the chosen experts, renormalised when
 norm_topk_prob, times routed_scaling_factor. Experts: gate_up_proj (E, 2I, C) rows [gate | up], down_proj
 (E, C, I), float or stacked int8 / int4. A few tokens (decode) run each through its k chosen experts, one
-kernel call each with nothing copied (a gather of the chosen weights measured ~50x slower for int4 here);
+kernel call each with nothing copied (a gather of the chosen weights measured ~50x slower for int4 here), or
+all k in one call of glmkit's fused int4 kernel (quant.cpu_kernels) where it runs;
 many tokens (prefill) go expert by expert over the tokens each one got.
 
 Glossary: N tokens, C hidden, E experts, k experts per token, I expert width, G groups.
@@ -82,6 +83,11 @@ class Experts(nn.Module):
         lo, held = self.held
         rows = []
         for n in range(x.shape[0]):
+            fused = getattr(self.gate_up_proj, "swiglu_token", None) if held == self.num_experts else None
+            fused = fused and fused(self.down_proj, x[n: n + 1], chosen[n], weights[n: n + 1])
+            if fused is not None:  # glmkit's int4 kernel: all k experts in one call, ids read inside it
+                rows.append(fused)
+                continue
             ids = []
             for j in range(chosen.shape[1]):
                 e = chosen[n, j].item()

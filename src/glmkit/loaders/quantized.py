@@ -37,7 +37,7 @@ def save_quantized(model: nn.Module, directory: Path, bits: int, group_size: int
             modules[name] = f"int{module.bits}_experts"
             if module.bits == 4:  # portable nibbles, as for Int4Linear
                 tensors[f"{name}.qweight"] = to_bytes(torch.stack([module.nibbles(e) for e in range(module.experts)]))
-                sz = module.scales_zeros  # (E, K / gs, N, 2) bfloat16
+                sz = module.group_scales()  # (E, K / gs, N, 2) bfloat16
                 tensors[f"{name}.scales"] = sz[..., 0].transpose(1, 2).contiguous()
                 tensors[f"{name}.zeros"] = sz[..., 1].transpose(1, 2).contiguous()
             else:

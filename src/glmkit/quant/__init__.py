@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmkit.errors import GlmkitError
+from glmkit.quant import cpu_kernels
 from glmkit.quant import int4_packing as packing
 
 
@@ -242,8 +243,9 @@ class StackedInt8(nn.Module):
 
 class StackedInt4(nn.Module):
     """Stacked expert weights (E, N, K) as Int4Linear's asymmetric group-wise int4, w = (q - 8) * scale + zero per
-    `group_size` columns, each expert packed for torch's CPU int4 kernel (two values a byte elsewhere):
-    `linear(e, x)` runs expert e through that kernel, `dequantize(e)` gives its weights (as computed with)."""
+    `group_size` columns. On CPU they are kept in the "vnni" layout of glmkit's own kernels (cpu_kernels: int8
+    activations, integer dot products) where those run, else packed for torch's CPU int4 kernel; two values a
+    byte elsewhere. `linear(e, x)` runs expert e, `dequantize(e)` gives its weights (as computed with)."""
 
     bits = 4
 
@@ -255,9 +257,9 @@ class StackedInt4(nn.Module):
             raise GlmkitError(f"int4 experts need a group size ({group_size}) dividing the input size ({K}).")
         self.experts, self.out_features, self.in_features, self.group_size = E, N, K, group_size
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8))
-        self._pack(q)
+        self.register_buffer("scales_zeros", torch.empty(0, dtype=torch.bfloat16))  # as the layout wants them
         sz = torch.stack([scales.float().transpose(1, 2), zeros.float().transpose(1, 2)], dim=-1)  # (E, K / gs, N, 2)
-        self.register_buffer("scales_zeros", sz.to(torch.bfloat16).contiguous())
+        self._pack(q, sz.to(torch.bfloat16))
 
     @classmethod
     def from_float(cls, w: torch.Tensor, group_size: int = 32) -> "StackedInt4":
@@ -271,37 +273,78 @@ class StackedInt4(nn.Module):
             q[e] = qe
         return cls(q, scales, zeros, group_size)
 
-    def _pack(self, q: torch.Tensor) -> None:
-        if q.device.type == "cpu" and self.out_features % 16 == 0 and self.group_size in (32, 64, 128, 256):
+    def _pack(self, q: torch.Tensor, sz: torch.Tensor) -> None:
+        """q (E, N, K) values and sz (E, K / gs, N, 2) bfloat16 -> the layout of q's device's kernel."""
+        N, gs, cpu = self.out_features, self.group_size, q.device.type == "cpu"
+        if cpu and N % 16 == 0 and gs % 32 == 0 and cpu_kernels.int4_vnni():
+            E, K = q.shape[0], self.in_features
+            self.packed = torch.empty(E, N // 16, K // 8, 16, 4, dtype=torch.uint8)  # filled expert by expert
+            for e in range(E):
+                self.packed[e] = packing.to_vnni(q[e])
+            self.scales_zeros, self.layout = packing.scales_to_vnni(sz), "vnni"
+        elif cpu and N % 16 == 0 and gs in (32, 64, 128, 256):
             self.packed = torch.stack([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 q[e].to(torch.int32).contiguous(), 1) for e in range(q.shape[0])])
-            self.layout = "cpu"
+            self.scales_zeros, self.layout = sz.contiguous(), "cpu"
         else:
-            self.packed, self.layout = packing.to_bytes(q), "bytes"
+            self.packed, self.scales_zeros, self.layout = packing.to_bytes(q), sz.contiguous(), "bytes"
 
     def _apply(self, fn, recurse: bool = True):
-        return repacked(self, fn, recurse, super()._apply)
+        """A move to another kind of device repacks the values and scales for that device's layout."""
+        target = fn(torch.empty(0, dtype=torch.uint8, device=self.packed.device)).device
+        if target.type == self.packed.device.type:
+            return super()._apply(fn, recurse)
+        q, sz = self.all_nibbles(), self.group_scales()
+        self.packed, self.scales_zeros = torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.bfloat16)
+        super()._apply(fn, recurse)
+        self._pack(q.to(target), sz.to(target))
+        return self
 
     def all_nibbles(self) -> torch.Tensor:
+        if self.layout == "vnni":
+            return packing.from_vnni(self.packed)
         return torch.stack([self.nibbles(e) for e in range(self.experts)])  # (E, N, K)
 
     def nibbles(self, e: int) -> torch.Tensor:
         """Expert e's stored 4-bit values (N, K), 0..15."""
+        if self.layout == "vnni":
+            return packing.from_vnni(self.packed[e])
         return stored_nibbles(self.packed[e], self.layout, self.out_features, self.in_features, self.group_size)
+
+    def group_scales(self, index=slice(None)) -> torch.Tensor:
+        """The bfloat16 scales and zeros of expert `index` (an int or a slice) as (..., K / gs, N, 2)."""
+        sz = self.scales_zeros[index]
+        return packing.scales_from_vnni(sz) if self.layout == "vnni" else sz
 
     def dequantize(self, index=slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Expert `index` (an int, or a slice) -> (N, K) (or (E', N, K)) in `dtype`, with the bfloat16 scales."""
         if isinstance(index, slice):
             return torch.stack([self.dequantize(e, dtype) for e in range(self.experts)[index]])
-        sz = self.scales_zeros[index].to(dtype)  # (K / gs, N, 2)
+        sz = self.group_scales(index).to(dtype)  # (K / gs, N, 2)
         g = self.nibbles(index).to(dtype).view(self.out_features, -1, self.group_size) - 8  # (N, K / gs, gs)
         return (g * sz[..., 0].T[..., None] + sz[..., 1].T[..., None]).view(self.out_features, self.in_features)
 
     def linear(self, e, x: torch.Tensor) -> torch.Tensor:
         """x (n, K) through expert e -> (n, N)."""
-        if self.layout == "cpu" and x.dtype == torch.bfloat16 and x.shape[0] < PREFILL_ROWS_INT4:
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed[e], self.group_size, self.scales_zeros[e])
+        if x.dtype == torch.bfloat16 and x.shape[0] < PREFILL_ROWS_INT4:
+            if self.layout == "vnni":
+                y = torch.ops.glmkit.int4_linear(x.contiguous(), self.packed, self.scales_zeros, e, self.group_size)
+                return y.to(x.dtype)
+            if self.layout == "cpu":
+                return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed[e], self.group_size,
+                                                                  self.scales_zeros[e])
         return F.linear(x, self.dequantize(e, x.dtype))
+
+    def swiglu_token(self, down: nn.Module, x: torch.Tensor, ids: torch.Tensor,
+                     weights: torch.Tensor) -> torch.Tensor | None:
+        """One bfloat16 token x (1, C) through SwiGLU experts `ids` (k,) (these gate_up weights, then `down`),
+        weighted by `weights` (1, k) and summed -> (1, C) float32, in one call of glmkit's fused kernel; None where
+        that kernel does not apply."""
+        if not (isinstance(down, StackedInt4) and self.layout == "vnni" and down.layout == "vnni"
+                and x.dtype == torch.bfloat16 and down.in_features % 32 == 0):
+            return None
+        return torch.ops.glmkit.moe_int4_token(x.contiguous(), ids, weights, self.packed, self.scales_zeros,
+                                               down.packed, down.scales_zeros, self.group_size, down.group_size)
 
 
 class TiedInt8Embedding(nn.Module):

@@ -6,6 +6,9 @@ Layouts of an (N, K) matrix of values 0..15:
 - "cuda": torch's CUDA tinygemm packing (`_convert_weight_to_int4pack`), (N / 8, K / (16 t), 32, t / 2) int32
   with t inner k-tiles, for `_weight_int4pack_mm` (Ampere or newer); read back from the layout its packing
   kernel writes, checked once per shape against the op itself.
+- "vnni": glmkit's own CPU kernels (kernels/int4_vnni.cpp, AVX-512 VNNI), (N / 16, K / 8, 16, 4) uint8:
+  tiles of 16 rows; byte (r, j) of chunk c holds columns 8 c + j (low nibble) and 8 c + 4 + j (high) of row
+  r; the scales and zeros as (N / 16, K / group, 2, 16), each tile's 16 scales then its 16 zeros per group.
 - "bytes": two values per byte, the even column in the low nibble, (N, K / 2) uint8: devices without a
   kernel (and glmkit's checkpoint format).
 Both kernels dequantize w = (q - 8) * scale + zero with scales_zeros (K / group, N, 2) in bfloat16. No
@@ -61,6 +64,33 @@ def cpu_blocks(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
     one cpu_layout_known checks: each block is then a K x 64 slice of W^T."""
     packed = packed.view(N // 64, K, 1, 32)
     return torch.cat([packed & 0x0F, packed >> 4], dim=2).view(N // 64, K, 64)
+
+
+# ----------------------------------------------------------------------------------------- glmkit's CPU
+def to_vnni(q: torch.Tensor) -> torch.Tensor:
+    """(..., N, K) values 0..15 -> (..., N / 16, K / 8, 16, 4) uint8, the "vnni" layout."""
+    *lead, N, K = q.shape
+    v = q.to(torch.uint8).view(*lead, N // 16, 16, K // 8, 2, 4).transpose(-4, -3)  # (..., N/16, K/8, 16, 2, 4)
+    return (v[..., 0, :] | (v[..., 1, :] << 4)).contiguous()
+
+
+def from_vnni(packed: torch.Tensor) -> torch.Tensor:
+    """(..., N / 16, K / 8, 16, 4) uint8 -> (..., N, K) values 0..15."""
+    *lead, T, C, _, _ = packed.shape
+    v = torch.stack([packed & 0x0F, packed >> 4], dim=-2)  # (..., N/16, K/8, 16, 2, 4)
+    return v.transpose(-4, -3).reshape(*lead, T * 16, C * 8)
+
+
+def scales_to_vnni(sz: torch.Tensor) -> torch.Tensor:
+    """(..., K / group, N, 2) -> (..., N / 16, K / group, 2, 16)."""
+    *lead, G, N, _ = sz.shape
+    return sz.view(*lead, G, N // 16, 16, 2).permute(*range(len(lead)), -3, -4, -1, -2).contiguous()
+
+
+def scales_from_vnni(sz: torch.Tensor) -> torch.Tensor:
+    """(..., N / 16, K / group, 2, 16) -> (..., K / group, N, 2)."""
+    *lead, T, G, _, _ = sz.shape
+    return sz.permute(*range(len(lead)), -3, -4, -1, -2).reshape(*lead, G, T * 16, 2)
 
 
 # ----------------------------------------------------------------------------------------------- CUDA

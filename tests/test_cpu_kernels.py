@@ -1,0 +1,107 @@
+"""glmkit's own CPU kernels (quant/cpu_kernels.py: int4 weights on int8-quantized activations, AVX-512 VNNI):
+against the same arithmetic written in torch, against the float product, and inside the MoE model (eager and
+with torch's kernels in their place)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glmkit.quant import StackedInt4, cpu_kernels, int4_groups
+from glmkit.quant import int4_packing as packing
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.int4_vnni(), reason="no AVX-512 VNNI or no C++ compiler here")
+
+
+def random_int4(E: int, N: int, K: int, gs: int, seed: int = 0):
+    """Stacked int4 weights: q (E, N, K) 0..15 and scales / zeros (E, K / gs, N, 2) bfloat16, as StackedInt4 keeps."""
+    w = torch.randn(E, N, K, generator=torch.Generator().manual_seed(seed))
+    parts = [int4_groups(w[e], gs) for e in range(E)]
+    q = torch.stack([p[0] for p in parts]).to(torch.uint8)
+    sz = torch.stack([torch.stack([p[1].T, p[2].T], dim=-1) for p in parts]).to(torch.bfloat16)
+    return q, sz
+
+
+def reference_int4_linear(x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor, gs: int) -> torch.Tensor:
+    """What the kernel computes, in float64: x quantized to int8 per block of 32 (scale max|x| / 127, rounded half
+    to even), integer sums of q * xq per block, scaled by the weight group's scale and the block's; zeros times
+    the float sum of x."""
+    M, K = x.shape
+    xb = x.float().view(M, K // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)  # (M, K/32, 1)
+    xq = torch.where(amax > 0, torch.round(xb * (127 / amax)), 0).double()  # (M, K/32, 32), float32 as the kernel
+    xs, xb = (amax / 127).double(), xb.double()
+    s, z = (sz[..., i].double().T.repeat_interleave(gs // 32, dim=1) for i in (0, 1))  # (N, K/32)
+    qb = q.double().view(q.shape[0], K // 32, 32)  # (N, K/32, 32)
+    dots = torch.einsum("mbk,nbk->mnb", xq, qb - 8)  # (M, N, K/32): exact integers
+    return (dots * s[None] * xs[:, None, :, 0]).sum(-1) + (z[None] * xb.sum(-1)[:, None]).sum(-1)
+
+
+def dequantized(q: torch.Tensor, sz: torch.Tensor, gs: int) -> torch.Tensor:
+    N, K = q.shape
+    return ((q.float().view(N, K // gs, gs) - 8) * sz[..., 0].float().T[..., None]
+            + sz[..., 1].float().T[..., None]).view(N, K)
+
+
+def test_vnni_packing_round_trips():
+    q, sz = random_int4(3, 48, 128, 64)
+    packed = packing.to_vnni(q)
+    assert packed.shape == (3, 3, 16, 16, 4)
+    assert torch.equal(packing.from_vnni(packed), q)
+    assert int(packed[1, 2, 3, 5, 2]) == int(q[1, 37, 26]) | int(q[1, 37, 30]) << 4  # tile 2, chunk 3, row 5, byte 2
+    tiles = packing.scales_to_vnni(sz)
+    assert tiles.shape == (3, 3, 2, 2, 16) and torch.equal(packing.scales_from_vnni(tiles), sz)
+    assert torch.equal(tiles[2, 1, 1, :, 4], sz[2, 1, 20])  # expert 2, tile 1, group 1, row 20: (scale, zero)
+
+
+@needs_kernels
+@pytest.mark.parametrize("M,N,K,gs,dtype", [(1, 32, 64, 32, torch.bfloat16), (3, 48, 256, 64, torch.float32),
+                                            (5, 16, 512, 128, torch.bfloat16), (2, 64, 256, 256, torch.float32)])
+def test_int4_linear_computes_the_int8_activation_product(M, N, K, gs, dtype):
+    q, sz = random_int4(3, N, K, gs, seed=M)
+    x = (torch.randn(M, K, generator=torch.Generator().manual_seed(7)) * 3).to(dtype)
+    x[0, :32] = 0  # an all-zero block (scale 0)
+    packed, tiles = packing.to_vnni(q), packing.scales_to_vnni(sz)
+    for e in range(3):
+        got = torch.ops.glmkit.int4_linear(x, packed, tiles, e, gs)
+        assert got.dtype == torch.float32 and got.shape == (M, N)
+        want = reference_int4_linear(x.float(), q[e], sz[e], gs)
+        torch.testing.assert_close(got.double(), want, atol=2e-5 * float(want.abs().max()), rtol=0)
+        exact = x.float() @ dequantized(q[e], sz[e], gs).T  # the float product: within int8 rounding of x
+        assert float((got - exact).norm() / exact.norm()) < 0.02
+
+
+@needs_kernels
+def test_moe_int4_token_sums_its_weighted_swiglu_experts():
+    C, I, E, gs = 128, 64, 6, 32
+    q_gu, sz_gu = random_int4(E, 2 * I, C, gs, seed=1)
+    q_d, sz_d = random_int4(E, C, I, gs, seed=2)
+    x = torch.randn(1, C, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    ids, weights = torch.tensor([4, 0, 5]), torch.tensor([[0.5, 1.25, -0.75]])
+    got = torch.ops.glmkit.moe_int4_token(x, ids, weights, packing.to_vnni(q_gu), packing.scales_to_vnni(sz_gu),
+                                          packing.to_vnni(q_d), packing.scales_to_vnni(sz_d), gs, gs)
+    want = torch.zeros(1, C, dtype=torch.float64)
+    for e, w in zip(ids.tolist(), weights[0].tolist()):
+        gate, up = reference_int4_linear(x.float(), q_gu[e], sz_gu[e], gs).chunk(2, dim=-1)
+        act = (torch.nn.functional.silu(gate) * up).float()
+        want += w * reference_int4_linear(act, q_d[e], sz_d[e], gs)
+    torch.testing.assert_close(got.double(), want, atol=1e-4 * float(want.abs().max()), rtol=0)
+    with pytest.raises(RuntimeError, match="expert id out of range"):
+        torch.ops.glmkit.moe_int4_token(x, torch.tensor([E]), weights[:, :1], packing.to_vnni(q_gu),
+                                        packing.scales_to_vnni(sz_gu), packing.to_vnni(q_d),
+                                        packing.scales_to_vnni(sz_d), gs, gs)
+
+
+@needs_kernels
+def test_stacked_int4_in_either_layout_holds_the_same_experts(monkeypatch):
+    q, sz = random_int4(4, 32, 64, 32)
+    scales, zeros = sz[..., 0].float().transpose(1, 2), sz[..., 1].float().transpose(1, 2)
+    ours = StackedInt4(q, scales, zeros, 32)
+    monkeypatch.setitem(cpu_kernels._state, "int4_vnni", False)
+    torchs = StackedInt4(q, scales, zeros, 32)
+    assert (ours.layout, torchs.layout) == ("vnni", "cpu")
+    assert torch.equal(ours.all_nibbles(), torchs.all_nibbles()) and torch.equal(ours.group_scales(), sz)
+    assert torch.equal(ours.dequantize(2), torchs.dequantize(2))
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    a, b = ours.linear(1, x).float(), torchs.linear(1, x).float()
+    assert float((a - b).norm() / b.norm()) < 0.02  # int8 activations against torch's bfloat16 ones
