@@ -105,3 +105,14 @@ def test_stacked_int4_in_either_layout_holds_the_same_experts(monkeypatch):
     x = torch.randn(3, 64).to(torch.bfloat16)
     a, b = ours.linear(1, x).float(), torchs.linear(1, x).float()
     assert float((a - b).norm() / b.norm()) < 0.02  # int8 activations against torch's bfloat16 ones
+
+
+def test_a_failed_build_leaves_torchs_kernels_with_one_warning(tmp_path, monkeypatch):
+    """No compiler, no ninja or (here) no writable home: one warning naming the cause, and no kernels."""
+    monkeypatch.setenv("GLMKIT_HOME", str(tmp_path / "a-file"))
+    (tmp_path / "a-file").write_text("not a directory")
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: cpu_kernels.NEEDED)
+    with pytest.warns(UserWarning, match="could not build its int4 CPU kernels .*GLMKIT_KERNELS=0"):
+        assert cpu_kernels._load() is False
+    monkeypatch.setenv("GLMKIT_KERNELS", "0")
+    assert cpu_kernels._load() is False  # switched off: not even tried

@@ -62,16 +62,16 @@ def _load() -> bool:
     from torch.utils import cpp_extension
 
     directory = build_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    if not any(directory.glob("*.so")):
-        print("glmkit: building its int4 CPU kernels once for this machine (~20 s)", file=sys.stderr, flush=True)
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not any(directory.glob("*.so")):
+            print("glmkit: building its int4 CPU kernels once for this machine (~20 s)", file=sys.stderr, flush=True)
         cpp_extension.load(name="glmkit_int4_vnni", sources=[str(SOURCE)], extra_cflags=FLAGS,
                            build_directory=str(directory), is_python_module=False, verbose=False)
-    except Exception as error:  # noqa: BLE001 - no compiler, no ninja, a failed build: torch's kernels remain
+    except Exception as error:  # noqa: BLE001 - no compiler, no ninja, an unwritable home: torch's kernels remain
         warnings.warn(f"glmkit could not build its int4 CPU kernels ({str(error).splitlines()[0]}); using torch's "
-                      "slower ones. Install a C++ compiler and ninja, or set GLMKIT_KERNELS=0 to skip the attempt.",
-                      stacklevel=3)
+                      "slower ones. They need a C++ compiler, ninja and a writable $GLMKIT_HOME; GLMKIT_KERNELS=0 "
+                      "skips the attempt.", stacklevel=3)
         return False
     _register_fakes()
     return True
