@@ -10,7 +10,7 @@ import torch
 from glmkit.quant import StackedInt4, cpu_kernels, int4_groups
 from glmkit.quant import int4_packing as packing
 
-needs_kernels = pytest.mark.skipif(not cpu_kernels.int4_vnni(), reason="no AVX-512 VNNI or no C++ compiler here")
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX-512 VNNI or no C++ compiler here")
 
 
 def random_int4(E: int, N: int, K: int, gs: int, seed: int = 0):
@@ -97,7 +97,7 @@ def test_stacked_int4_in_either_layout_holds_the_same_experts(monkeypatch):
     q, sz = random_int4(4, 32, 64, 32)
     scales, zeros = sz[..., 0].float().transpose(1, 2), sz[..., 1].float().transpose(1, 2)
     ours = StackedInt4(q, scales, zeros, 32)
-    monkeypatch.setitem(cpu_kernels._state, "int4_vnni", False)
+    monkeypatch.setitem(cpu_kernels._state, "vnni", False)
     torchs = StackedInt4(q, scales, zeros, 32)
     assert (ours.layout, torchs.layout) == ("vnni", "cpu")
     assert torch.equal(ours.all_nibbles(), torchs.all_nibbles()) and torch.equal(ours.group_scales(), sz)
@@ -112,7 +112,8 @@ def test_a_failed_build_leaves_torchs_kernels_with_one_warning(tmp_path, monkeyp
     monkeypatch.setenv("GLMKIT_HOME", str(tmp_path / "a-file"))
     (tmp_path / "a-file").write_text("not a directory")
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: cpu_kernels.NEEDED)
-    with pytest.warns(UserWarning, match="could not build its int4 CPU kernels .*GLMKIT_KERNELS=0"):
+    with pytest.warns(UserWarning, match="could not build its CPU kernels .*GLMKIT_KERNELS=0"):
         assert cpu_kernels._load() is False
     monkeypatch.setenv("GLMKIT_KERNELS", "0")
     assert cpu_kernels._load() is False  # switched off: not even tried
+

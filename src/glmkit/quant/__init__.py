@@ -276,7 +276,7 @@ class StackedInt4(nn.Module):
     def _pack(self, q: torch.Tensor, sz: torch.Tensor) -> None:
         """q (E, N, K) values and sz (E, K / gs, N, 2) bfloat16 -> the layout of q's device's kernel."""
         N, gs, cpu = self.out_features, self.group_size, q.device.type == "cpu"
-        if cpu and N % 16 == 0 and gs % 32 == 0 and cpu_kernels.int4_vnni():
+        if cpu and N % 16 == 0 and gs % 32 == 0 and cpu_kernels.available():
             E, K = q.shape[0], self.in_features
             self.packed = torch.empty(E, N // 16, K // 8, 16, 4, dtype=torch.uint8)  # filled expert by expert
             for e in range(E):

@@ -1,14 +1,15 @@
-"""glmkit's own CPU kernels (kernels/*.cpp), loaded as torch ops so eager code, torch.export and AOTInductor
+"""glmkit's own CPU kernels (kernels/vnni.cpp), loaded as torch ops so eager code, torch.export and AOTInductor
 packages all call them: int4 weights times activations quantized to int8 in blocks of 32, summed with AVX-512
-VNNI integer dot products (llama.cpp's method; torch's weight-only CPU kernels convert every weight to float).
+VNNI integer dot products (llama.cpp's method; torch's weight-only CPU kernels turn every weight into a float
+first).
 
-`torch.ops.glmkit.int4_linear(x, packed, sz, expert, group_size)`: x (M, K) float32 / bfloat16 -> (M, N) float32
-through expert `expert` of stacked weights in the "vnni" layout (int4_packing). `moe_int4_token(x, ids, weights,
-gate_up, gate_up_sz, down, down_sz, gs_gate_up, gs_down)`: one token (1, C) through its chosen SwiGLU experts,
-weighted and summed -> (1, C) float32, in one call.
+`torch.ops.glmkit.int4_linear(x, packed, sz, expert, group_size)`: x (M, K) float32 / bfloat16 -> (M, N)
+float32 through one expert of stacked weights in the "vnni" layout (int4_packing). `moe_int4_token(x, ids,
+weights, gate_up, gate_up_sz, down, down_sz, gs_gate_up, gs_down)`: one token (1, C) through its chosen SwiGLU
+experts, weighted and summed -> (1, C) float32, in one call.
 
 The source is compiled once per machine with the C++ compiler torch.utils.cpp_extension uses (~20 s), into
-$GLMKIT_HOME/kernels. `int4_vnni()` says whether the ops are there: False without AVX-512 VNNI, without a
+$GLMKIT_HOME/kernels. `available()` says whether the ops are there: False without AVX-512 VNNI, without a
 working compiler (one warning), or with GLMKIT_KERNELS=0; callers then keep torch's kernels.
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("kernels") / "int4_vnni.cpp"
+SOURCE = Path(__file__).with_name("kernels") / "vnni.cpp"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"]
 NEEDED = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma"}
 
@@ -45,15 +46,15 @@ def build_dir() -> Path:
     """$GLMKIT_HOME/kernels/<hash of the source, flags and torch version>: rebuilt when any of them changes."""
     home = os.environ.get("GLMKIT_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "glmkit"
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + [torch.__version__]).encode()).hexdigest()[:16]
-    return Path(home).expanduser() / "kernels" / f"int4_vnni-{digest}"
+    return Path(home).expanduser() / "kernels" / f"vnni-{digest}"
 
 
-def int4_vnni() -> bool:
-    """Whether torch.ops.glmkit.int4_linear / moe_int4_token run here; builds them on first use."""
+def available() -> bool:
+    """Whether the torch.ops.glmkit kernels run here; builds them on first use."""
     with _lock:
-        if "int4_vnni" not in _state:
-            _state["int4_vnni"] = _load()
-        return _state["int4_vnni"]
+        if "vnni" not in _state:
+            _state["vnni"] = _load()
+        return _state["vnni"]
 
 
 def _load() -> bool:
@@ -65,11 +66,11 @@ def _load() -> bool:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         if not any(directory.glob("*.so")):
-            print("glmkit: building its int4 CPU kernels once for this machine (~20 s)", file=sys.stderr, flush=True)
-        cpp_extension.load(name="glmkit_int4_vnni", sources=[str(SOURCE)], extra_cflags=FLAGS,
+            print("glmkit: building its CPU kernels once for this machine (~20 s)", file=sys.stderr, flush=True)
+        cpp_extension.load(name="glmkit_vnni", sources=[str(SOURCE)], extra_cflags=FLAGS,
                            build_directory=str(directory), is_python_module=False, verbose=False)
     except Exception as error:  # noqa: BLE001 - no compiler, no ninja, an unwritable home: torch's kernels remain
-        warnings.warn(f"glmkit could not build its int4 CPU kernels ({str(error).splitlines()[0]}); using torch's "
+        warnings.warn(f"glmkit could not build its CPU kernels ({str(error).splitlines()[0]}); using torch's "
                       "slower ones. They need a C++ compiler, ninja and a writable $GLMKIT_HOME; GLMKIT_KERNELS=0 "
                       "skips the attempt.", stacklevel=3)
         return False
@@ -87,3 +88,4 @@ def _register_fakes() -> None:
     @torch.library.register_fake("glmkit::moe_int4_token")
     def _(x, ids, weights, gate_up, gate_up_sz, down, down_sz, gs_gate_up, gs_down):
         return x.new_empty((1, x.shape[1]), dtype=torch.float32)
+

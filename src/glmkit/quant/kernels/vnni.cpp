@@ -1,5 +1,5 @@
-// glmkit's CPU kernels for int4 weights (AVX-512 VNNI): activations are quantized to int8 in blocks of 32
-// (as llama.cpp's Q8 activations), weights stay 4-bit, and products are summed with vpdpbusd (u8 x s8 -> s32).
+// glmkit's CPU kernels for int4 weights (AVX-512 VNNI): activations are quantized to int8 in blocks of 32 (as
+// llama.cpp's Q8 activations), weights stay 4-bit, and products are summed with vpdpbusd (u8 x s8 -> s32).
 //
 // Weight layout ("vnni"), per (N, K) matrix of values 0..15 with w = (q - 8) * scale + zero per `gs` columns:
 //   packed (N / 16, K / 8, 16, 4) uint8: tile t of 16 rows, chunk c of 8 columns; byte (r, j) holds
@@ -97,15 +97,9 @@ inline __m512 tile_dot(const uint8_t* w, const c10::BFloat16* sz, const Activati
   return acc;
 }
 
-void check_weights(const at::Tensor& packed, const at::Tensor& sz, int64_t N, int64_t K, int64_t gs) {
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && sz.is_contiguous() &&
-              sz.scalar_type() == at::kBFloat16, "int4_vnni: packed uint8 and bfloat16 scales, contiguous");
-  TORCH_CHECK(N % 16 == 0 && K % gs == 0 && gs % 32 == 0, "int4_vnni: N % 16, K % gs, gs % 32");
-}
-
 std::vector<float> as_float(const at::Tensor& x) {  // (M, K) float32 or bfloat16 -> float32 values
   TORCH_CHECK(x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "int4_vnni: contiguous float32 or bfloat16 activations");
+              "glmkit kernels: contiguous float32 or bfloat16 activations");
   std::vector<float> out(x.numel());
   if (x.scalar_type() == at::kFloat) {
     std::copy(x.data_ptr<float>(), x.data_ptr<float>() + x.numel(), out.begin());
@@ -116,57 +110,67 @@ std::vector<float> as_float(const at::Tensor& x) {  // (M, K) float32 or bfloat1
   return out;
 }
 
-// y (M, N) float32 = x (M, K) @ W^T for W = expert `e` of packed (E, N/16, K/8, 16, 4) (E may be 1)
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz, int64_t e, int64_t gs) {
-  const int64_t M = x.size(0), K = x.size(1), N = packed.size(1) * 16;
-  check_weights(packed, sz, N, K, gs);
-  TORCH_CHECK(packed.size(2) * 8 == K && 0 <= e && e < packed.size(0), "int4_vnni: weight and input sizes differ");
+// Stacked (E, N, K) int4 weights; tile(e, t, a, m) -> rows 16 t .. 16 t + 15 of expert e times activation row m
+struct Int4Weights {
+  const uint8_t* w;
+  const c10::BFloat16* sz;
+  int64_t E, N, K, gs;
+  Int4Weights(const at::Tensor& packed, const at::Tensor& scales_zeros, int64_t group_size)
+      : E(packed.size(0)), N(packed.size(1) * 16), K(packed.size(2) * 8), gs(group_size) {
+    TORCH_CHECK(packed.dim() == 5 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                scales_zeros.scalar_type() == at::kBFloat16 && scales_zeros.is_contiguous() &&
+                scales_zeros.numel() == E * N * (K / gs) * 2 && gs % 32 == 0 && K % gs == 0,
+                "int4 kernels: (E, N/16, K/8, 16, 4) uint8 values and (E, N/16, K/gs, 2, 16) bfloat16 scales");
+    w = packed.data_ptr<uint8_t>();
+    sz = scales_zeros.data_ptr<c10::BFloat16>();
+  }
+  __m512 tile(int64_t e, int64_t t, const Activations& a, int64_t m) const {
+    const int64_t i = e * (N / 16) + t;
+    return tile_dot(w + i * K * 8, sz + i * (K / gs) * 32, a, m, gs);
+  }
+};
+
+// y (M, N) float32 = x (M, K) @ W_e^T
+at::Tensor linear(const at::Tensor& x, const Int4Weights& w, int64_t e) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.N;
+  TORCH_CHECK(x.dim() == 2 && K == w.K && 0 <= e && e < w.E, "glmkit kernels: weight and input sizes differ");
   std::vector<float> xf = as_float(x);
   Activations a(M, K);
   for (int64_t m = 0; m < M; ++m) a.set_row(m, xf.data() + m * K);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   float* out = y.data_ptr<float>();
-  const uint8_t* w = packed.data_ptr<uint8_t>() + e * (N / 16) * K * 8;
-  const c10::BFloat16* s = sz.data_ptr<c10::BFloat16>() + e * (N / 16) * (K / gs) * 32;
   at::parallel_for(0, N / 16, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t)
-      for (int64_t m = 0; m < M; ++m)
-        _mm512_storeu_ps(out + m * N + 16 * t, tile_dot(w + t * K * 8, s + t * (K / gs) * 32, a, m, gs));
+      for (int64_t m = 0; m < M; ++m) _mm512_storeu_ps(out + m * N + 16 * t, w.tile(e, t, a, m));
   });
   return y;
 }
 
 // One token x (1, C) through its k experts `ids` (k,) weighted by `weights` (1, k): SwiGLU experts with
-// gate_up (E, 2I, C) and down (E, C, I) in the vnni layout -> (1, C) float32.
-at::Tensor moe_int4_token(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
-                          const at::Tensor& gu, const at::Tensor& gu_sz, const at::Tensor& down,
-                          const at::Tensor& down_sz, int64_t gs_gu, int64_t gs_down) {
-  const int64_t C = x.size(1), k = ids.numel(), E = gu.size(0), I2 = gu.size(1) * 16, I = I2 / 2;
-  check_weights(gu, gu_sz, I2, C, gs_gu);
-  check_weights(down, down_sz, C, I, gs_down);
-  TORCH_CHECK(x.size(0) == 1 && gu.size(2) * 8 == C && down.size(1) * 16 == C && down.size(2) * 8 == I,
-              "int4_vnni: expert and input sizes differ");
+// gate_up (E, 2I, C) (gate rows, then up rows) and down (E, C, I) -> (1, C) float32.
+at::Tensor moe_token(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const Int4Weights& gu,
+                     const Int4Weights& down) {
+  const int64_t C = x.size(1), k = ids.numel(), I = gu.N / 2;
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && gu.K == C && down.N == C && down.K == I && gu.E == down.E &&
+              I % 32 == 0 && weights.numel() == k, "glmkit kernels: expert and input sizes differ");
   at::Tensor ids64 = ids.to(at::kLong).contiguous(), wf = weights.to(at::kFloat).contiguous();
   const int64_t* id = ids64.data_ptr<int64_t>();
   const float* wj = wf.data_ptr<float>();
-  for (int64_t j = 0; j < k; ++j) TORCH_CHECK(0 <= id[j] && id[j] < E, "int4_vnni: expert id out of range");
+  for (int64_t j = 0; j < k; ++j) TORCH_CHECK(0 <= id[j] && id[j] < gu.E, "glmkit kernels: expert id out of range");
   std::vector<float> xf = as_float(x);
   Activations a(1, C);
   a.set_row(0, xf.data());
-  // gate and up rows of 32 columns of the activation at a time: silu(gate) * up, quantized as a block
+  // 32 columns of the activation at a time: gate and up rows, silu(gate) * up, quantized as a block
   std::vector<float> act(k * I);  // (k, I)
   Activations b(k, I);
-  const uint8_t* wgu = gu.data_ptr<uint8_t>();
-  const c10::BFloat16* sgu = gu_sz.data_ptr<c10::BFloat16>();
-  const int64_t tiles = I2 / 16, blocks = I / 32;
+  const int64_t blocks = I / 32;
   at::parallel_for(0, k * blocks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       int64_t j = i / blocks, c = i % blocks;
       float* a32 = act.data() + j * I + 32 * c;
       for (int64_t half = 0; half < 2; ++half) {
-        int64_t tg = id[j] * tiles + 2 * c + half, tu = tg + I / 16;  // gate rows, then the up rows I below them
-        __m512 g = tile_dot(wgu + tg * C * 8, sgu + tg * (C / gs_gu) * 32, a, 0, gs_gu);
-        __m512 u = tile_dot(wgu + tu * C * 8, sgu + tu * (C / gs_gu) * 32, a, 0, gs_gu);
+        int64_t t = 2 * c + half;  // gate tile; its up tile is I / 16 tiles below
+        __m512 g = gu.tile(id[j], t, a, 0), u = gu.tile(id[j], t + I / 16, a, 0);
         _mm512_storeu_ps(a32 + 16 * half, _mm512_mul_ps(silu(g), u));
       }
       b.set_block(j, c, a32);
@@ -175,17 +179,23 @@ at::Tensor moe_int4_token(const at::Tensor& x, const at::Tensor& ids, const at::
   // the down projections, expert by expert over this thread's tiles (each expert's rows read in one stream)
   at::Tensor y = at::zeros({1, C}, x.options().dtype(at::kFloat));
   float* out = y.data_ptr<float>();
-  const uint8_t* wd = down.data_ptr<uint8_t>();
-  const c10::BFloat16* sd = down_sz.data_ptr<c10::BFloat16>();
   at::parallel_for(0, C / 16, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t j = 0; j < k; ++j)
-      for (int64_t t = lo; t < hi; ++t) {
-        int64_t te = id[j] * (C / 16) + t;
-        __m512 part = tile_dot(wd + te * I * 8, sd + te * (I / gs_down) * 32, b, j, gs_down);
-        _mm512_storeu_ps(out + 16 * t, _mm512_fmadd_ps(_mm512_set1_ps(wj[j]), part, _mm512_loadu_ps(out + 16 * t)));
-      }
+      for (int64_t t = lo; t < hi; ++t)
+        _mm512_storeu_ps(out + 16 * t, _mm512_fmadd_ps(_mm512_set1_ps(wj[j]), down.tile(id[j], t, b, j),
+                                                       _mm512_loadu_ps(out + 16 * t)));
   });
   return y;
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz, int64_t e, int64_t gs) {
+  return linear(x, Int4Weights(packed, sz, gs), e);
+}
+
+at::Tensor moe_int4_token(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
+                          const at::Tensor& gu, const at::Tensor& gu_sz, const at::Tensor& down,
+                          const at::Tensor& down_sz, int64_t gs_gu, int64_t gs_down) {
+  return moe_token(x, ids, weights, Int4Weights(gu, gu_sz, gs_gu), Int4Weights(down, down_sz, gs_down));
 }
 
 }  // namespace
@@ -197,4 +207,3 @@ TORCH_LIBRARY(glmkit, m) {
   m.impl("int4_linear", c10::DispatchKey::CPU, &int4_linear);
   m.impl("moe_int4_token", c10::DispatchKey::CPU, &moe_int4_token);
 }
-
