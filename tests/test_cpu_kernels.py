@@ -117,3 +117,34 @@ def test_a_failed_build_leaves_torchs_kernels_with_one_warning(tmp_path, monkeyp
     monkeypatch.setenv("GLMKIT_KERNELS", "0")
     assert cpu_kernels._load() is False  # switched off: not even tried
 
+
+
+@needs_kernels
+def test_a_quantized_moe_decodes_through_the_fused_kernel(tmp_path, monkeypatch):
+    """An int4 MoE model in bfloat16 runs each decode token's experts in one fused call (one per MoE layer and
+    token), and its logits stay within int8 rounding of the same model with the experts run one by one."""
+    import glmkit
+    from test_moe import make_moe
+
+    make_moe(tmp_path / "m", "groups", seed=5)
+    llm = glmkit.load(tmp_path / "m", dtype="bfloat16", quantize="int4")
+    assert llm.model.layers[1].mlp.experts.gate_up_proj.layout == "vnni"
+    calls, fused = [], StackedInt4.swiglu_token
+
+    def counted(self, *args):
+        calls.append(1)
+        return fused(self, *args)
+
+    monkeypatch.setattr(StackedInt4, "swiglu_token", counted)
+    ids = [5, 9, 13, 2, 40, 7]
+    out = llm.generate(ids, max_tokens=4, temperature=0, ignore_eos=True)
+    moe_layers = sum(layer.mlp.__class__.__name__ == "MoE" for layer in llm.model.layers)
+    assert len(calls) == 3 * moe_layers  # the three one-token steps after the prompt's (prefill groups by expert)
+    with torch.no_grad():
+        x = torch.randn(1, 1, llm.model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+        moe = llm.model.layers[1].mlp
+        got = moe(x.to(torch.bfloat16)).float()
+        monkeypatch.setattr(StackedInt4, "swiglu_token", lambda self, *args: None)  # expert by expert
+        want = moe(x.to(torch.bfloat16)).float()
+    assert float((got - want).norm() / want.norm()) < 0.03
+    assert len(out.token_ids) == 4

@@ -83,10 +83,11 @@ class Experts(nn.Module):
         lo, held = self.held
         rows = []
         for n in range(x.shape[0]):
-            fused = getattr(self.gate_up_proj, "swiglu_token", None) if held == self.num_experts else None
-            fused = fused and fused(self.down_proj, x[n: n + 1], chosen[n], weights[n: n + 1])
-            if fused is not None:  # glmkit's int4 kernel: all k experts in one call, ids read inside it
-                rows.append(fused)
+            fused = getattr(self.gate_up_proj, "swiglu_token", None)  # glmkit's int4 kernel: all k in one call
+            y = fused(self.down_proj, x[n: n + 1], chosen[n], weights[n: n + 1]) if fused and held == self.num_experts \
+                else None
+            if y is not None:
+                rows.append(y)
                 continue
             ids = []
             for j in range(chosen.shape[1]):
