@@ -15,8 +15,10 @@ working compiler (one warning), or with GLMKIT_KERNELS=0; callers then keep torc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 import sys
 import threading
 import warnings
@@ -62,6 +64,11 @@ def _load() -> bool:
         return False
     from torch.utils import cpp_extension
 
+    if shutil.which("ninja") is None:  # the ninja package's binary, when its environment is not on PATH
+        with contextlib.suppress(ImportError):
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     directory = build_dir()
     try:
         directory.mkdir(parents=True, exist_ok=True)
