@@ -15,7 +15,6 @@ working compiler (one warning), or with GLMKIT_KERNELS=0; callers then keep torc
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
@@ -64,11 +63,9 @@ def _load() -> bool:
         return False
     from torch.utils import cpp_extension
 
-    if shutil.which("ninja") is None:  # the ninja package's binary, when its environment is not on PATH
-        with contextlib.suppress(ImportError):
-            import ninja
-
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    scripts = Path(sys.executable).parent  # where pip put the ninja package's binary
+    if shutil.which("ninja") is None and shutil.which("ninja", path=str(scripts)):  # its environment not on PATH
+        os.environ["PATH"] = str(scripts) + os.pathsep + os.environ.get("PATH", "")
     directory = build_dir()
     try:
         directory.mkdir(parents=True, exist_ok=True)
