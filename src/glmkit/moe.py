@@ -82,11 +82,10 @@ class Experts(nn.Module):
         parallelism (a share of the experts held) only the chosen experts held here run."""
         lo, held = self.held
         rows = []
+        fused = getattr(self.gate_up_proj, "swiglu_token", None) if held == self.num_experts else None
         for n in range(x.shape[0]):
-            fused = getattr(self.gate_up_proj, "swiglu_token", None)  # glmkit's int4 kernel: all k in one call
-            y = fused(self.down_proj, x[n: n + 1], chosen[n], weights[n: n + 1]) if fused and held == self.num_experts \
-                else None
-            if y is not None:
+            y = fused(self.down_proj, x[n: n + 1], chosen[n], weights[n: n + 1]) if fused else None  # glmkit's int4 kernel
+            if y is not None:  # all k experts in one call
                 rows.append(y)
                 continue
             ids = []

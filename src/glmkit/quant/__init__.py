@@ -58,14 +58,14 @@ def stored_nibbles(packed: torch.Tensor, layout: str, N: int, K: int, group_size
 
 def repacked(module: nn.Module, fn, recurse: bool, apply) -> nn.Module:
     """Module.to() and friends for int4 modules: a move to another kind of device repacks the 4-bit values
-    (module.all_nibbles()) for that device's kernel (module._pack)."""
+    (module.all_nibbles()) and the scales (module.group_scales()) for that device's kernel (module._pack)."""
     target = fn(torch.empty(0, dtype=torch.uint8, device=module.packed.device)).device
     if target.type == module.packed.device.type:
         return apply(fn, recurse)
-    q = module.all_nibbles()
-    module.packed = torch.empty(0, dtype=torch.uint8)  # not moved: repacked below
+    q, sz = module.all_nibbles(), module.group_scales()
+    module.packed, module.scales_zeros = (torch.empty(0, dtype=t) for t in (torch.uint8, torch.bfloat16))  # repacked below
     apply(fn, recurse)
-    module._pack(q.to(target))
+    module._pack(q.to(target), sz.to(target))
     return module
 
 
@@ -132,10 +132,8 @@ class Int4Linear(nn.Module):
         self.check(N, K, group_size)
         self.out_features, self.in_features, self.group_size = N, K, group_size
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8))
-        self.layout = "bytes"
-        self._pack(q)
-        self.register_buffer("scales_zeros", torch.stack([scales.float().T, zeros.float().T], dim=-1)
-                             .to(torch.bfloat16).contiguous())  # (K / gs, N, 2)
+        self.register_buffer("scales_zeros", torch.empty(0, dtype=torch.bfloat16))
+        self._pack(q, torch.stack([scales.float().T, zeros.float().T], dim=-1).to(torch.bfloat16))  # (K / gs, N, 2)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @staticmethod
@@ -150,9 +148,11 @@ class Int4Linear(nn.Module):
         cls.check(N, K, group_size)
         return cls(*int4_groups(w, group_size), group_size, bias)
 
-    def _pack(self, q: torch.Tensor) -> None:
-        """Store q (N, K) in the layout of q's device's kernel, or two per byte where there is none."""
+    def _pack(self, q: torch.Tensor, sz: torch.Tensor) -> None:
+        """Store q (N, K) in the layout of q's device's kernel, or two per byte where there is none; sz
+        (K / gs, N, 2) bfloat16 as every layout keeps it."""
         N, K = q.shape
+        self.scales_zeros = sz.contiguous()
         if q.device.type == "cpu":
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
             self.layout = "cpu"
@@ -171,6 +171,10 @@ class Int4Linear(nn.Module):
     def nibbles(self) -> torch.Tensor:
         """The stored 4-bit values (N, K), 0..15."""
         return stored_nibbles(self.packed, self.layout, self.out_features, self.in_features, self.group_size)
+
+    def group_scales(self) -> torch.Tensor:
+        """The bfloat16 scales and zeros as (K / gs, N, 2)."""
+        return self.scales_zeros
 
     def bf16_weight_t(self) -> torch.Tensor:
         """W^T as (K, N) bfloat16 from the CPU layout, for prefill-sized inputs (a bf16 GEMM beats the int4
@@ -290,15 +294,7 @@ class StackedInt4(nn.Module):
             self.packed, self.scales_zeros, self.layout = packing.to_bytes(q), sz.contiguous(), "bytes"
 
     def _apply(self, fn, recurse: bool = True):
-        """A move to another kind of device repacks the values and scales for that device's layout."""
-        target = fn(torch.empty(0, dtype=torch.uint8, device=self.packed.device)).device
-        if target.type == self.packed.device.type:
-            return super()._apply(fn, recurse)
-        q, sz = self.all_nibbles(), self.group_scales()
-        self.packed, self.scales_zeros = torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.bfloat16)
-        super()._apply(fn, recurse)
-        self._pack(q.to(target), sz.to(target))
-        return self
+        return repacked(self, fn, recurse, super()._apply)
 
     def all_nibbles(self) -> torch.Tensor:
         if self.layout == "vnni":

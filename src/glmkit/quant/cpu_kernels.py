@@ -92,4 +92,3 @@ def _register_fakes() -> None:
     @torch.library.register_fake("glmkit::moe_int4_token")
     def _(x, ids, weights, gate_up, gate_up_sz, down, down_sz, gs_gate_up, gs_down):
         return x.new_empty((1, x.shape[1]), dtype=torch.float32)
-
