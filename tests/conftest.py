@@ -58,6 +58,18 @@ def make_hf_model(kind: str, overrides: dict, seed: int = 0, **extra):
     return model
 
 
+def assert_greedy_agrees(reference, tokens: list[int], margin: float) -> None:
+    """Greedy `tokens` equal `reference`'s (a Completion generated with logprobs=2) up to the first step where
+    the reference's top two log-probabilities lie within `margin` (rounding of a bfloat16 model may then pick
+    either, and the texts may part there); a difference at any clearer step fails."""
+    for step, (want, got, (_, top)) in enumerate(zip(reference.token_ids, tokens, reference.logprobs)):
+        first, second = sorted(top.values(), reverse=True)[:2]
+        if first - second < margin:
+            return
+        assert got == want, f"greedy token {step} differs ({got} != {want}) where the reference's margin is {first - second:.3f}"
+    assert len(tokens) == len(reference.token_ids)
+
+
 def _set_rope(config, theta: float, fraction: float | None) -> None:
     if getattr(config, "rope_parameters", None) is not None:  # transformers 5.x
         config.rope_parameters["rope_theta"] = theta

@@ -1,8 +1,13 @@
-"""glmkit's own CPU kernels (quant/cpu_kernels.py: int4 weights on int8-quantized activations, AVX-512 VNNI):
+"""glmkit's own CPU kernels (quant/cpu_kernels.py: int4 weights on int8-quantized activations, AVX-512 VNNI or AVX2):
 against the same arithmetic written in torch, against the float product, and inside the MoE model (eager and
 with torch's kernels in their place)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +15,7 @@ import torch
 from glmkit.quant import StackedInt4, cpu_kernels, int4_groups
 from glmkit.quant import int4_packing as packing
 
-needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX-512 VNNI or no C++ compiler here")
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX2 / AVX-512 VNNI or no C++ compiler here")
 
 
 def random_int4(E: int, N: int, K: int, gs: int, seed: int = 0):
@@ -71,6 +76,32 @@ def test_int4_linear_computes_the_int8_activation_product(M, N, K, gs, dtype):
         assert float((got - exact).norm() / exact.norm()) < 0.02
 
 
+ISAS_HERE = [name for name, (needed, _) in cpu_kernels.BUILDS.items() if needed <= cpu_kernels.cpu_flags()]
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ISAS_HERE)
+def test_each_instruction_set_this_cpu_has_computes_the_same_product(isa):
+    """GLMKIT_KERNELS=<isa> builds that variant (an AVX-512 machine checks its AVX2 build too) and it gives the
+    reference product."""
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from glmkit.quant import cpu_kernels, int4_packing as packing
+from test_cpu_kernels import random_int4, reference_int4_linear
+assert cpu_kernels.instruction_set() == {isa!r} and cpu_kernels.available()
+q, sz = random_int4(2, 48, 256, 64)
+x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+got = torch.ops.glmkit.int4_linear(x, packing.to_vnni(q), packing.scales_to_vnni(sz), 1, 64).double()
+want = reference_int4_linear(x.float(), q[1], sz[1], 64)
+torch.testing.assert_close(got, want, atol=2e-5 * float(want.abs().max()), rtol=0)
+print("ok")
+"""
+    env = {**os.environ, "GLMKIT_KERNELS": isa}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 @needs_kernels
 def test_moe_int4_token_sums_its_weighted_swiglu_experts():
     C, I, E, gs = 128, 64, 6, 32
@@ -97,7 +128,7 @@ def test_stacked_int4_in_either_layout_holds_the_same_experts(monkeypatch):
     q, sz = random_int4(4, 32, 64, 32)
     scales, zeros = sz[..., 0].float().transpose(1, 2), sz[..., 1].float().transpose(1, 2)
     ours = StackedInt4(q, scales, zeros, 32)
-    monkeypatch.setitem(cpu_kernels._state, "vnni", False)
+    monkeypatch.setitem(cpu_kernels._state, "int4", False)
     torchs = StackedInt4(q, scales, zeros, 32)
     assert (ours.layout, torchs.layout) == ("vnni", "cpu")
     assert torch.equal(ours.all_nibbles(), torchs.all_nibbles()) and torch.equal(ours.group_scales(), sz)
@@ -111,7 +142,7 @@ def test_a_failed_build_leaves_torchs_kernels_with_one_warning(tmp_path, monkeyp
     """No compiler, no ninja or (here) no writable home: one warning naming the cause, and no kernels."""
     monkeypatch.setenv("GLMKIT_HOME", str(tmp_path / "a-file"))
     (tmp_path / "a-file").write_text("not a directory")
-    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: cpu_kernels.NEEDED)
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: cpu_kernels.BUILDS["avx2"][0])
     with pytest.warns(UserWarning, match="could not build its CPU kernels .*GLMKIT_KERNELS=0"):
         assert cpu_kernels._load() is False
     monkeypatch.setenv("GLMKIT_KERNELS", "0")

@@ -13,6 +13,8 @@ from safetensors.torch import load_file, save_file
 import glmkit
 from glmkit.errors import CheckpointError, ConfigError
 
+from conftest import assert_greedy_agrees
+
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
             n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=1.0,
@@ -326,18 +328,23 @@ def test_gguf_int4_experts_stay_4_bit(tmp_path, qtype):
 @pytest.mark.parametrize("bits", [None, 8, 4])
 def test_compiled_decode_step_covers_moe(tmp_path, monkeypatch, bits):
     """The compiled one-token step of a MoE model (float32, int8 and int4 experts, whose kernels run on experts
-    chosen at run time): greedy tokens equal eager."""
+    chosen at run time): greedy tokens equal eager (in bfloat16, up to a near tie that rounding may break
+    either way)."""
     monkeypatch.setenv("GLMKIT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "home" / "inductor"))
     make_moe(tmp_path / "m", "groups", seed=3)
     load = lambda: glmkit.load(tmp_path / "m", dtype="float32" if bits is None else "bfloat16",  # noqa: E731
                                quantize=None if bits is None else f"int{bits}")
     prompt = [5, 9, 13, 2, 40, 7]
-    expected = load().generate(prompt, max_tokens=16, temperature=0, ignore_eos=True).token_ids
+    expected = load().generate(prompt, max_tokens=16, temperature=0, ignore_eos=True, logprobs=2)
     llm = load()
     decoder = llm.compile()
     assert decoder.ready, decoder.error
-    assert llm.generate(prompt, max_tokens=16, temperature=0, ignore_eos=True).token_ids == expected
+    got = llm.generate(prompt, max_tokens=16, temperature=0, ignore_eos=True).token_ids
+    if bits is None:
+        assert got == expected.token_ids
+    else:
+        assert_greedy_agrees(expected, got, margin=0.05)
 
 
 def test_gguf_q8_experts_become_int8_without_a_float_copy(tmp_path):

@@ -8,7 +8,7 @@ import torch
 
 import glmkit
 from conftest import LLAMA_CONFIGS, make_hf_model
-from glmkit.quant import Int4Linear, Int8Linear, quantize_model
+from glmkit.quant import Int4Linear, Int8Linear, cpu_kernels, quantize_model
 from test_engine import naive_greedy
 
 
@@ -33,13 +33,14 @@ def test_module_against_float(cls, kw, bound):
     assert rel(m.dequantize(), w) < bound
 
 
-def test_int4_nibbles_read_torch_cpu_packing():
-    """nibbles() reads torch's CPU int4 packing directly; it must equal what the packed kernel itself computes
-    on the identity matrix (scale 1, zero 8)."""
-    from glmkit.quant.int4_packing import cpu_layout_known
+def test_int4_nibbles_read_torch_cpu_packing(monkeypatch):
+    """nibbles() reads torch's CPU int4 packing directly (blocks of 64 rows with AVX-512, 32 with AVX2); it must
+    equal what the packed kernel itself computes on the identity matrix (scale 1, zero 8)."""
+    from glmkit.quant.int4_packing import cpu_block_rows
 
+    monkeypatch.setitem(cpu_kernels._state, "int4", False)  # torch's layout, not glmkit's kernels' one
     m = Int4Linear.from_float(torch.randn(192, 96), group_size=32)
-    assert cpu_layout_known(192, 96)
+    assert m.layout == "cpu" and cpu_block_rows(192, 96) in (64, 32)
     eye = torch.eye(96, dtype=torch.bfloat16)
     unit = torch.empty_like(m.scales_zeros)
     unit[..., 0], unit[..., 1] = 1.0, 8.0
@@ -90,7 +91,7 @@ def test_int4_bytes_layout_is_the_portable_path():
     m = Int4Linear.from_float(torch.randn(128, 96), torch.randn(128), group_size=32)
     x = torch.randn(2, 3, 96)
     expected, q = m(x), m.nibbles()
-    m.packed, m.layout = to_bytes(q), "bytes"
+    m.packed, m.scales_zeros, m.layout = to_bytes(q), m.group_scales(), "bytes"
     assert torch.equal(m.nibbles(), q)
     assert torch.equal(m(x), expected)
     assert rel(m(x.bfloat16()), expected) < 0.01
@@ -266,7 +267,8 @@ def test_official_chatglm_quantized_checkpoint(tmp_path, random_ids, bits, devic
     quantized = glmkit.load(tmp_path / "q", device=device, dtype="float32" if device == "cpu" else "bfloat16")
     qkv = quantized.model.layers[0].attn.qkv
     assert isinstance(qkv, Int4Linear if bits == 4 else Int8Linear)
-    assert bits == 8 or qkv.layout == device
+    kernel_layout = "vnni" if device == "cpu" and cpu_kernels.available() else device  # glmkit's own, or torch's
+    assert bits == 8 or qkv.layout == kernel_layout
     ids = random_ids(2, 10, hf.config.vocab_size)
     bound = 5e-3 if device == "cpu" else 3e-2  # scales kept in bfloat16 for int4; bfloat16 activations on CUDA
     assert rel(quantized.logits(ids).cpu(), reference.logits(ids)) < bound

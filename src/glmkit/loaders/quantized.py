@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 from torch import nn
 
@@ -25,27 +24,22 @@ FORMAT = "glmkit-weight-only-v1"
 def save_quantized(model: nn.Module, directory: Path, bits: int, group_size: int) -> None:
     tensors, modules = {}, {}
     for name, module in model.named_modules():
-        if isinstance(module, Int4Linear):
-            modules[name] = "int4"
-            tensors[f"{name}.qweight"] = to_bytes(module.nibbles())  # (N, K / 2)
-            sz = module.scales_zeros  # bfloat16, as the kernel uses them
-            tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = sz[..., 0].T.contiguous(), sz[..., 1].T.contiguous()
+        if isinstance(module, (Int4Linear, StackedInt4)):  # portable nibbles and the bfloat16 scales as used
+            modules[name] = "int4" if isinstance(module, Int4Linear) else "int4_experts"
+            tensors[f"{name}.qweight"] = to_bytes(module.all_nibbles())  # ([E,] N, K / 2)
+            sz = module.group_scales()  # ([E,] K / gs, N, 2)
+            tensors[f"{name}.scales"] = sz[..., 0].transpose(-1, -2).contiguous()  # ([E,] N, K / gs)
+            tensors[f"{name}.zeros"] = sz[..., 1].transpose(-1, -2).contiguous()
         elif isinstance(module, Int8Linear):
             modules[name] = "int8"
             tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = module.q, module.scales
-        elif isinstance(module, (StackedInt4, StackedInt8)):  # a MoE layer's stacked experts
-            modules[name] = f"int{module.bits}_experts"
-            if module.bits == 4:  # portable nibbles, as for Int4Linear
-                tensors[f"{name}.qweight"] = to_bytes(torch.stack([module.nibbles(e) for e in range(module.experts)]))
-                sz = module.group_scales()  # (E, K / gs, N, 2) bfloat16
-                tensors[f"{name}.scales"] = sz[..., 0].transpose(1, 2).contiguous()
-                tensors[f"{name}.zeros"] = sz[..., 1].transpose(1, 2).contiguous()
-            else:
-                tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = module.q, module.scales
+        elif isinstance(module, StackedInt8):  # a MoE layer's stacked experts
+            modules[name] = "int8_experts"
+            tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = module.q, module.scales
             continue
         else:
             continue
-        if module.bias is not None:
+        if getattr(module, "bias", None) is not None:  # stacked experts have none
             tensors[f"{name}.bias"] = module.bias.detach()
     for name, param in model.named_parameters():
         if name.rsplit(".", 1)[0] not in modules:

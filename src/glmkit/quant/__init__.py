@@ -119,8 +119,9 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """`packed` holds the 4-bit values in the layout of its device's kernel (`layout`: "cpu", "cuda" or
-    "bytes", see int4_packing); moving the module to another kind of device repacks them."""
+    """`packed` holds the 4-bit values in the layout of its device's kernel (`layout`: "vnni" for glmkit's own
+    CPU kernels, "cpu", "cuda" or "bytes", see int4_packing); moving the module to another kind of device repacks
+    them."""
 
     bits = 4
 
@@ -149,11 +150,14 @@ class Int4Linear(nn.Module):
         return cls(*int4_groups(w, group_size), group_size, bias)
 
     def _pack(self, q: torch.Tensor, sz: torch.Tensor) -> None:
-        """Store q (N, K) in the layout of q's device's kernel, or two per byte where there is none; sz
-        (K / gs, N, 2) bfloat16 as every layout keeps it."""
+        """Store q (N, K) and sz (K / gs, N, 2) bfloat16 in the layout of q's device's kernel: glmkit's own on CPU
+        where it runs (as one stacked expert), torch's otherwise; two values a byte where there is none."""
         N, K = q.shape
         self.scales_zeros = sz.contiguous()
-        if q.device.type == "cpu":
+        if q.device.type == "cpu" and self.group_size % 32 == 0 and cpu_kernels.available():
+            self.packed = packing.to_vnni(q[None])  # (1, N / 16, K / 8, 16, 4)
+            self.scales_zeros, self.layout = packing.scales_to_vnni(sz[None]), "vnni"  # (1, N / 16, K / gs, 2, 16)
+        elif q.device.type == "cpu":
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
             self.layout = "cpu"
         elif (q.device.type == "cuda" and N % 8 == 0 and packing.cuda_inner_k_tiles(K)
@@ -170,30 +174,37 @@ class Int4Linear(nn.Module):
 
     def nibbles(self) -> torch.Tensor:
         """The stored 4-bit values (N, K), 0..15."""
+        if self.layout == "vnni":
+            return packing.from_vnni(self.packed[0])
         return stored_nibbles(self.packed, self.layout, self.out_features, self.in_features, self.group_size)
 
     def group_scales(self) -> torch.Tensor:
         """The bfloat16 scales and zeros as (K / gs, N, 2)."""
-        return self.scales_zeros
+        return packing.scales_from_vnni(self.scales_zeros[0]) if self.layout == "vnni" else self.scales_zeros
 
     def bf16_weight_t(self) -> torch.Tensor:
         """W^T as (K, N) bfloat16 from the CPU layout, for prefill-sized inputs (a bf16 GEMM beats the int4
         kernel there); built block by block in the packed order, so every pass reads and writes contiguous memory."""
         N, K, gs = self.out_features, self.in_features, self.group_size
-        sz = self.scales_zeros.view(K // gs, N // 64, 1, 64, 2).transpose(0, 1).contiguous()  # (N/64, K/gs, 1, 64, 2)
-        q = packing.cpu_blocks(self.packed, N, K).view(N // 64, K // gs, gs, 64).to(torch.bfloat16) - 8  # (N/64, K/gs, gs, 64)
-        w = torch.addcmul(sz[..., 1], q, sz[..., 0])  # (N / 64, K / gs, gs, 64)
-        return w.reshape(N // 64, K, 64).transpose(0, 1).reshape(K, N)
+        B = packing.cpu_block_rows(N, K)
+        sz = self.scales_zeros.view(K // gs, N // B, 1, B, 2).transpose(0, 1).contiguous()  # (N/B, K/gs, 1, B, 2)
+        q = packing.cpu_blocks(self.packed, N, K).view(N // B, K // gs, gs, B).to(torch.bfloat16) - 8  # (N/B, K/gs, gs, B)
+        w = torch.addcmul(sz[..., 1], q, sz[..., 0])  # (N / B, K / gs, gs, B)
+        return w.reshape(N // B, K, B).transpose(0, 1).reshape(K, N)
 
     def dequantize(self) -> torch.Tensor:
         """The weights as stored (bfloat16 scales), (N, K), in float32."""
-        sz = self.scales_zeros.float()  # (K / gs, N, 2)
+        sz = self.group_scales().float()  # (K / gs, N, 2)
         g = self.nibbles().float().view(self.out_features, -1, self.group_size)
         return ((g - 8) * sz[..., 0].T[..., None] + sz[..., 1].T[..., None]).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self.layout == "cpu" and x.dtype == torch.bfloat16:
+        if self.layout == "vnni" and x.dtype == torch.bfloat16:
+            y = torch.ops.glmkit.int4_linear(x.reshape(-1, self.in_features).contiguous(), self.packed,
+                                             self.scales_zeros, 0, self.group_size)  # (rows, N) float32
+            y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        elif self.layout == "cpu" and x.dtype == torch.bfloat16:
             if rows >= PREFILL_ROWS_INT4 and packing.cpu_layout_known(self.out_features, self.in_features):
                 y = x @ self.bf16_weight_t()  # prefill: bf16 GEMM
             else:

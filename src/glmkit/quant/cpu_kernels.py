@@ -1,7 +1,7 @@
-"""glmkit's own CPU kernels (kernels/vnni.cpp), loaded as torch ops so eager code, torch.export and AOTInductor
-packages all call them: int4 weights times activations quantized to int8 in blocks of 32, summed with AVX-512
-VNNI integer dot products (llama.cpp's method; torch's weight-only CPU kernels turn every weight into a float
-first).
+"""glmkit's own CPU kernels (kernels/int4.cpp), loaded as torch ops so eager code, torch.export and AOTInductor
+packages all call them: int4 weights times activations quantized to int8 in blocks of 32, summed with integer
+dot products (llama.cpp's method; torch's weight-only CPU kernels turn every weight into a float first), built
+for AVX-512 VNNI where the CPU has it and for AVX2 + FMA otherwise.
 
 `torch.ops.glmkit.int4_linear(x, packed, sz, expert, group_size)`: x (M, K) float32 / bfloat16 -> (M, N)
 float32 through one expert of stacked weights in the "vnni" layout (int4_packing). `moe_int4_token(x, ids,
@@ -9,8 +9,9 @@ weights, gate_up, gate_up_sz, down, down_sz, gs_gate_up, gs_down)`: one token (1
 experts, weighted and summed -> (1, C) float32, in one call.
 
 The source is compiled once per machine with the C++ compiler torch.utils.cpp_extension uses (~20 s), into
-$GLMKIT_HOME/kernels. `available()` says whether the ops are there: False without AVX-512 VNNI, without a
-working compiler (one warning), or with GLMKIT_KERNELS=0; callers then keep torch's kernels.
+$GLMKIT_HOME/kernels. `available()` says whether the ops are there: False on a CPU with neither instruction
+set, without a working compiler (one warning), or with GLMKIT_KERNELS=0; callers then keep torch's kernels.
+GLMKIT_KERNELS=avx2 (or avx512vnni) picks one instruction set when the CPU has several.
 """
 
 from __future__ import annotations
@@ -25,9 +26,13 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("kernels") / "vnni.cpp"
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"]
-NEEDED = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma"}
+SOURCE = Path(__file__).with_name("kernels") / "int4.cpp"
+# instruction set -> (the CPU flags it needs as Linux names them, compiler flags); the first the CPU has is built
+BUILDS = {
+    "avx512vnni": ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma"},
+                   ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"]),
+    "avx2": ({"avx2", "fma"}, ["-mavx2", "-mfma"]),
+}
 
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
@@ -43,35 +48,46 @@ def cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
-def build_dir() -> Path:
-    """$GLMKIT_HOME/kernels/<hash of the source, flags and torch version>: rebuilt when any of them changes."""
+def instruction_set() -> str | None:
+    """The instruction set the kernels are built for here (a key of BUILDS): the first this CPU has, or the one
+    GLMKIT_KERNELS names if it has that one; None when it has none of them or GLMKIT_KERNELS=0."""
+    wanted = os.environ.get("GLMKIT_KERNELS", "1")
+    names = [wanted] if wanted in BUILDS else [] if wanted == "0" else list(BUILDS)
+    flags = cpu_flags()
+    return next((name for name in names if BUILDS[name][0] <= flags), None)
+
+
+def build_dir(isa: str) -> Path:
+    """$GLMKIT_HOME/kernels/<isa>-<hash of the source, flags and torch version>: rebuilt when any of them changes."""
     home = os.environ.get("GLMKIT_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "glmkit"
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + [torch.__version__]).encode()).hexdigest()[:16]
-    return Path(home).expanduser() / "kernels" / f"vnni-{digest}"
+    flags = BUILDS[isa][1] + [torch.__version__]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    return Path(home).expanduser() / "kernels" / f"{isa}-{digest}"
 
 
 def available() -> bool:
     """Whether the torch.ops.glmkit kernels run here; builds them on first use."""
     with _lock:
-        if "vnni" not in _state:
-            _state["vnni"] = _load()
-        return _state["vnni"]
+        if "int4" not in _state:
+            _state["int4"] = _load()
+        return _state["int4"]
 
 
 def _load() -> bool:
-    if os.environ.get("GLMKIT_KERNELS", "1") == "0" or not NEEDED <= cpu_flags():
+    isa = instruction_set()
+    if isa is None:
         return False
     from torch.utils import cpp_extension
 
     scripts = Path(sys.executable).parent  # where pip put the ninja package's binary
     if shutil.which("ninja") is None and shutil.which("ninja", path=str(scripts)):  # its environment not on PATH
         os.environ["PATH"] = str(scripts) + os.pathsep + os.environ.get("PATH", "")
-    directory = build_dir()
+    directory = build_dir(isa)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         if not any(directory.glob("*.so")):
             print("glmkit: building its CPU kernels once for this machine (~20 s)", file=sys.stderr, flush=True)
-        cpp_extension.load(name="glmkit_vnni", sources=[str(SOURCE)], extra_cflags=FLAGS,
+        cpp_extension.load(name=f"glmkit_int4_{isa}", sources=[str(SOURCE)], extra_cflags=["-O3", *BUILDS[isa][1]],
                            build_directory=str(directory), is_python_module=False, verbose=False)
     except Exception as error:  # noqa: BLE001 - no compiler, no ninja, an unwritable home: torch's kernels remain
         warnings.warn(f"glmkit could not build its CPU kernels ({str(error).splitlines()[0]}); using torch's "

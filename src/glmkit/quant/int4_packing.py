@@ -2,16 +2,17 @@
 
 Layouts of an (N, K) matrix of values 0..15:
 - "cpu": torch's CPU packing (`_convert_weight_to_int4pack_for_cpu`), (N, K / 2) uint8, for
-  `_weight_int4pack_mm_for_cpu`; read back directly in blocks of 64 rows (checked once per shape).
+  `_weight_int4pack_mm_for_cpu`; read back directly in blocks of 64 rows (32 where torch's kernel uses
+  AVX2; checked once per shape).
 - "cuda": torch's CUDA tinygemm packing (`_convert_weight_to_int4pack`), (N / 8, K / (16 t), 32, t / 2) int32
   with t inner k-tiles, for `_weight_int4pack_mm` (Ampere or newer); read back from the layout its packing
   kernel writes, checked once per shape against the op itself.
-- "vnni": glmkit's own CPU kernels (kernels/vnni.cpp, AVX-512 VNNI), (N / 16, K / 8, 16, 4) uint8:
+- "vnni": glmkit's own CPU kernels (kernels/int4.cpp, AVX-512 VNNI or AVX2), (N / 16, K / 8, 16, 4) uint8:
   tiles of 16 rows; byte (r, j) of chunk c holds columns 8 c + j (low nibble) and 8 c + 4 + j (high) of row
   r; the scales and zeros as (N / 16, K / group, 2, 16), each tile's 16 scales then its 16 zeros per group.
 - "bytes": two values per byte, the even column in the low nibble, (N, K / 2) uint8: devices without a
   kernel (and glmkit's checkpoint format).
-Both kernels dequantize w = (q - 8) * scale + zero with scales_zeros (K / group, N, 2) in bfloat16. No
+All kernels dequantize w = (q - 8) * scale + zero with bfloat16 scales_zeros, (K / group, N, 2) but in "vnni". No
 modules here: Int4Linear (glmkit.quant) picks the layout for its device.
 """
 
@@ -34,18 +35,22 @@ def from_bytes(packed: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ CPU
+def cpu_block_rows(N: int, K: int) -> int | None:
+    """The rows in a block of torch's CPU int4 packing of an (N, K) weight (64 where torch's kernel uses AVX-512,
+    32 with AVX2) when it is the layout cpu_blocks reads (byte (block, k, i) holds row B block + i in its low
+    nibble and row B block + B / 2 + i in its high one); None when it is neither. Checked once per width on two
+    blocks of rows (the packing repeats block by block; a full-size check of a large layer would cost tens of MB)."""
+    return next((rows for rows in (64, 32) if N % rows == 0 and _cpu_probe(min(N, 2 * rows), K, rows)), None)
+
+
 def cpu_layout_known(N: int, K: int) -> bool:
-    """Whether torch's CPU int4 packing of an (N, K) weight is the layout cpu_blocks reads (blocks of 64 rows:
-    byte (block, k, i) holds row 64 block + i in its low nibble and row 64 block + 32 + i in its high one).
-    Checked once per width on two blocks of rows (the packing repeats block by block; a full-size check of
-    a large layer would cost tens of MB)."""
-    return N % 64 == 0 and _cpu_probe(min(N, 128), K)
+    return cpu_block_rows(N, K) is not None
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_probe(N: int, K: int) -> bool:
+def _cpu_probe(N: int, K: int, rows: int) -> bool:
     for q in _position_codes(N, K, torch.device("cpu")):
-        blocks = cpu_blocks(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1), N, K)
+        blocks = cpu_blocks(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1), N, K, rows)
         if not torch.equal(blocks.transpose(1, 2).reshape(N, K), q):
             return False
     return True
@@ -59,11 +64,12 @@ def _position_codes(N: int, K: int, device: torch.device):
         yield ((pos >> shift) & 15).to(torch.uint8)
 
 
-def cpu_blocks(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    """torch's CPU int4 packing (N, K / 2) -> the values as (N / 64, K, 64) uint8, 0..15, when the layout is the
-    one cpu_layout_known checks: each block is then a K x 64 slice of W^T."""
-    packed = packed.view(N // 64, K, 1, 32)
-    return torch.cat([packed & 0x0F, packed >> 4], dim=2).view(N // 64, K, 64)
+def cpu_blocks(packed: torch.Tensor, N: int, K: int, rows: int | None = None) -> torch.Tensor:
+    """torch's CPU int4 packing (N, K / 2) -> the values as (N / B, K, B) uint8, 0..15, B = `rows` or
+    cpu_block_rows(N, K) (the layout must be known): each block is then a K x B slice of W^T."""
+    B = rows or cpu_block_rows(N, K)
+    packed = packed.view(N // B, K, 1, B // 2)
+    return torch.cat([packed & 0x0F, packed >> 4], dim=2).view(N // B, K, B)
 
 
 # ----------------------------------------------------------------------------------------- glmkit's CPU
