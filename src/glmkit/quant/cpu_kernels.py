@@ -57,11 +57,16 @@ def instruction_set() -> str | None:
     return next((name for name in names if BUILDS[name][0] <= flags), None)
 
 
+def compiler_flags(isa: str) -> list[str]:
+    """-fopenmp: at::parallel_for is inline OpenMP code, serial when compiled without it."""
+    return ["-O3", "-fopenmp", *BUILDS[isa][1]]
+
+
 def build_dir(isa: str) -> Path:
     """$GLMKIT_HOME/kernels/<isa>-<hash of the source, flags and torch version>: rebuilt when any of them changes."""
     home = os.environ.get("GLMKIT_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "glmkit"
-    flags = BUILDS[isa][1] + [torch.__version__]
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    flags = " ".join([*compiler_flags(isa), torch.__version__])
+    digest = hashlib.sha256(SOURCE.read_bytes() + flags.encode()).hexdigest()[:16]
     return Path(home).expanduser() / "kernels" / f"{isa}-{digest}"
 
 
@@ -87,8 +92,9 @@ def _load() -> bool:
         directory.mkdir(parents=True, exist_ok=True)
         if not any(directory.glob("*.so")):
             print("glmkit: building its CPU kernels once for this machine (~20 s)", file=sys.stderr, flush=True)
-        cpp_extension.load(name=f"glmkit_int4_{isa}", sources=[str(SOURCE)], extra_cflags=["-O3", *BUILDS[isa][1]],
-                           build_directory=str(directory), is_python_module=False, verbose=False)
+        cpp_extension.load(name=f"glmkit_int4_{isa}", sources=[str(SOURCE)], extra_cflags=compiler_flags(isa),
+                           extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False,
+                           verbose=False)
     except Exception as error:  # noqa: BLE001 - no compiler, no ninja, an unwritable home: torch's kernels remain
         warnings.warn(f"glmkit could not build its CPU kernels ({str(error).splitlines()[0]}); using torch's "
                       "slower ones. They need a C++ compiler, ninja and a writable $GLMKIT_HOME; GLMKIT_KERNELS=0 "
