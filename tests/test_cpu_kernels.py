@@ -76,6 +76,37 @@ def test_int4_linear_computes_the_int8_activation_product(M, N, K, gs, dtype):
         assert float((got - exact).norm() / exact.norm()) < 0.02
 
 
+def reference_int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8_linear in float64: x's int8 blocks of 32 as above, exact integer sums with q per block, scaled by the
+    block's scale and the row's."""
+    M, K = x.shape
+    xb = x.float().view(M, K // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)  # (M, K/32, 1)
+    xq = torch.where(amax > 0, torch.round(xb * (127 / amax)), 0).double()  # (M, K/32, 32)
+    dots = torch.einsum("mbk,nbk->mnb", xq, q.double().view(-1, K // 32, 32))  # (M, N, K/32)
+    return (dots * (amax / 127).double()[:, None, :, 0]).sum(-1) * scales.double()
+
+
+@needs_kernels
+@pytest.mark.parametrize("M,N,K", [(1, 16, 32), (3, 48, 256), (6, 64, 576)])
+def test_int8_linear_computes_the_int8_activation_product(M, N, K):
+    from glmkit.quant import Int8Linear, int8_tiles
+
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(M))
+    w[0, :7] = 127 / 10  # the largest weights and (below) activations: pairs of products near int16's limit
+    layer = Int8Linear.from_float(w)
+    q = layer.rows()
+    assert layer.layout == "vnni" and torch.equal(int8_tiles(q), layer.q) and q.abs().max() == 127
+    x = (torch.randn(M, K, generator=torch.Generator().manual_seed(9)) * 2).to(torch.bfloat16)
+    x[0, :32] = 0
+    x[-1, :8] = -5  # the block's extreme: -127
+    got = torch.ops.glmkit.int8_linear(x, layer.q, layer.scales)
+    want = reference_int8_linear(x.float(), q, layer.scales)
+    torch.testing.assert_close(got.double(), want, atol=2e-5 * float(want.abs().max()), rtol=0)
+    exact = x.float() @ layer.dequantize().T
+    assert float((layer(x).float() - exact).norm() / exact.norm()) < 0.02
+
+
 ISAS_HERE = [name for name, (needed, _) in cpu_kernels.BUILDS.items() if needed <= cpu_kernels.cpu_flags()]
 
 
@@ -83,7 +114,7 @@ ISAS_HERE = [name for name, (needed, _) in cpu_kernels.BUILDS.items() if needed 
 @pytest.mark.parametrize("isa", ISAS_HERE)
 def test_each_instruction_set_this_cpu_has_computes_the_same_product(isa):
     """GLMKIT_KERNELS=<isa> builds that variant (an AVX-512 machine checks its AVX2 build too) and it gives the
-    reference product."""
+    reference products, int4 and int8."""
     script = f"""
 import sys, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
@@ -94,6 +125,12 @@ q, sz = random_int4(2, 48, 256, 64)
 x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
 got = torch.ops.glmkit.int4_linear(x, packing.to_vnni(q), packing.scales_to_vnni(sz), 1, 64).double()
 want = reference_int4_linear(x.float(), q[1], sz[1], 64)
+torch.testing.assert_close(got, want, atol=2e-5 * float(want.abs().max()), rtol=0)
+from glmkit.quant import Int8Linear
+from test_cpu_kernels import reference_int8_linear
+layer = Int8Linear.from_float(torch.randn(48, 256))
+want = reference_int8_linear(x.float(), layer.rows(), layer.scales)
+got = torch.ops.glmkit.int8_linear(x, layer.q, layer.scales).double()
 torch.testing.assert_close(got, want, atol=2e-5 * float(want.abs().max()), rtol=0)
 print("ok")
 """

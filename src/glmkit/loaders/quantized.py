@@ -32,7 +32,7 @@ def save_quantized(model: nn.Module, directory: Path, bits: int, group_size: int
             tensors[f"{name}.zeros"] = sz[..., 1].transpose(-1, -2).contiguous()
         elif isinstance(module, Int8Linear):
             modules[name] = "int8"
-            tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = module.q, module.scales
+            tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = module.rows(), module.scales
         elif isinstance(module, StackedInt8):  # a MoE layer's stacked experts
             modules[name] = "int8_experts"
             tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = module.q, module.scales

@@ -69,13 +69,26 @@ def repacked(module: nn.Module, fn, recurse: bool, apply) -> nn.Module:
     return module
 
 
+def int8_tiles(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8 -> (N / 16, K / 4, 16, 4), the tiles of glmkit's int8 CPU kernel: byte (r, j) of tile t and
+    chunk c holds q[16 t + r, 4 c + j]."""
+    N, K = q.shape
+    return q.view(N // 16, 16, K // 4, 4).transpose(1, 2).contiguous()
+
+
 class Int8Linear(nn.Module):
+    """Symmetric int8 per output row: `q` is (N, K) (`layout` "rows"), or its int8_tiles where glmkit's CPU
+    kernels run ("vnni"); rows() gives (N, K) either way."""
+
     bits = 8  # weight-only bits: what the compiler's options and the engine ask of a layer
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.out_features, self.in_features = q.shape
-        self.register_buffer("q", q.to(torch.int8).contiguous())  # (N, K)
+        self.out_features, self.in_features = N, K = q.shape
+        q = q.to(torch.int8).contiguous()
+        tiled = q.device.type == "cpu" and N % 16 == 0 and K % 32 == 0 and cpu_kernels.available()
+        self.layout = "vnni" if tiled else "rows"
+        self.register_buffer("q", int8_tiles(q) if tiled else q)  # (N, K) or (N / 16, K / 4, 16, 4)
         self.register_buffer("scales", scales.float().contiguous())  # (N,)
         self.register_buffer("scales_bf16", self.scales.to(torch.bfloat16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -100,13 +113,31 @@ class Int8Linear(nn.Module):
             q[lo: lo + step] = torch.round(part / s[:, None]).clamp(-127, 127)
         return cls(q, scales, bias)
 
+    def rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The int8 weights (N, K), or the rows numbered by `index` (...) -> (..., K)."""
+        if self.layout == "rows":
+            return self.q if index is None else self.q[index]
+        if index is None:
+            return self.q.transpose(1, 2).reshape(self.out_features, self.in_features)
+        return self.q[index // 16, :, index % 16, :].flatten(-2)  # (..., K / 4, 4) -> (..., K)
+
+    def _apply(self, fn, recurse: bool = True):
+        target = fn(torch.empty(0, dtype=torch.int8, device=self.q.device)).device
+        if self.layout == "vnni" and target.type != "cpu":  # the tiles are for glmkit's CPU kernel only
+            self.q, self.layout = self.rows().contiguous(), "rows"
+        return super()._apply(fn, recurse)
+
     def dequantize(self) -> torch.Tensor:
-        return self.q.float() * self.scales[:, None]  # (N, K)
+        return self.rows().float() * self.scales[:, None]  # (N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # torch 2.13's int8 kernel crashes (segfault) for input widths that are not a multiple of 16 once
         # there are 8 or more rows: those shapes take the portable path
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() >= PREFILL_ROWS * self.in_features:
+        if self.layout == "vnni" and x.dtype == torch.bfloat16:
+            y = torch.ops.glmkit.int8_linear(x.reshape(-1, self.in_features).contiguous(), self.q,
+                                             self.scales.float())  # (rows, N) float32
+            y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        elif x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() >= PREFILL_ROWS * self.in_features:
             y = F.linear(x, self.q.to(torch.bfloat16) * self.scales_bf16[:, None])  # prefill: bf16 GEMM
         elif x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.in_features % 16 == 0:
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.q, self.scales_bf16)
@@ -366,7 +397,7 @@ class TiedInt8Embedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         head = self.__dict__["head"]
-        return head.q[tokens].to(self.dtype) * head.scales[tokens, None].to(self.dtype)  # (B, T, C)
+        return head.rows(tokens).to(self.dtype) * head.scales[tokens, None].to(self.dtype)  # (B, T, C)
 
 
 def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -1,12 +1,13 @@
-"""glmkit's own CPU kernels (kernels/int4.cpp), loaded as torch ops so eager code, torch.export and AOTInductor
-packages all call them: int4 weights times activations quantized to int8 in blocks of 32, summed with integer
-dot products (llama.cpp's method; torch's weight-only CPU kernels turn every weight into a float first), built
+"""glmkit's own CPU kernels (kernels/quant.cpp), loaded as torch ops so eager code, torch.export and AOTInductor
+packages all call them: int4 and int8 weights times activations quantized to int8 in blocks of 32, summed with
+integer dot products (llama.cpp's method; torch's weight-only CPU kernels turn every weight into a float first), built
 for AVX-512 VNNI where the CPU has it and for AVX2 + FMA otherwise.
 
 `torch.ops.glmkit.int4_linear(x, packed, sz, expert, group_size)`: x (M, K) float32 / bfloat16 -> (M, N)
-float32 through one expert of stacked weights in the "vnni" layout (int4_packing). `moe_int4_token(x, ids,
-weights, gate_up, gate_up_sz, down, down_sz, gs_gate_up, gs_down)`: one token (1, C) through its chosen SwiGLU
-experts, weighted and summed -> (1, C) float32, in one call.
+float32 through one expert of stacked weights in the "vnni" layout (int4_packing). `int8_linear(x, tiles,
+scales)`: the same for int8 weights in tiles of 16 rows (quant.int8_tiles) with per-row scales.
+`moe_int4_token(x, ids, weights, gate_up, gate_up_sz, down, down_sz, gs_gate_up, gs_down)`: one token (1, C)
+through its chosen SwiGLU experts, weighted and summed -> (1, C) float32, in one call.
 
 The source is compiled once per machine with the C++ compiler torch.utils.cpp_extension uses (~20 s), into
 $GLMKIT_HOME/kernels. `available()` says whether the ops are there: False on a CPU with neither instruction
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("kernels") / "int4.cpp"
+SOURCE = Path(__file__).with_name("kernels") / "quant.cpp"
 # instruction set -> (the CPU flags it needs as Linux names them, compiler flags); the first the CPU has is built
 BUILDS = {
     "avx512vnni": ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma"},
@@ -92,7 +93,7 @@ def _load() -> bool:
         directory.mkdir(parents=True, exist_ok=True)
         if not any(directory.glob("*.so")):
             print("glmkit: building its CPU kernels once for this machine (~20 s)", file=sys.stderr, flush=True)
-        cpp_extension.load(name=f"glmkit_int4_{isa}", sources=[str(SOURCE)], extra_cflags=compiler_flags(isa),
+        cpp_extension.load(name=f"glmkit_kernels_{isa}", sources=[str(SOURCE)], extra_cflags=compiler_flags(isa),
                            extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False,
                            verbose=False)
     except Exception as error:  # noqa: BLE001 - no compiler, no ninja, an unwritable home: torch's kernels remain
@@ -110,6 +111,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("glmkit::int4_linear")
     def _(x, packed, sz, expert, group_size):
         return x.new_empty((x.shape[0], packed.shape[1] * 16), dtype=torch.float32)
+
+    @torch.library.register_fake("glmkit::int8_linear")
+    def _(x, packed, scales):
+        return x.new_empty((x.shape[0], packed.shape[0] * 16), dtype=torch.float32)
 
     @torch.library.register_fake("glmkit::moe_int4_token")
     def _(x, ids, weights, gate_up, gate_up_sz, down, down_sz, gs_gate_up, gs_down):

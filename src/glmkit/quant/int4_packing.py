@@ -7,7 +7,7 @@ Layouts of an (N, K) matrix of values 0..15:
 - "cuda": torch's CUDA tinygemm packing (`_convert_weight_to_int4pack`), (N / 8, K / (16 t), 32, t / 2) int32
   with t inner k-tiles, for `_weight_int4pack_mm` (Ampere or newer); read back from the layout its packing
   kernel writes, checked once per shape against the op itself.
-- "vnni": glmkit's own CPU kernels (kernels/int4.cpp, AVX-512 VNNI or AVX2), (N / 16, K / 8, 16, 4) uint8:
+- "vnni": glmkit's own CPU kernels (kernels/quant.cpp, AVX-512 VNNI or AVX2), (N / 16, K / 8, 16, 4) uint8:
   tiles of 16 rows; byte (r, j) of chunk c holds columns 8 c + j (low nibble) and 8 c + 4 + j (high) of row
   r; the scales and zeros as (N / 16, K / group, 2, 16), each tile's 16 scales then its 16 zeros per group.
 - "bytes": two values per byte, the even column in the low nibble, (N, K / 2) uint8: devices without a

@@ -80,6 +80,18 @@ inline Floats16 add_block(Floats16 acc, __m512i d, int32_t qsum, Floats16 s, flo
   __m512i centred = _mm512_sub_epi32(d, _mm512_set1_epi32(8 * qsum));
   return {_mm512_fmadd_ps(_mm512_cvtepi32_ps(centred), _mm512_mul_ps(s.v, _mm512_set1_ps(xscale)), acc.v)};
 }
+// int8 weights: the same sum over one block of 32 columns (512 bytes: 8 chunks of 4 columns) -> 16 exact int32;
+// vpdpbusd wants unsigned weights, so it sums (q + 128) xq and takes 128 sum(xq) off
+inline __m512i block_dot8(const int8_t* w, const int32_t* xb, int32_t qsum) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i d = _mm512_setzero_si512();
+  for (int c = 0; c < 8; ++c)
+    d = _mm512_dpbusd_epi32(d, _mm512_xor_si512(_mm512_loadu_si512(w + 64 * c), flip), _mm512_set1_epi32(xb[c]));
+  return _mm512_sub_epi32(d, _mm512_set1_epi32(128 * qsum));
+}
+inline Floats16 add_scaled(Floats16 acc, __m512i d, float scale) {  // acc + d * scale
+  return {_mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(scale), acc.v)};
+}
 #else  // AVX2 + FMA
 struct Floats16 {  // 16 float32 lanes: two AVX2 registers
   __m256 lo, hi;
@@ -172,6 +184,24 @@ inline Floats16 add_block(Floats16 acc, Ints16 d, int32_t qsum, Floats16 s, floa
   return {_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d.lo, q8)), _mm256_mul_ps(s.lo, xs), acc.lo),
           _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d.hi, q8)), _mm256_mul_ps(s.hi, xs), acc.hi)};
 }
+
+inline __m256i half_block_dot8(const int8_t* w, const int32_t* xb) {  // 8 rows: 8 x 32 bytes, 64 bytes apart
+  // vpmaddubsw wants one unsigned side: |xq| times q with xq's sign; pairs (<= 2 * 127 * 127) fit in int16
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i d = _mm256_setzero_si256();
+  for (int c = 0; c < 8; ++c) {
+    __m256i x = _mm256_set1_epi32(xb[c]), v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * c));
+    d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(v, x)), ones));
+  }
+  return d;
+}
+inline Ints16 block_dot8(const int8_t* w, const int32_t* xb, int32_t) {
+  return {half_block_dot8(w, xb), half_block_dot8(w + 32, xb)};
+}
+inline Floats16 add_scaled(Floats16 acc, Ints16 d, float scale) {
+  const __m256 s = _mm256_set1_ps(scale);
+  return {_mm256_fmadd_ps(_mm256_cvtepi32_ps(d.lo), s, acc.lo), _mm256_fmadd_ps(_mm256_cvtepi32_ps(d.hi), s, acc.hi)};
+}
 #endif
 
 struct Activations {  // rows of K values as int8 blocks of 32: q (M, K), per block scale, sum of q, sum of x
@@ -213,6 +243,21 @@ inline Floats16 tile_dot(const uint8_t* w, const c10::BFloat16* sz, const Activa
   return acc;
 }
 
+// int8 weights (N, K) with per-row float32 scales, in tiles: (N / 16, K / 4, 16, 4) int8, byte (r, j) of chunk c
+// holding q[16 t + r, 4 c + j]. 16 rows of tile `w` times activation row m -> 16 floats
+inline Floats16 tile_dot8(const int8_t* w, const float* row_scales, const Activations& a, int64_t m) {
+  const int64_t K = a.K, row = m * (K / 32);
+  const int8_t* xq = a.q.data() + m * K;
+  Floats16 acc = splat16(0.f);
+  for (int64_t b = 0; b < K / 32; ++b) {
+    for (int64_t line = 0; line < 512; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(w + 512 * b + PREFETCH + line), _MM_HINT_T0);
+    acc = add_scaled(acc, block_dot8(w + 512 * b, reinterpret_cast<const int32_t*>(xq + 32 * b), a.qsum[row + b]),
+                     a.scale[row + b]);
+  }
+  return mul(acc, load16(row_scales));
+}
+
 std::vector<float> as_float(const at::Tensor& x) {  // (M, K) float32 or bfloat16 -> float32 values
   TORCH_CHECK(x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "glmkit kernels: contiguous float32 or bfloat16 activations");
@@ -247,19 +292,33 @@ struct Int4Weights {
 };
 
 // y (M, N) float32 = x (M, K) @ W_e^T
-at::Tensor linear(const at::Tensor& x, const Int4Weights& w, int64_t e) {
-  const int64_t M = x.size(0), K = x.size(1), N = w.N;
-  TORCH_CHECK(x.dim() == 2 && K == w.K && 0 <= e && e < w.E, "glmkit kernels: weight and input sizes differ");
+Activations quantized_rows(const at::Tensor& x) {  // (M, K) -> int8 blocks
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(x.dim() == 2 && K % 32 == 0, "glmkit kernels: (M, K) activations with K a multiple of 32");
   std::vector<float> xf = as_float(x);
   Activations a(M, K);
   for (int64_t m = 0; m < M; ++m) a.set_row(m, xf.data() + m * K);
+  return a;
+}
+
+// y (M, N) float32 from tile(t, a, m) -> rows 16 t .. 16 t + 15 of row m's product
+template <typename Tile>
+at::Tensor tiled_product(const at::Tensor& x, const Activations& a, int64_t N, Tile tile) {
+  const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   float* out = y.data_ptr<float>();
   at::parallel_for(0, N / 16, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t)
-      for (int64_t m = 0; m < M; ++m) store16(out + m * N + 16 * t, w.tile(e, t, a, m));
+      for (int64_t m = 0; m < M; ++m) store16(out + m * N + 16 * t, tile(t, m));
   });
   return y;
+}
+
+// y (M, N) float32 = x (M, K) @ W_e^T
+at::Tensor linear(const at::Tensor& x, const Int4Weights& w, int64_t e) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.K && 0 <= e && e < w.E, "glmkit kernels: weight and input sizes differ");
+  Activations a = quantized_rows(x);
+  return tiled_product(x, a, w.N, [&](int64_t t, int64_t m) { return w.tile(e, t, a, m); });
 }
 
 // One token x (1, C) through its k experts `ids` (k,) weighted by `weights` (1, k): SwiGLU experts with
@@ -307,6 +366,20 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   return linear(x, Int4Weights(packed, sz, gs), e);
 }
 
+// y (M, N) float32 = x (M, K) @ W^T for int8 tiles (N / 16, K / 4, 16, 4) and row scales (N,) float32
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kChar && packed.is_contiguous() &&
+              packed.size(2) == 16 && packed.size(3) == 4 && scales.scalar_type() == at::kFloat &&
+              scales.is_contiguous() && scales.numel() == packed.size(0) * 16,
+              "int8 kernel: (N/16, K/4, 16, 4) int8 values and (N,) float32 scales");
+  const int64_t N = packed.size(0) * 16, K = packed.size(1) * 4;
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "glmkit kernels: weight and input sizes differ");
+  Activations a = quantized_rows(x);
+  const int8_t* w = packed.data_ptr<int8_t>();
+  const float* s = scales.data_ptr<float>();
+  return tiled_product(x, a, N, [&](int64_t t, int64_t m) { return tile_dot8(w + t * 16 * K, s + 16 * t, a, m); });
+}
+
 at::Tensor moe_int4_token(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
                           const at::Tensor& gu, const at::Tensor& gu_sz, const at::Tensor& down,
                           const at::Tensor& down_sz, int64_t gs_gu, int64_t gs_down) {
@@ -319,6 +392,8 @@ TORCH_LIBRARY(glmkit, m) {
   m.def("int4_linear(Tensor x, Tensor packed, Tensor sz, int expert, int group_size) -> Tensor");
   m.def("moe_int4_token(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor gate_up_sz, Tensor down, "
         "Tensor down_sz, int gate_up_group_size, int down_group_size) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor packed, Tensor scales) -> Tensor");
   m.impl("int4_linear", c10::DispatchKey::CPU, &int4_linear);
+  m.impl("int8_linear", c10::DispatchKey::CPU, &int8_linear);
   m.impl("moe_int4_token", c10::DispatchKey::CPU, &moe_int4_token);
 }
