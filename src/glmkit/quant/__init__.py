@@ -69,6 +69,22 @@ def repacked(module: nn.Module, fn, recurse: bool, apply) -> nn.Module:
     return module
 
 
+def int8_rows(shape: tuple[int, int], rows, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize an (N, K) weight given as rows(lo, hi) -> its rows [lo, hi) as a float tensor, read a few rows
+    at a time (float32 temporaries stay small for big heads, and the whole float matrix need never exist):
+    q (N, K) int8 and per-row scales (N,)."""
+    N, K = shape
+    q = torch.empty(N, K, dtype=torch.int8, device=device)  # (N, K)
+    scales = torch.empty(N, device=device)  # (N,)
+    step = max(1, (1 << 20) // K)
+    for lo in range(0, N, step):
+        part = rows(lo, min(lo + step, N)).float()  # (n, K)
+        s = (part.abs().amax(dim=1) / 127).clamp(min=1e-12)  # (n,)
+        scales[lo: lo + step] = s
+        q[lo: lo + step] = torch.round(part / s[:, None]).clamp(-127, 127)
+    return q, scales
+
+
 def int8_tiles(q: torch.Tensor) -> torch.Tensor:
     """(N, K) int8 -> (N / 16, K / 4, 16, 4), the tiles of glmkit's int8 CPU kernel: byte (r, j) of tile t and
     chunk c holds q[16 t + r, 4 c + j]."""
@@ -100,18 +116,7 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_rows(cls, shape: tuple[int, int], rows, bias: torch.Tensor | None = None,
                   device: torch.device | str = "cpu") -> "Int8Linear":
-        """Quantize an (N, K) weight given as rows(lo, hi) -> its rows [lo, hi) as a float tensor, read a few
-        rows at a time: float32 temporaries stay small for big heads, and the whole float matrix need never exist."""
-        N, K = shape
-        q = torch.empty(N, K, dtype=torch.int8, device=device)  # (N, K)
-        scales = torch.empty(N, device=device)  # (N,)
-        step = max(1, (1 << 20) // K)
-        for lo in range(0, N, step):
-            part = rows(lo, min(lo + step, N)).float()  # (n, K)
-            s = (part.abs().amax(dim=1) / 127).clamp(min=1e-12)  # (n,)
-            scales[lo: lo + step] = s
-            q[lo: lo + step] = torch.round(part / s[:, None]).clamp(-127, 127)
-        return cls(q, scales, bias)
+        return cls(*int8_rows(shape, rows, device), bias)
 
     def rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """The int8 weights (N, K), or the rows numbered by `index` (...) -> (..., K)."""
@@ -272,8 +277,8 @@ class StackedInt8(nn.Module):
     def from_rows(cls, shape: tuple[int, int, int], rows, device: torch.device | str = "cpu") -> "StackedInt8":
         """(E, N, K) experts given as rows(lo, hi) of their E N rows, quantized as Int8Linear.from_rows does."""
         E, N, K = shape
-        flat = Int8Linear.from_rows((E * N, K), rows, device=device)
-        return cls(flat.q.view(E, N, K), flat.scales.view(E, N))
+        q, scales = int8_rows((E * N, K), rows, device)
+        return cls(q.view(E, N, K), scales.view(E, N))
 
     def dequantize(self, index=slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Expert `index` (an int, or a slice) -> (N, K) (or (E', N, K)) in `dtype`."""
