@@ -175,6 +175,26 @@ def test_stacked_int4_in_either_layout_holds_the_same_experts(monkeypatch):
     assert float((a - b).norm() / b.norm()) < 0.02  # int8 activations against torch's bfloat16 ones
 
 
+@needs_kernels
+def test_int8_modules_in_either_layout_hold_the_same_weights(monkeypatch):
+    """Int8Linear and StackedInt8 in glmkit's tiles and in rows: the same int8 values and scales, rows gathered
+    from the tiles as the tied embedding reads them, and products within int8 activation rounding."""
+    from glmkit.quant import Int8Linear, StackedInt8
+
+    w = torch.randn(3, 32, 64, generator=torch.Generator().manual_seed(2))
+    ours, linear = StackedInt8.from_float(w), Int8Linear.from_float(w[0])
+    monkeypatch.setitem(cpu_kernels._state, "int4", False)
+    torchs, linear_rows = StackedInt8.from_float(w), Int8Linear.from_float(w[0])
+    assert (ours.layout, linear.layout, torchs.layout, linear_rows.layout) == ("vnni", "vnni", "rows", "rows")
+    assert torch.equal(ours.rows(), torchs.q) and torch.equal(ours.rows(2), torchs.q[2])
+    assert torch.equal(ours.dequantize(1), torchs.dequantize(1)) and torch.equal(linear.rows(), linear_rows.q)
+    tokens = torch.tensor([[0, 17, 31], [5, 5, 16]])
+    assert torch.equal(linear.rows(tokens), linear_rows.q[tokens])
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    for a, b in [(ours.linear(1, x), torchs.linear(1, x)), (linear(x), linear_rows(x))]:
+        assert float((a.float() - b.float()).norm() / b.float().norm()) < 0.02
+
+
 def test_a_failed_build_leaves_torchs_kernels_with_one_warning(tmp_path, monkeypatch):
     """No compiler, no ninja or (here) no writable home: one warning naming the cause, and no kernels."""
     monkeypatch.setenv("GLMKIT_HOME", str(tmp_path / "a-file"))

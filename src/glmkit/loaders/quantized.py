@@ -35,7 +35,7 @@ def save_quantized(model: nn.Module, directory: Path, bits: int, group_size: int
             tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = module.rows(), module.scales
         elif isinstance(module, StackedInt8):  # a MoE layer's stacked experts
             modules[name] = "int8_experts"
-            tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = module.q, module.scales
+            tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = module.rows(), module.scales
             continue
         else:
             continue

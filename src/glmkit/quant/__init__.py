@@ -92,6 +92,21 @@ def int8_tiles(q: torch.Tensor) -> torch.Tensor:
     return q.view(N // 16, 16, K // 4, 4).transpose(1, 2).contiguous()
 
 
+def tiles_to_rows(tiles: torch.Tensor) -> torch.Tensor:
+    """(..., N / 16, K / 4, 16, 4) int8_tiles -> (..., N, K)."""
+    *lead, T, C, _, _ = tiles.shape
+    return tiles.transpose(-3, -2).reshape(*lead, T * 16, C * 4)
+
+
+def untiled_off_cpu(module: nn.Module, fn, recurse: bool, apply) -> nn.Module:
+    """Module.to() and friends for the int8 modules: tiles are for glmkit's CPU kernels only, so a move to
+    another kind of device takes the weights as rows."""
+    target = fn(torch.empty(0, dtype=torch.int8, device=module.q.device)).device
+    if module.layout == "vnni" and target.type != "cpu":
+        module.q, module.layout = module.rows().contiguous(), "rows"
+    return apply(fn, recurse)
+
+
 class Int8Linear(nn.Module):
     """Symmetric int8 per output row: `q` is (N, K) (`layout` "rows"), or its int8_tiles where glmkit's CPU
     kernels run ("vnni"); rows() gives (N, K) either way."""
@@ -123,14 +138,11 @@ class Int8Linear(nn.Module):
         if self.layout == "rows":
             return self.q if index is None else self.q[index]
         if index is None:
-            return self.q.transpose(1, 2).reshape(self.out_features, self.in_features)
+            return tiles_to_rows(self.q)
         return self.q[index // 16, :, index % 16, :].flatten(-2)  # (..., K / 4, 4) -> (..., K)
 
     def _apply(self, fn, recurse: bool = True):
-        target = fn(torch.empty(0, dtype=torch.int8, device=self.q.device)).device
-        if self.layout == "vnni" and target.type != "cpu":  # the tiles are for glmkit's CPU kernel only
-            self.q, self.layout = self.rows().contiguous(), "rows"
-        return super()._apply(fn, recurse)
+        return untiled_off_cpu(self, fn, recurse, super()._apply)
 
     def dequantize(self) -> torch.Tensor:
         return self.rows().float() * self.scales[:, None]  # (N, K)
@@ -257,16 +269,33 @@ class Int4Linear(nn.Module):
 
 
 class StackedInt8(nn.Module):
-    """Stacked expert weights (E, N, K) as int8 with per-row scales (E, N): `linear(e, x)` runs expert e through
+    """Stacked expert weights (E, N, K) as int8 with per-row scales (E, N), each expert in int8_tiles where
+    glmkit's CPU kernels run (`layout` "vnni", as Int8Linear): `linear(e, x)` runs expert e through glmkit's or
     torch's int8 kernel, `dequantize(e)` gives its weights; no float copy is kept."""
 
     bits = 8
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor):
         super().__init__()
-        self.register_buffer("q", q.to(torch.int8).contiguous())  # (E, N, K)
+        E, N, K = q.shape
+        q = q.to(torch.int8)
+        self.layout = "vnni" if q.device.type == "cpu" and N % 16 == 0 and K % 32 == 0 and cpu_kernels.available() \
+            else "rows"
+        if self.layout == "vnni":
+            tiles = torch.empty(E, N // 16, K // 4, 16, 4, dtype=torch.int8)  # filled expert by expert
+            for e in range(E):
+                tiles[e] = int8_tiles(q[e])
+            q = tiles
+        self.register_buffer("q", q.contiguous())  # (E, N, K) or (E, N / 16, K / 4, 16, 4)
         self.register_buffer("scales", scales.float().contiguous())  # (E, N)
         self.register_buffer("scales_bf16", self.scales.to(torch.bfloat16))
+
+    def rows(self, index=slice(None)) -> torch.Tensor:
+        """Expert `index`'s int8 weights (N, K) (a slice: (E', N, K))."""
+        return self.q[index] if self.layout == "rows" else tiles_to_rows(self.q[index])
+
+    def _apply(self, fn, recurse: bool = True):
+        return untiled_off_cpu(self, fn, recurse, super()._apply)
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> "StackedInt8":
@@ -282,10 +311,12 @@ class StackedInt8(nn.Module):
 
     def dequantize(self, index=slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Expert `index` (an int, or a slice) -> (N, K) (or (E', N, K)) in `dtype`."""
-        return self.q[index].to(dtype) * self.scales[index][..., None].to(dtype)
+        return self.rows(index).to(dtype) * self.scales[index][..., None].to(dtype)
 
     def linear(self, e, x: torch.Tensor) -> torch.Tensor:
         """x (n, K) through expert e -> (n, N)."""
+        if self.layout == "vnni" and x.dtype == torch.bfloat16:
+            return torch.ops.glmkit.int8_linear(x.contiguous(), self.q[e], self.scales[e]).to(x.dtype)
         if x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[0] < PREFILL_ROWS and \
                 self.q.shape[-1] % 16 == 0:
             return torch._weight_int8pack_mm(x, self.q[e], self.scales_bf16[e])
