@@ -20,6 +20,10 @@
 
 namespace {
 
+// e^x = 2^n 2^f with n = round(x log2 e): 2^f on [-1/2, 1/2] by a degree-6 polynomial, highest power first
+constexpr float EXP2_POLY[7] = {1.535336188e-4f, 1.339887440e-3f, 9.618437358e-3f, 5.550332471e-2f,
+                                2.402264791e-1f, 6.931472029e-1f, 1.f};
+
 #if defined(__AVX512VNNI__)
 struct Floats16 {  // 16 float32 lanes: one AVX-512 register
   __m512 v;
@@ -30,14 +34,12 @@ inline Floats16 splat16(float f) { return {_mm512_set1_ps(f)}; }
 inline Floats16 mul(Floats16 a, Floats16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
 inline Floats16 fmadd(Floats16 a, Floats16 b, Floats16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 
-inline __m512 exp_ps(__m512 x) {  // e^x: 2^n 2^f, n = round(x log2 e), a degree-6 polynomial for 2^f on [-1/2, 1/2]
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-88.f));
-  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
-  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.535336188e-4f);
-  for (float c : {1.339887440e-3f, 9.618437358e-3f, 5.550332471e-2f, 2.402264791e-1f, 6.931472029e-1f, 1.f})
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+inline __m512 exp_ps(__m512 x) {  // e^x (EXP2_POLY)
+  __m512 t = _mm512_mul_ps(_mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-88.f)),
+                           _mm512_set1_ps(1.44269504f));
+  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(EXP2_POLY[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[i]));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -104,14 +106,12 @@ inline Floats16 fmadd(Floats16 a, Floats16 b, Floats16 c) {
   return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
 }
 
-inline __m256 exp_ps(__m256 x) {  // e^x as above; 2^n built in the exponent bits
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), _mm256_set1_ps(-88.f));
-  __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504f));
-  __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 f = _mm256_sub_ps(t, n);
-  __m256 p = _mm256_set1_ps(1.535336188e-4f);
-  for (float c : {1.339887440e-3f, 9.618437358e-3f, 5.550332471e-2f, 2.402264791e-1f, 6.931472029e-1f, 1.f})
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c));
+inline __m256 exp_ps(__m256 x) {  // e^x (EXP2_POLY); 2^n built in the exponent bits
+  __m256 t = _mm256_mul_ps(_mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), _mm256_set1_ps(-88.f)),
+                           _mm256_set1_ps(1.44269504f));
+  __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(EXP2_POLY[0]);
+  for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_POLY[i]));
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
