@@ -165,7 +165,7 @@ def test_stacked_int4_in_either_layout_holds_the_same_experts(monkeypatch):
     q, sz = random_int4(4, 32, 64, 32)
     scales, zeros = sz[..., 0].float().transpose(1, 2), sz[..., 1].float().transpose(1, 2)
     ours = StackedInt4(q, scales, zeros, 32)
-    monkeypatch.setitem(cpu_kernels._state, "int4", False)
+    monkeypatch.setitem(cpu_kernels._state, "ops", False)
     torchs = StackedInt4(q, scales, zeros, 32)
     assert (ours.layout, torchs.layout) == ("vnni", "cpu")
     assert torch.equal(ours.all_nibbles(), torchs.all_nibbles()) and torch.equal(ours.group_scales(), sz)
@@ -183,7 +183,7 @@ def test_int8_modules_in_either_layout_hold_the_same_weights(monkeypatch):
 
     w = torch.randn(3, 32, 64, generator=torch.Generator().manual_seed(2))
     ours, linear = StackedInt8.from_float(w), Int8Linear.from_float(w[0])
-    monkeypatch.setitem(cpu_kernels._state, "int4", False)
+    monkeypatch.setitem(cpu_kernels._state, "ops", False)
     torchs, linear_rows = StackedInt8.from_float(w), Int8Linear.from_float(w[0])
     assert (ours.layout, linear.layout, torchs.layout, linear_rows.layout) == ("vnni", "vnni", "rows", "rows")
     assert torch.equal(ours.rows(), torchs.q) and torch.equal(ours.rows(2), torchs.q[2])

@@ -38,7 +38,7 @@ def test_int4_nibbles_read_torch_cpu_packing(monkeypatch):
     equal what the packed kernel itself computes on the identity matrix (scale 1, zero 8)."""
     from glmkit.quant.int4_packing import cpu_block_rows
 
-    monkeypatch.setitem(cpu_kernels._state, "int4", False)  # torch's layout, not glmkit's kernels' one
+    monkeypatch.setitem(cpu_kernels._state, "ops", False)  # torch's layout, not glmkit's kernels' one
     m = Int4Linear.from_float(torch.randn(192, 96), group_size=32)
     assert m.layout == "cpu" and cpu_block_rows(192, 96) in (64, 32)
     eye = torch.eye(96, dtype=torch.bfloat16)

@@ -86,10 +86,10 @@ def int8_rows(shape: tuple[int, int], rows, device: torch.device | str = "cpu") 
 
 
 def int8_tiles(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) int8 -> (N / 16, K / 4, 16, 4), the tiles of glmkit's int8 CPU kernel: byte (r, j) of tile t and
-    chunk c holds q[16 t + r, 4 c + j]."""
-    N, K = q.shape
-    return q.view(N // 16, 16, K // 4, 4).transpose(1, 2).contiguous()
+    """(..., N, K) int8 -> (..., N / 16, K / 4, 16, 4), the tiles of glmkit's int8 CPU kernel: byte (r, j) of
+    tile t and chunk c holds q[16 t + r, 4 c + j]."""
+    *lead, N, K = q.shape
+    return q.view(*lead, N // 16, 16, K // 4, 4).transpose(-3, -2).contiguous()
 
 
 def tiles_to_rows(tiles: torch.Tensor) -> torch.Tensor:
@@ -117,9 +117,8 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = N, K = q.shape
         q = q.to(torch.int8).contiguous()
-        tiled = q.device.type == "cpu" and N % 16 == 0 and K % 32 == 0 and cpu_kernels.available()
-        self.layout = "vnni" if tiled else "rows"
-        self.register_buffer("q", int8_tiles(q) if tiled else q)  # (N, K) or (N / 16, K / 4, 16, 4)
+        self.layout = "vnni" if cpu_kernels.fits(q.device, N, K) else "rows"
+        self.register_buffer("q", int8_tiles(q) if self.layout == "vnni" else q)  # (N, K) or (N / 16, K / 4, 16, 4)
         self.register_buffer("scales", scales.float().contiguous())  # (N,)
         self.register_buffer("scales_bf16", self.scales.to(torch.bfloat16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -202,7 +201,7 @@ class Int4Linear(nn.Module):
         where it runs (as one stacked expert), torch's otherwise; two values a byte where there is none."""
         N, K = q.shape
         self.scales_zeros = sz.contiguous()
-        if q.device.type == "cpu" and self.group_size % 32 == 0 and cpu_kernels.available():
+        if cpu_kernels.fits(q.device, N, self.group_size):
             self.packed = packing.to_vnni(q[None])  # (1, N / 16, K / 8, 16, 4)
             self.scales_zeros, self.layout = packing.scales_to_vnni(sz[None]), "vnni"  # (1, N / 16, K / gs, 2, 16)
         elif q.device.type == "cpu":
@@ -277,16 +276,10 @@ class StackedInt8(nn.Module):
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor):
         super().__init__()
-        E, N, K = q.shape
-        q = q.to(torch.int8)
-        self.layout = "vnni" if q.device.type == "cpu" and N % 16 == 0 and K % 32 == 0 and cpu_kernels.available() \
-            else "rows"
-        if self.layout == "vnni":
-            tiles = torch.empty(E, N // 16, K // 4, 16, 4, dtype=torch.int8)  # filled expert by expert
-            for e in range(E):
-                tiles[e] = int8_tiles(q[e])
-            q = tiles
-        self.register_buffer("q", q.contiguous())  # (E, N, K) or (E, N / 16, K / 4, 16, 4)
+        N, K = q.shape[1:]
+        q = q.to(torch.int8).contiguous()
+        self.layout = "vnni" if cpu_kernels.fits(q.device, N, K) else "rows"
+        self.register_buffer("q", int8_tiles(q) if self.layout == "vnni" else q)  # (E, N, K) or tiles
         self.register_buffer("scales", scales.float().contiguous())  # (E, N)
         self.register_buffer("scales_bf16", self.scales.to(torch.bfloat16))
 
@@ -358,7 +351,7 @@ class StackedInt4(nn.Module):
     def _pack(self, q: torch.Tensor, sz: torch.Tensor) -> None:
         """q (E, N, K) values and sz (E, K / gs, N, 2) bfloat16 -> the layout of q's device's kernel."""
         N, gs, cpu = self.out_features, self.group_size, q.device.type == "cpu"
-        if cpu and N % 16 == 0 and gs % 32 == 0 and cpu_kernels.available():
+        if cpu_kernels.fits(q.device, N, gs):
             E, K = q.shape[0], self.in_features
             self.packed = torch.empty(E, N // 16, K // 8, 16, 4, dtype=torch.uint8)  # filled expert by expert
             for e in range(E):

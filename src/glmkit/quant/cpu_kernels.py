@@ -74,9 +74,15 @@ def build_dir(isa: str) -> Path:
 def available() -> bool:
     """Whether the torch.ops.glmkit kernels run here; builds them on first use."""
     with _lock:
-        if "int4" not in _state:
-            _state["int4"] = _load()
-        return _state["int4"]
+        if "ops" not in _state:
+            _state["ops"] = _load()
+        return _state["ops"]
+
+
+def fits(device: torch.device, rows: int, columns: int) -> bool:
+    """Whether a weight on `device` with `rows` outputs goes into the kernels' tiles (16 rows) with `columns`
+    inputs (a scale group's, or the whole row's for int8) in whole activation blocks of 32; and the kernels run."""
+    return device.type == "cpu" and rows % 16 == 0 and columns % 32 == 0 and available()
 
 
 def _load() -> bool:
